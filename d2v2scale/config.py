@@ -1,0 +1,380 @@
+"""Run configuration: dataclass schema, YAML presets, ``section.key=value`` overrides, validation.
+
+Everything a run needs except the DeepSpeed JSON lives here. Validation happens before any
+process group exists, so a typo costs a second, not a Slurm allocation. Every failure is a
+:class:`ConfigError` whose one-line message names the key and the values it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES = ("image", "audio", "text")
+DATA_KINDS = ("synthetic", "digits", "images", "audio", "text")
+
+
+class ConfigError(ValueError):
+    """A configuration or command-line mistake; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    """Encoder, teacher-target and loss settings (fairseq ``Data2VecMultiConfig`` names where they exist)."""
+
+    modality: str = "image"
+    embed_dim: int = 768
+    depth: int = 12  # shared ("main") blocks; targets come from these only
+    prenet_depth: int = 0  # modality-specific blocks before the shared ones
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    encoder_dropout: float = 0.0  # attention / MLP output projections (fairseq encoder_dropout)
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    post_mlp_dropout: float = 0.0
+    prenet_dropout: float = 0.0
+    layerdrop: float = 0.0
+    clone_batch: int = 1  # M: masked views per sample
+    average_top_k_layers: int = 12
+    instance_norm_target_layer: bool = True
+    layer_norm_target_layer: bool = False
+    layer_norm_targets: bool = False
+    instance_norm_targets: bool = False
+    loss_scale: float | None = None  # None: 1/sqrt(embed_dim), as the reference
+    loss_beta: float = 0.0  # > 0 switches the regression loss to smooth-L1 with this beta
+    cls_loss: float = 0.0
+    mask_noise_std: float = 0.01
+    num_extra_tokens: int = 0
+    # image
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    # audio
+    conv_feature_layers: list = field(
+        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    )
+    conv_pos_width: int = 95
+    conv_pos_depth: int = 5
+    conv_pos_groups: int = 16
+    use_alibi: bool = False
+    alibi_scale: float = 1.0
+    # text
+    vocab_size: int = 50265
+    max_positions: int = 512
+    pad_idx: int = 1
+
+
+@dataclass
+class DecoderConfig:
+    """The convolutional decoder (fairseq ``D2vDecoderConfig``)."""
+
+    dim: int = 384
+    kernel: int = 5
+    layers: int = 5
+    groups: int = 16
+    residual: bool = True
+    input_dropout: float = 0.0
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+
+
+@dataclass
+class MaskingConfig:
+    """Mask generator; ``kind`` auto picks 2-D inverse blocks (image), 1-D blocks (audio) or random (text)."""
+
+    kind: str = "auto"
+    mask_prob: float = 0.8
+    mask_prob_adjust: float = 0.0
+    mask_length: int = 3
+    inverse_mask: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    """EMA teacher: decay annealed linearly ``ema_decay → ema_end_decay`` over ``ema_anneal_end_step``."""
+
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.9999
+    ema_anneal_end_step: int = 100_000
+    ema_local_encoder: bool = True  # teacher has its own local encoder (images)
+    ema_encoder_only: bool = False  # teacher is the shared blocks only (text)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    path: str | None = None
+    num_workers: int = 2
+    max_tokens: int | None = None  # audio: samples per micro-batch per rank
+    min_sample_size: int = 32_000
+    max_sample_size: int = 320_000
+    sample_length: int | None = None  # synthetic audio/text: samples or tokens per item
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 256  # samples per optimizer step, all ranks together (pinned per preset)
+    max_updates: int = 100
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    precision: str = "bf16"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+
+
+@dataclass
+class ProfilingConfig:
+    enabled: bool = False
+    trace_start: int = 5
+    trace_steps: int = 3
+
+
+@dataclass
+class Config:
+    """One run's configuration; ``preset`` records where it came from."""
+
+    preset: str = ""
+    seed: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def mask_kind(self) -> str:
+        """The mask generator this config resolves to."""
+        if self.masking.kind != "auto":
+            return self.masking.kind
+        if self.model.modality == "image":
+            return "block2d"
+        return "block1d" if self.masking.mask_length > 1 else "random"
+
+
+MASK_KINDS = ("auto", "block2d", "block1d", "random")
+PRECISIONS = ("bf16", "fp32")
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+_SCALARS = ("preset", "seed")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str | None, value: Any, source: str) -> None:
+    if key is None:
+        if section in _SCALARS:
+            setattr(cfg, section, _coerce(section, value, _hints(Config)[section]))
+            return
+        if section in _SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                _apply(cfg, section, str(k), v, source)
+            return
+        allowed = ", ".join(list(_SCALARS) + [s for s in _SECTIONS if s not in _SCALARS])
+        raise ConfigError(f"unknown key '{section}' in {source}; allowed: {allowed}")
+    if section not in _SECTIONS or section in _SCALARS:
+        allowed = ", ".join(s for s in _SECTIONS if s not in _SCALARS)
+        raise ConfigError(f"unknown section '{section}' in '{section}.{key}' ({source}); allowed sections: {allowed}")
+    sub = getattr(cfg, section)
+    hints = _hints(type(sub))
+    if key not in hints:
+        raise ConfigError(
+            f"unknown key '{section}.{key}' ({source}); allowed keys in '{section}': {', '.join(hints)}"
+        )
+    setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    root = resources.files("d2v2scale") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(preset: str) -> tuple[str, dict]:
+    path = Path(preset)
+    if preset.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file '{preset}' does not exist; give a YAML path or one of: {', '.join(preset_names())}")
+        text, name = path.read_text(), path.stem
+    else:
+        res = resources.files("d2v2scale") / "presets" / f"{preset}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"unknown preset '{preset}'; available presets: {', '.join(preset_names())}")
+        text, name = res.read_text(), preset
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset '{preset}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{preset}' must be a YAML mapping of sections")
+    return name, data
+
+
+def parse_override(text: str) -> tuple[str, str | None, Any]:
+    """``section.key=value`` → (section, key, YAML-parsed value); ``seed=3`` → ("seed", None, 3)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.max_updates=100)")
+    path, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = path.strip().split(".")
+    if len(parts) == 1:
+        return parts[0], None, value
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.max_updates=100)")
+    return parts[0], parts[1], value
+
+
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from a preset (name or YAML path) and command-line overrides."""
+    name, data = _read_preset(preset)
+    cfg = Config(preset=name)
+    for section, value in data.items():
+        _apply(cfg, str(section), None, value, f"preset '{preset}'")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. a run directory's config.yaml)."""
+    cfg = Config()
+    for section, value in data.items():
+        _apply(cfg, str(section), None, value, "saved config")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible combinations with a message naming the key and the allowed values."""
+    m, d, mk, t, p = cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.parallel
+    _one_of("model.modality", m.modality, MODALITIES)
+    _one_of("data.kind", cfg.data.kind, DATA_KINDS)
+    _one_of("masking.kind", mk.kind, MASK_KINDS)
+    _one_of("train.precision", cfg.train.precision, PRECISIONS)
+    for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
+        _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} is not allowed; allowed values: integers >= 1")
+    _check(m.prenet_depth >= 0, f"model.prenet_depth={m.prenet_depth} is not allowed; allowed values: integers >= 0")
+    _check(p.tp >= 1, f"parallel.tp={p.tp} is not allowed; allowed values: integers >= 1")
+    _check(
+        m.embed_dim % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}; allowed values: divisors of {m.embed_dim}",
+    )
+    divisors = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
+    _check(
+        m.num_heads % p.tp == 0,
+        f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}; allowed values: {', '.join(map(str, divisors))}",
+    )
+    _check(
+        m.average_top_k_layers <= m.depth,
+        f"model.average_top_k_layers={m.average_top_k_layers} exceeds model.depth={m.depth}; allowed values: 1..{m.depth}",
+    )
+    _check(0.0 < mk.mask_prob < 1.0, f"masking.mask_prob={mk.mask_prob} is not allowed; allowed values: 0 < mask_prob < 1")
+    _check(mk.mask_length >= 1, f"masking.mask_length={mk.mask_length} is not allowed; allowed values: integers >= 1")
+    _check(mk.mask_prob_adjust >= 0, f"masking.mask_prob_adjust={mk.mask_prob_adjust} is not allowed; allowed values: >= 0")
+    for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout", "layerdrop"):
+        v = getattr(m, key)
+        _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
+    _check(0.0 <= d.input_dropout < 1.0, f"decoder.input_dropout={d.input_dropout} is not allowed; allowed values: 0 <= input_dropout < 1")
+    _check(m.mask_noise_std >= 0, f"model.mask_noise_std={m.mask_noise_std} is not allowed; allowed values: >= 0")
+    for key in ("dim", "kernel", "layers", "groups", "projection_layers"):
+        _check(getattr(d, key) >= 1, f"decoder.{key}={getattr(d, key)} is not allowed; allowed values: integers >= 1")
+    _check(
+        d.dim % d.groups == 0 and m.embed_dim % d.groups == 0,
+        f"decoder.groups={d.groups} must divide decoder.dim={d.dim} and model.embed_dim={m.embed_dim}",
+    )
+    _check(0.0 <= t.ema_decay <= t.ema_end_decay <= 1.0,
+           f"teacher.ema_decay={t.ema_decay}, teacher.ema_end_decay={t.ema_end_decay}: allowed values: 0 <= ema_decay <= ema_end_decay <= 1")
+    _check(t.ema_anneal_end_step >= 0, f"teacher.ema_anneal_end_step={t.ema_anneal_end_step}; allowed values: integers >= 0")
+    if m.modality == "image":
+        _check(m.img_size % m.patch_size == 0,
+               f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
+        _check(m.num_extra_tokens >= 0, "model.num_extra_tokens must be >= 0")
+        _check(m.cls_loss == 0 or m.num_extra_tokens >= 1,
+               f"model.cls_loss={m.cls_loss} needs model.num_extra_tokens >= 1 (the CLS token)")
+    else:
+        _check(m.num_extra_tokens == 0, f"model.num_extra_tokens={m.num_extra_tokens}: allowed values for {m.modality}: 0")
+        _check(m.cls_loss == 0, f"model.cls_loss={m.cls_loss}: allowed values for {m.modality}: 0 (CLS loss is image-only)")
+    if m.modality == "audio":
+        _check(all(isinstance(l, list) and len(l) == 3 for l in m.conv_feature_layers),
+               "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples")
+        _check(m.embed_dim % m.conv_pos_groups == 0,
+               f"model.conv_pos_groups={m.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
+    if cfg.mask_kind() == "block2d":
+        _check(m.modality == "image", f"masking.kind=block2d is for images; allowed for {m.modality}: block1d, random")
+    _check(t.ema_encoder_only or m.modality != "text",
+           "teacher.ema_encoder_only=false is not supported for text; allowed values: true")
+    _check(not (m.modality == "audio" and t.ema_local_encoder),
+           "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); allowed values: false")
+    tr = cfg.train
+    for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last"):
+        _check(getattr(tr, key) >= 1, f"train.{key}={getattr(tr, key)} is not allowed; allowed values: integers >= 1")

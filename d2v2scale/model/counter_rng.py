@@ -1,0 +1,54 @@
+"""Counter-based random numbers: a pure function of (key, counter), vectorised, on any device.
+
+Masks must be reproducible from (seed, step, sample index) alone — on another rank, after a
+resume, inside a TP group, on CPU or GPU — and must not depend on which other samples share
+the batch. A stateful ``torch.Generator`` per sample would need a Python loop and gives
+different streams on CPU and CUDA. Hashing integers does neither: every draw is
+``hash(row_key, stream, column)``, computed with int64 tensor ops whose intermediate values stay
+below 2**63 (32-bit multiplies are split into 16-bit halves), so results are bit-identical on
+every device.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow."""
+    lo = (x & 0xFFFF) * c
+    hi = ((x >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (Wellons' lowbias32) applied elementwise to int64 values."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def combine(*parts: int | torch.Tensor) -> torch.Tensor | int:
+    """Fold integers (Python ints or int64 tensors, broadcast together) into one 32-bit key."""
+    key: torch.Tensor | None = None
+    for part in parts:
+        part_t = torch.as_tensor(part, dtype=torch.int64)
+        if key is not None:
+            part_t = part_t.to(key.device)
+        lo, hi = part_t & _MASK32, (part_t >> 32) & _MASK32
+        mixed = hash32(lo ^ hash32(hi + 0x9E3779B9))
+        key = mixed if key is None else hash32(key ^ mixed)
+    assert key is not None
+    return key
+
+
+def uniform(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:
+    """(len(keys), n) float32 uniforms in [0, 1), 24 bits each; ``stream`` separates independent uses."""
+    cols = torch.arange(n, device=keys.device, dtype=torch.int64)
+    row = hash32(keys.to(torch.int64) ^ hash32(torch.tensor(stream, dtype=torch.int64, device=keys.device)))
+    bits = hash32(row[:, None] + hash32(cols + 0x632BE5AB)[None, :])
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))

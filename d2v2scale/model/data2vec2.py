@@ -1,0 +1,237 @@
+"""The data2vec 2.0 model: student forward, teacher targets, conv decoder and losses.
+
+Single-device PyTorch; parallelism is applied from outside. One call of :meth:`Data2Vec2.forward`
+is one training step's forward for B samples:
+
+1. local encoder once per sample (patch embed | wav CNN | token embedding);
+2. teacher, no grad, once per sample on the *unmasked* input → per-block FFN outputs → targets;
+3. the student encodes only the kept tokens of its B·M masked views (rows in repeat_interleave
+   order), then the conv decoder predicts every position from the kept outputs plus N(0, σ) noise;
+4. L2 loss on masked positions (× 1/sqrt(D) unless configured) and, for images, the CLS loss.
+
+Losses come back as **sums**; the caller divides by the *global* masked-token count
+(:func:`normalize_loss`), which is what makes the objective independent of how the batch is split
+across ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from . import counter_rng
+from .blocks import make_blocks
+from .decoder import Decoder1d, Decoder2d
+from .encoders import build_encoder
+from .masking import MaskGenerator, MaskInfo
+from .targets import make_targets
+
+_STREAM_LAYERDROP = 3
+
+
+@dataclass
+class StepOutput:
+    """Per-rank sums and statistics of one forward; ``sample_size`` = masked tokens (a tensor)."""
+
+    loss_reg: torch.Tensor
+    loss_cls: torch.Tensor
+    sample_size: torch.Tensor
+    target_var: torch.Tensor
+    pred_var: torch.Tensor
+
+    @property
+    def loss_sum(self) -> torch.Tensor:
+        return self.loss_reg + self.loss_cls
+
+
+def normalize_loss(out: StepOutput, global_sample_size: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The objective: summed losses over the global masked-token count (local count if None)."""
+    denom = out.sample_size if global_sample_size is None else global_sample_size
+    return out.loss_sum / denom
+
+
+def _std_over_rows(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fairseq ``compute_var``: per-channel std over the weighted rows of (N, D), averaged over D."""
+    w = weight.unsqueeze(-1)
+    n = w.sum().clamp_min(2.0)
+    mean = (y * w).sum(0) / n
+    var = (((y - mean) ** 2) * w).sum(0) / (n - 1)
+    return torch.sqrt(var + 1e-6).mean()
+
+
+class Data2Vec2(nn.Module):
+    """Student (``encoder``, shared ``blocks``, ``decoder``); the teacher is a copy from :meth:`teacher_copy`."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.modality = m.modality
+        self.clones = m.clone_batch
+        self.num_extra = m.num_extra_tokens
+        self.encoder = build_encoder(m)
+        self.blocks = make_blocks(m, m.depth)
+        if m.modality == "image":
+            self.decoder: nn.Module | None = Decoder2d(cfg.decoder, m.embed_dim, self.encoder.grid)
+        else:
+            self.decoder = Decoder1d(cfg.decoder, m.embed_dim)
+        self.loss_scale = m.loss_scale if m.loss_scale is not None else 1.0 / math.sqrt(m.embed_dim)
+        self.mask_generator = MaskGenerator(
+            cfg.mask_kind(), cfg.masking.mask_prob, cfg.masking.mask_length, cfg.masking.mask_prob_adjust, m.clone_batch
+        )
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        """fairseq: BERT init (N(0, 0.02) Linear/Embedding, zero bias), then per-module overrides."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+        self.encoder.reset_parameters()
+        for module in self.decoder.proj.modules() if self.decoder is not None else ():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+    # -------------------------------------------------------------------------------- teacher
+    def teacher_copy(self) -> nn.Module:
+        """A deep copy of the parts the EMA tracks, with the student's parameter names.
+
+        Images: everything but the decoder. Audio: also without the CNN and its projection (the
+        teacher consumes the student's local features). Text: the shared blocks only.
+        """
+        t = self.cfg.teacher
+        excluded: list[tuple[nn.Module, str]] = [(self, "decoder")]
+        if t.ema_encoder_only:
+            excluded.append((self, "encoder"))
+        elif not t.ema_local_encoder:
+            excluded += [(self.encoder, "local_encoder"), (self.encoder, "project_features")]
+        saved = [(owner, name, getattr(owner, name)) for owner, name in excluded]
+        try:
+            for owner, name, _ in saved:
+                setattr(owner, name, None)
+            teacher = copy.deepcopy(self)
+        finally:
+            for owner, name, module in saved:
+                setattr(owner, name, module)
+        return teacher
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor, valid: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, T, D) fp32 targets from the teacher on the full, unmasked input."""
+        t = self.cfg.teacher
+        if t.ema_encoder_only:
+            x, bias = self.encoder.contextualize(local, valid, None)
+        elif t.ema_local_encoder:
+            t_local, _ = teacher.encoder.local_features(source, lengths)
+            x, bias = teacher.encoder.contextualize(t_local, valid, None)
+        else:
+            x, bias = teacher.encoder.contextualize(local, valid, None)
+        layers = []
+        for blk in teacher.blocks:
+            x, ffn = blk(x, bias)
+            layers.append(ffn[:, self.num_extra :])
+        m = self.cfg.model
+        return make_targets(
+            layers,
+            m.average_top_k_layers,
+            instance_norm_target_layer=m.instance_norm_target_layer,
+            layer_norm_target_layer=m.layer_norm_target_layer,
+            layer_norm_targets=m.layer_norm_targets,
+            instance_norm_targets=m.instance_norm_targets,
+            valid=valid,
+        )
+
+    # -------------------------------------------------------------------------------- student
+    def make_mask(self, seed: int, step: int, sample_ids: torch.Tensor, local: torch.Tensor,
+                  valid: torch.Tensor | None) -> MaskInfo:
+        lengths = valid.sum(1) if valid is not None else None
+        return self.mask_generator(seed, step, sample_ids, local.shape[1], lengths)
+
+    def _layer_keep(self, layerdrop_key: int) -> list[bool]:
+        p = self.cfg.model.layerdrop
+        if not self.training or p == 0:
+            return [True] * len(self.blocks)
+        u = counter_rng.uniform(torch.tensor([layerdrop_key]), len(self.blocks), _STREAM_LAYERDROP)[0]
+        return (u >= p).tolist()
+
+    def _decoder_input(self, x: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
+        """Kept outputs scattered back to their positions; every other slot gets N(0, σ) noise."""
+        p = self.cfg.decoder.input_dropout
+        if p > 0:
+            x = F.dropout(x, p, training=self.training)
+        rows, length = mask.mask.shape
+        noise = x.new_empty(rows, length, x.shape[-1]).normal_(0.0, self.cfg.model.mask_noise_std)
+        idx = mask.keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return noise.scatter(1, idx, x)
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        teacher: nn.Module,
+        mask: MaskInfo,
+        *,
+        lengths: torch.Tensor | None = None,
+        layerdrop_key: int = 0,
+    ) -> StepOutput:
+        """One training forward. ``mask`` has B·M rows (see :meth:`make_mask`); ``lengths`` marks
+        padding (audio: samples, text: tokens); ``layerdrop_key`` makes layerdrop identical on all ranks."""
+        local, valid = self.encoder.local_features(source, lengths)
+        targets = self.teacher_targets(teacher, source, local, valid, lengths)
+
+        x, bias = self.encoder.contextualize(local, valid, mask, self.clones)
+        for blk, keep in zip(self.blocks, self._layer_keep(layerdrop_key)):
+            if keep:
+                x, _ = blk(x, bias)
+        cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
+        pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
+        return self._losses(pred, cls_pred, targets, mask)
+
+    def _losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
+                mask: MaskInfo) -> StepOutput:
+        sample = torch.arange(pred.shape[0], device=pred.device) // self.clones
+        y = targets[sample]
+        weight = mask.mask.to(torch.float32)
+        err = self._elementwise_loss(pred.float(), y).sum(-1)
+        loss_reg = (err * weight).sum()
+        sample_size = weight.sum()
+        loss_cls = loss_reg.new_zeros(())
+        m = self.cfg.model
+        if cls_pred is not None and m.cls_loss > 0:
+            cls_err = self._elementwise_loss(cls_pred.float(), targets.mean(1)[sample]).sum()
+            # Reference semantics: scaled by the local masked count, so that after the division
+            # by the masked count it is a per-view sum (fairseq ``d2v_loss(...) * cls_loss * sample_size``).
+            loss_cls = cls_err * m.cls_loss * sample_size.detach()
+        flat_w = weight.reshape(-1)
+        with torch.no_grad():
+            target_var = _std_over_rows(y.reshape(-1, y.shape[-1]), flat_w)
+            pred_var = _std_over_rows(pred.detach().float().reshape(-1, pred.shape[-1]), flat_w)
+        return StepOutput(loss_reg, loss_cls, sample_size, target_var, pred_var)
+
+    def _elementwise_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        beta = self.cfg.model.loss_beta
+        if beta > 0:
+            return F.smooth_l1_loss(pred, target, reduction="none", beta=beta) * self.loss_scale
+        return (pred - target) ** 2 * self.loss_scale
+
+    # ------------------------------------------------------------------------------- features
+    def extract_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Student features for the unmasked input (last block output, extra tokens removed)."""
+        local, valid = self.encoder.local_features(source, lengths)
+        x, bias = self.encoder.contextualize(local, valid, None)
+        for blk in self.blocks:
+            x, _ = blk(x, bias)
+        return x[:, self.num_extra :]
