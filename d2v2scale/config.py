@@ -125,7 +125,6 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
-    precision: str = "bf16"
 
 
 @dataclass
@@ -168,7 +167,6 @@ class Config:
 
 
 MASK_KINDS = ("auto", "block2d", "block1d", "random")
-PRECISIONS = ("bf16", "fp32")
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 _SCALARS = ("preset", "seed")
 
@@ -204,6 +202,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -320,7 +323,6 @@ def validate(cfg: Config) -> None:
     _one_of("model.modality", m.modality, MODALITIES)
     _one_of("data.kind", cfg.data.kind, DATA_KINDS)
     _one_of("masking.kind", mk.kind, MASK_KINDS)
-    _one_of("train.precision", cfg.train.precision, PRECISIONS)
     for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
         _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} is not allowed; allowed values: integers >= 1")
     _check(m.prenet_depth >= 0, f"model.prenet_depth={m.prenet_depth} is not allowed; allowed values: integers >= 0")

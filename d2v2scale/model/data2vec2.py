@@ -156,10 +156,13 @@ class Data2Vec2(nn.Module):
         )
 
     # -------------------------------------------------------------------------------- student
-    def make_mask(self, seed: int, step: int, sample_ids: torch.Tensor, local: torch.Tensor,
-                  valid: torch.Tensor | None) -> MaskInfo:
-        lengths = valid.sum(1) if valid is not None else None
-        return self.mask_generator(seed, step, sample_ids, local.shape[1], lengths)
+    def make_mask(
+        self, seed: int, step: int, sample_ids: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> MaskInfo:
+        """The B·M-row masks of a batch, a pure function of (seed, step, sample id) and each
+        sample's real length; computed from shapes only, so it can run before (or apart from) the forward."""
+        max_len, frame_lengths = self.encoder.num_positions(source, lengths)
+        return self.mask_generator(seed, step, sample_ids.to(source.device), max_len, frame_lengths)
 
     def _layer_keep(self, layerdrop_key: int) -> list[bool]:
         p = self.cfg.model.layerdrop

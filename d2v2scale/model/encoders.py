@@ -97,6 +97,9 @@ class ImageEncoder(nn.Module):
     def local_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None):
         return self.local_encoder(source), None
 
+    def num_positions(self, source: torch.Tensor, lengths: torch.Tensor | None = None):
+        return self.grid[0] * self.grid[1], None
+
     def contextualize(self, x: torch.Tensor, valid, mask: MaskInfo | None, clones: int = 1):
         x = x + self.fixed_positional_encoder.positions.to(x.dtype)
         if mask is not None:
@@ -194,8 +197,21 @@ class AudioEncoder(nn.Module):
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < frames[:, None]
         return x, valid
 
-    def _positions(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relative_positional_encoder(x.transpose(1, 2)).transpose(1, 2)
+    def num_positions(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Frames per batch and per sample, from the conv arithmetic alone (no forward needed)."""
+        total = int(self.local_encoder.output_lengths(torch.tensor(wav.shape[1])))
+        return total, None if lengths is None else self.local_encoder.output_lengths(lengths)
+
+    def _positions(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Conv positions; padded frames are re-zeroed after every layer so that a padded sample
+        sees exactly the zero padding it would see on its own."""
+        keep = None if valid is None else valid.unsqueeze(1).to(x.dtype)
+        x = x.transpose(1, 2)
+        for layer in self.relative_positional_encoder:
+            x = layer(x)
+            if keep is not None:
+                x = x * keep
+        return x.transpose(1, 2)
 
     def alibi_bias(self, positions: torch.Tensor) -> torch.Tensor:
         """(rows, H, n, n) fp32 bias ``-scale_h·slope_h·|i-j|`` at the given (rows, n) positions, so kept
@@ -208,7 +224,7 @@ class AudioEncoder(nn.Module):
         if valid is not None:
             x = x * valid.unsqueeze(-1).to(x.dtype)
         if mask is None:
-            x = x + self._positions(x)
+            x = x + self._positions(x, valid)
             bias = key_padding_bias(valid)
             if self.use_alibi:
                 pos = torch.arange(x.shape[1], device=x.device)[None]
@@ -217,7 +233,8 @@ class AudioEncoder(nn.Module):
             return self.context_encoder(x, bias), bias
         sample = _rows_to_samples(mask.keep_idx.shape[0], clones, x.device)
         # Conv positions see the full-length view with masked frames zeroed, as in the reference.
-        x_pos = self._positions(x[sample] * (~mask.mask).unsqueeze(-1).to(x.dtype))
+        row_valid = None if valid is None else valid[sample]
+        x_pos = self._positions(x[sample] * (~mask.mask).unsqueeze(-1).to(x.dtype), row_valid)
         rows = torch.arange(x_pos.shape[0], device=x.device)[:, None]
         x = gather_kept(x, mask, clones) + x_pos[rows, mask.keep_idx]
         bias = self.alibi_bias(mask.keep_idx) if self.use_alibi else None
@@ -259,6 +276,9 @@ class TextEncoder(nn.Module):
         if lengths is not None:
             valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
         return self.local_encoder(tokens), valid
+
+    def num_positions(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+        return tokens.shape[1], lengths
 
     def contextualize(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
         if mask is None:

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURE = SHARED / "fixtures" / "fairseq_d2v2_image_tiny.pt"
+
+
+@pytest.fixture(scope="session")
+def fairseq_fixture():
+    import torch
+
+    if not FIXTURE.exists():
+        pytest.fail(f"fixture missing: {FIXTURE} (the repository expects ../shared beside the checkout)")
+    # The fixture is our own test data (a plain dict of tensors and floats), not a user checkpoint.
+    return torch.load(FIXTURE, weights_only=False)
+
+
+def fixture_config():
+    """The configuration the fairseq fixture was made with (see shared/fixtures/README.md)."""
+    from d2v2scale.config import load_config
+
+    return load_config(
+        "tiny_image",
+        [
+            "model.img_size=224", "model.patch_size=16", "model.embed_dim=64", "model.depth=3",
+            "model.prenet_depth=0", "model.num_heads=2", "model.norm_eps=1e-6", "model.clone_batch=4",
+            "model.average_top_k_layers=3", "model.layer_norm_targets=true", "model.cls_loss=0.01",
+            "model.num_extra_tokens=1", "model.mask_noise_std=0", "decoder.dim=64", "decoder.kernel=3",
+            "decoder.layers=2", "decoder.groups=16", "decoder.residual=true",
+            "masking.mask_prob=0.8", "masking.mask_prob_adjust=0.07", "masking.mask_length=3",
+        ],
+    )

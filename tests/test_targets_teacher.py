@@ -1,0 +1,200 @@
+"""Targets against a hand computation; the teacher sees the unmasked input and gets no gradient;
+the EMA after k updates equals the closed form; sharded EMA equals unsharded."""
+import pytest
+import torch
+
+from d2v2scale.config import load_config
+from d2v2scale.data.synthetic import synthetic_batch
+from d2v2scale.model import Data2Vec2
+from d2v2scale.teacher import EMASchedule, EMATeacher, build_teacher
+
+
+def _model(preset, *overrides):
+    torch.manual_seed(0)
+    cfg = load_config(preset, list(overrides))
+    model = Data2Vec2(cfg)
+    return cfg, model, build_teacher(model, cfg)
+
+
+def _by_hand(layers, k, final_ln):
+    """IN (each channel over time, biased var, eps 1e-5) per layer → mean → optional LN, written out."""
+    acc = 0
+    for y in layers[-k:]:
+        mu = y.mean(dim=1, keepdim=True)
+        var = ((y - mu) ** 2).mean(dim=1, keepdim=True)
+        acc = acc + (y - mu) / torch.sqrt(var + 1e-5)
+    y = acc / k
+    if final_ln:
+        mu = y.mean(-1, keepdim=True)
+        var = ((y - mu) ** 2).mean(-1, keepdim=True)
+        y = (y - mu) / torch.sqrt(var + 1e-5)
+    return y
+
+
+@pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
+def test_targets_match_hand_computation_on_the_unmasked_input(preset):
+    cfg, model, teacher = _model(preset)
+    source = synthetic_batch(cfg, 3, torch.Generator().manual_seed(1))
+    captured = []
+    hooks = [b.mlp.register_forward_hook(lambda m, i, o: captured.append(o.detach())) for b in teacher.module.blocks]
+    model.train()
+    mask = model.make_mask(0, 0, torch.arange(3), source)
+    out = model(source, teacher.module, mask)
+    for h in hooks:
+        h.remove()
+    local, _ = model.encoder.local_features(source)
+    targets = model.teacher_targets(teacher.module, source, local, None, None)
+    # the teacher ran once per sample on the full sequence: B rows (not B·M) and all T positions
+    T = local.shape[1]
+    assert all(c.shape == (3, T + cfg.model.num_extra_tokens, cfg.model.embed_dim) for c in captured)
+    layers = [c[:, cfg.model.num_extra_tokens :] for c in captured[: len(teacher.module.blocks)]]
+    expected = _by_hand(layers, cfg.model.average_top_k_layers, cfg.model.layer_norm_targets)
+    torch.testing.assert_close(targets, expected, atol=2e-5, rtol=0)
+    assert torch.isfinite(out.loss_sum)
+
+
+def test_teacher_targets_do_not_depend_on_the_mask():
+    cfg, model, teacher = _model("tiny_image")
+    source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
+    model.eval()
+    local, _ = model.encoder.local_features(source)
+    captured = []
+    orig = model.teacher_targets
+
+    def spy(*a, **k):
+        captured.append(orig(*a, **k))
+        return captured[-1]
+
+    model.teacher_targets = spy
+    for step in (0, 1):
+        model(source, teacher.module, model.make_mask(0, step, torch.arange(2), source))
+    torch.testing.assert_close(captured[0], captured[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
+def test_gradients_never_reach_the_teacher(preset):
+    cfg, model, teacher = _model(preset)
+    source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
+    model.train()
+    out = model(source, teacher.module, model.make_mask(0, 0, torch.arange(2), source))
+    (out.loss_sum / out.sample_size).backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # the teacher shares no storage with the student
+    student_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not student_ptrs & {p.data_ptr() for p in teacher.module.parameters()}
+
+
+def test_teacher_tracks_the_right_parts():
+    _, img, t_img = _model("tiny_image")
+    _, aud, t_aud = _model("tiny_audio")
+    _, txt, t_txt = _model("tiny_text")
+    names = lambda t: {n for n, _ in t.module.named_parameters()}
+    assert names(t_img) == {n for n, _ in img.named_parameters() if not n.startswith("decoder.")}
+    assert not any(n.startswith(("decoder.", "encoder.local_encoder.", "encoder.project_features.")) for n in names(t_aud))
+    assert "encoder.alibi_scale" in names(t_aud)
+    assert names(t_txt) == {n for n, _ in txt.named_parameters() if n.startswith("blocks.")}
+    # fixed positions are copied, not averaged
+    assert "encoder.fixed_positional_encoder.positions" in t_img.copied_names
+
+
+def test_ema_closed_form_and_freeze():
+    """Student held at c: e_k = c + (e_0 - c)·Π d(i); then frozen once the decay reaches 1."""
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, 2)
+    teacher_net = torch.nn.Linear(3, 2)
+    teacher_net.load_state_dict(student.state_dict())
+    e0 = {n: p.detach().clone() for n, p in student.named_parameters()}
+    schedule = EMASchedule(0.5, 1.0, 4)  # decays 0.625, 0.75, 0.875, then 1.0
+    ema = EMATeacher(teacher_net, schedule)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(2.0)
+    prod = 1.0
+    for k in range(1, 7):
+        d = ema.update(student, k)
+        assert d == pytest.approx(0.5 + 0.5 * min(k, 4) / 4)
+        if d < 1:
+            prod *= d
+        for n, p in ema.module.named_parameters():
+            torch.testing.assert_close(p, 2.0 + (e0[n] - 2.0) * prod, atol=1e-6, rtol=0)
+    # a repeated counter does not update again
+    before = [p.clone() for p in ema.module.parameters()]
+    ema.update(student, 6)
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
+
+
+def test_sharded_ema_equals_unsharded():
+    """Two shards (odd numel, so the flat vector is padded) with a local all_gather equal one full EMA."""
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 3))
+    full = EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10))
+    shards: list[EMATeacher] = []
+
+    def gather(out, _shard):
+        out.copy_(torch.cat([s.master for s in shards]))
+
+    shards += [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), shard_rank=r, shard_count=2, all_gather=gather) for r in range(2)]
+    assert sum(s.master.numel() for s in shards) >= full.master.numel()
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p))
+        full.update(student, step)
+        for s in shards:
+            s.update(student, step)
+    for s in shards:
+        s._publish()  # both masters are final now
+        for (n, a), (_, b) in zip(full.module.named_parameters(), s.module.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _copy(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def test_teacher_state_round_trip():
+    cfg, model, teacher = _model("tiny_image")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    teacher.update(model, 3)
+    state = teacher.state_dict()
+    _, model2, teacher2 = _model("tiny_image")
+    teacher2.load_state_dict(state)
+    assert teacher2.num_updates == 3
+    for a, b in zip(teacher.module.parameters(), teacher2.module.parameters()):
+        assert torch.equal(a, b)
+    bad = dict(state, shard_count=2)
+    with pytest.raises(ValueError, match="layout mismatch"):
+        teacher2.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("preset", ["tiny_audio", "tiny_text"])
+def test_padding_does_not_change_targets_of_real_positions(preset):
+    """A short sample padded into a longer batch gets the same targets as on its own: padding is
+    hidden from attention, zeroed before the conv positions and left out of instance-norm stats."""
+    cfg, model, teacher = _model(preset)
+    model.eval()
+    src = synthetic_batch(cfg, 2, torch.Generator().manual_seed(3))
+    full = src.shape[1]
+    short = full * 3 // 4
+    lengths = torch.tensor([full, short])
+    padded = src.clone()
+    padded[1, short:] = cfg.model.pad_idx if cfg.model.modality == "text" else 0
+    local, valid = model.encoder.local_features(padded, lengths)
+    both = model.teacher_targets(teacher.module, padded, local, valid, lengths)
+    alone_src = src[1:, :short]
+    local1, _ = model.encoder.local_features(alone_src)
+    alone = model.teacher_targets(teacher.module, alone_src, local1, None, None)
+    n = alone.shape[1]
+    assert int(valid[1].sum()) == n
+    torch.testing.assert_close(both[1, :n], alone[0], atol=1e-4, rtol=0)
+
+    mask = model.make_mask(0, 0, torch.arange(2), padded, lengths)
+    assert not bool((mask.mask & ~valid.repeat_interleave(cfg.model.clone_batch, 0)).any())
+    model.train()
+    out = model(padded, teacher.module, mask, lengths=lengths)
+    assert torch.isfinite(out.loss_sum)
