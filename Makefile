@@ -1,7 +1,7 @@
 # d2v2scale developer entry points.
 #   make venv   create/refresh .venv (torch first, then DeepSpeed without compiled ops, then this package)
 #   make test   run the test suite on CPU
-#   make demo   (arrives with the DeepSpeed training issue)
+#   make demo   short real pretraining: 2 CPU processes via the deepspeed launcher, tiny_image on digits
 #   make clean  remove caches and build artefacts (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3
@@ -30,9 +30,15 @@ test: venv
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)" >&2; exit 1; fi; \
 	exit $$rc
 
-demo:
-	@echo "make demo arrives with the DeepSpeed training issue"
-	@exit 1
+DEMO_RUN ?= runs/demo
+
+# A fresh run directory each time (the previous one is moved aside, never deleted).
+demo: venv
+	@if [ -e $(DEMO_RUN) ]; then mv $(DEMO_RUN) $(DEMO_RUN).$$(date +%Y%m%d-%H%M%S); fi
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launchers/pretrain.py \
+		--ds_config ds_configs/cpu_tiny.json --preset tiny_image --run_dir $(DEMO_RUN)
+	@echo "run directory: $(DEMO_RUN) (config.yaml, ds_config.json, metrics.jsonl, checkpoints/)"
+
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..model import counter_rng
 
 
 def synthetic_batch(cfg: Config, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -18,3 +19,18 @@ def synthetic_batch(cfg: Config, batch_size: int, generator: torch.Generator | N
     length = min(cfg.data.sample_length or m.max_positions, m.max_positions)
     tokens = torch.randint(0, m.vocab_size - 1, (batch_size, length), generator=generator)
     return tokens + (tokens >= m.pad_idx).long()
+
+
+class SyntheticSource:
+    """An endless dataset of random items; item ``p`` is drawn from a generator seeded by (seed, p),
+    so a position yields the same tensor whatever rank or batch it lands in."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        items = []
+        for p in positions.tolist():
+            gen = torch.Generator().manual_seed(int(counter_rng.combine(self.cfg.seed, p)))
+            items.append(synthetic_batch(self.cfg, 1, gen))
+        return torch.cat(items), None

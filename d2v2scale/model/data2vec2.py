@@ -134,12 +134,12 @@ class Data2Vec2(nn.Module):
         """(B, T, D) fp32 targets from the teacher on the full, unmasked input."""
         t = self.cfg.teacher
         if t.ema_encoder_only:
-            x, bias = self.encoder.contextualize(local, valid, None)
+            x, bias = self.encoder(local, valid, None)
         elif t.ema_local_encoder:
             t_local, _ = teacher.encoder.local_features(source, lengths)
-            x, bias = teacher.encoder.contextualize(t_local, valid, None)
+            x, bias = teacher.encoder(t_local, valid, None)
         else:
-            x, bias = teacher.encoder.contextualize(local, valid, None)
+            x, bias = teacher.encoder(local, valid, None)
         layers = []
         for blk in teacher.blocks:
             x, ffn = blk(x, bias)
@@ -195,7 +195,7 @@ class Data2Vec2(nn.Module):
         local, valid = self.encoder.local_features(source, lengths)
         targets = self.teacher_targets(teacher, source, local, valid, lengths)
 
-        x, bias = self.encoder.contextualize(local, valid, mask, self.clones)
+        x, bias = self.encoder(local, valid, mask, self.clones)
         for blk, keep in zip(self.blocks, self._layer_keep(layerdrop_key)):
             if keep:
                 x, _ = blk(x, bias)
@@ -234,7 +234,7 @@ class Data2Vec2(nn.Module):
     def extract_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Student features for the unmasked input (last block output, extra tokens removed)."""
         local, valid = self.encoder.local_features(source, lengths)
-        x, bias = self.encoder.contextualize(local, valid, None)
+        x, bias = self.encoder(local, valid, None)
         for blk in self.blocks:
             x, _ = blk(x, bias)
         return x[:, self.num_extra :]

@@ -4,9 +4,13 @@ positional/context part that turns local features into the input of the shared b
 Every encoder offers the same two calls, so the model and the teacher drive them alike:
 
 - ``local_features(source, lengths) -> (x (B, T, D), valid (B, T) bool or None)``, run once per sample;
-- ``contextualize(x, valid, mask, clones) -> (x, attn_bias)``: without a mask, the full unmasked
-  sequence (the teacher's view); with a :class:`MaskInfo`, only each row's kept tokens, rows in
-  repeat_interleave order, gathered straight from the per-sample features (no M× full copy).
+- ``forward(x, valid, mask, clones) -> (x, attn_bias)`` ("contextualize"): without a mask, the
+  full unmasked sequence (the teacher's view); with a :class:`MaskInfo`, only each row's kept
+  tokens, rows in repeat_interleave order, gathered straight from the per-sample features (no M×
+  full copy).
+
+Every parameter is read inside the ``forward`` of the module that owns it, so ZeRO-3's
+per-module parameter gathering sees each use.
 
 Submodule names follow fairseq's ``modality_encoders.<MOD>.*`` so interop is a prefix rename.
 """
@@ -71,6 +75,9 @@ class FixedPositions(nn.Module):
         super().__init__()
         self.positions = nn.Parameter(positions.unsqueeze(0), requires_grad=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.positions.to(x.dtype)
+
 
 def _context_encoder(cfg, with_norm: bool) -> BlockEncoder:
     norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if with_norm else None
@@ -100,8 +107,8 @@ class ImageEncoder(nn.Module):
     def num_positions(self, source: torch.Tensor, lengths: torch.Tensor | None = None):
         return self.grid[0] * self.grid[1], None
 
-    def contextualize(self, x: torch.Tensor, valid, mask: MaskInfo | None, clones: int = 1):
-        x = x + self.fixed_positional_encoder.positions.to(x.dtype)
+    def forward(self, x: torch.Tensor, valid, mask: MaskInfo | None, clones: int = 1):
+        x = self.fixed_positional_encoder(x)
         if mask is not None:
             x = gather_kept(x, mask, clones)
         if self.extra_tokens is not None:
@@ -220,7 +227,7 @@ class AudioEncoder(nn.Module):
         scale = self.alibi_scale.clamp_min(0).float().view(1, -1, 1, 1)
         return -(self.slopes.view(1, -1, 1, 1) * scale) * dist[:, None]
 
-    def contextualize(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
         if valid is not None:
             x = x * valid.unsqueeze(-1).to(x.dtype)
         if mask is None:
@@ -280,7 +287,7 @@ class TextEncoder(nn.Module):
     def num_positions(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
         return tokens.shape[1], lengths
 
-    def contextualize(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
         if mask is None:
             bias = key_padding_bias(valid)
             return self.context_encoder(x, bias), bias

@@ -1,0 +1,53 @@
+"""Build the batch source for ``data.kind`` and hand out this rank's micro-batches per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from .schedule import RankSchedule
+
+
+@dataclass
+class MicroBatch:
+    source: torch.Tensor
+    sample_ids: torch.Tensor  # global positions: they key the masks
+    lengths: torch.Tensor | None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "MicroBatch":
+        src = self.source.to(device, non_blocking=True)
+        if src.is_floating_point():
+            src = src.to(dtype)
+        lengths = None if self.lengths is None else self.lengths.to(device, non_blocking=True)
+        return MicroBatch(src, self.sample_ids.to(device, non_blocking=True), lengths)
+
+
+def build_source(cfg: Config):
+    kind = cfg.data.kind
+    if kind == "synthetic":
+        from .synthetic import SyntheticSource
+
+        return SyntheticSource(cfg)
+    if kind == "digits":
+        if cfg.model.modality != "image":
+            raise ValueError(f"data.kind=digits is an image dataset; model.modality={cfg.model.modality}")
+        from .digits import DigitsSource
+
+        return DigitsSource(cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    raise NotImplementedError(f"data.kind={kind} arrives with the DALI data issue; available now: synthetic, digits")
+
+
+class StepLoader:
+    """``loader.step(n)`` → this rank's ``grad_accum`` micro-batches of step ``n``."""
+
+    def __init__(self, cfg: Config, schedule: RankSchedule):
+        self.source = build_source(cfg)
+        self.schedule = schedule
+
+    def step(self, step: int) -> list[MicroBatch]:
+        out = []
+        for positions in self.schedule.positions(step):
+            source, lengths = self.source.batch(positions)
+            out.append(MicroBatch(source, positions, lengths))
+        return out

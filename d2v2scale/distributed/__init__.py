@@ -1,0 +1,1 @@
+"""Process groups and parallelism applied to a built model from outside."""

@@ -1,0 +1,42 @@
+"""Start torch.distributed the way DeepSpeed expects, on GPU (NCCL) or CPU (gloo)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from .dims import LaunchEnv, ParallelDims
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
+    """Initialise the default process group and the TP/DP groups; a plain process becomes rank 0 of 1."""
+    env = LaunchEnv.detect()
+    env.export(master_port=int(os.environ.get("MASTER_PORT", 0)) or free_port())
+    device = pick_device(env.local_rank)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if device.type == "cpu":
+        # The CPU accelerator JIT-compiles a shared-memory all-reduce op (~85 s) that only inference
+        # uses; DeepSpeed reads this dict before building it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    dims = ParallelDims(tp=tp, world_size=env.world_size, rank=env.rank)
+    dims.build_groups()
+    return dims, device

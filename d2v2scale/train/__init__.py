@@ -1,0 +1,1 @@
+"""The training loop, DeepSpeed configuration and checkpoints."""

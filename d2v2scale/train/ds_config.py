@@ -1,0 +1,125 @@
+"""Resolve a DeepSpeed JSON against the preset: fill ``"auto"`` values, check the batch math.
+
+The preset pins the global batch (``train.global_batch``); the JSON says how it is split
+(micro-batch per GPU, gradient accumulation). Any two of micro-batch, accumulation and the DP size
+determine the third; a combination that does not multiply out to the global batch is a
+:class:`~d2v2scale.config.ConfigError`, never a silently different batch.
+
+Audio presets with ``data.max_tokens`` count the global batch in audio samples: each micro-batch
+holds up to ``max_tokens`` samples, so accumulation = global / (max_tokens × dp), and DeepSpeed
+sees a nominal micro-batch of 1 (our loss is normalised by masked tokens, not by that number).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, ConfigError
+
+_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    micro_batch: int  # samples per micro-batch per rank (audio: max_tokens audio samples)
+    grad_accum: int
+    dp: int
+    unit: str  # "samples" or "audio samples"
+
+    def describe(self) -> str:
+        return (f"effective global batch {self.global_batch} {self.unit} = micro-batch {self.micro_batch} "
+                f"× grad-accum {self.grad_accum} × data-parallel {self.dp}")
+
+
+def load_ds_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--ds_config '{path}' does not exist; give a DeepSpeed JSON such as ds_configs/cpu_tiny.json")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config '{path}' is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--ds_config '{path}' must be a JSON object")
+    return data
+
+
+def _int_or_auto(ds: dict, key: str):
+    value = ds.get(key, _AUTO)
+    if value == _AUTO:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"ds_config {key}={value!r} is not allowed; allowed values: \"auto\" or an integer >= 1")
+    return value
+
+
+def plan_batch(ds: dict, cfg: Config, dp: int) -> BatchPlan:
+    """Split ``train.global_batch`` over ``dp`` ranks as the JSON asks, or fail naming the keys."""
+    g = cfg.train.global_batch
+    tbs = _int_or_auto(ds, "train_batch_size")
+    micro = _int_or_auto(ds, "train_micro_batch_size_per_gpu")
+    gas = _int_or_auto(ds, "gradient_accumulation_steps")
+    if tbs is not None and tbs != g:
+        raise ConfigError(f"ds_config train_batch_size={tbs} disagrees with train.global_batch={g}; allowed values: \"auto\" or {g}")
+    tokens = cfg.data.max_tokens if cfg.model.modality == "audio" else None
+    if tokens is not None:
+        if micro is not None:
+            raise ConfigError("ds_config train_micro_batch_size_per_gpu must be \"auto\" when data.max_tokens sets the audio micro-batch")
+        micro, unit = tokens, "audio samples"
+    else:
+        unit = "samples"
+    if micro is None and gas is None:
+        gas = 1
+    if micro is None:
+        micro, rem = divmod(g, gas * dp)
+        if rem or micro == 0:
+            raise ConfigError(f"batch math does not add up: train.global_batch={g} is not divisible by "
+                              f"gradient_accumulation_steps={gas} × data-parallel size {dp}; allowed: a global batch divisible by {gas * dp}")
+    elif gas is None:
+        gas, rem = divmod(g, micro * dp)
+        if rem or gas == 0:
+            raise ConfigError(f"batch math does not add up: train.global_batch={g} is not divisible by "
+                              f"micro-batch {micro} × data-parallel size {dp}; allowed: a global batch divisible by {micro * dp}")
+    if micro * gas * dp != g:
+        raise ConfigError(f"batch math does not add up: micro-batch {micro} × gradient_accumulation_steps {gas} × "
+                          f"data-parallel size {dp} = {micro * gas * dp} != train.global_batch={g}")
+    return BatchPlan(g, micro, gas, dp, unit)
+
+
+def resolve_ds_config(ds: dict, cfg: Config, plan: BatchPlan) -> dict:
+    """A copy of the JSON with every ``"auto"`` replaced; DeepSpeed itself rejects ``"auto"``."""
+    out = copy.deepcopy(ds)
+    deepspeed_micro = 1 if plan.unit == "audio samples" else plan.micro_batch
+    out["train_micro_batch_size_per_gpu"] = deepspeed_micro
+    out["gradient_accumulation_steps"] = plan.grad_accum
+    out["train_batch_size"] = deepspeed_micro * plan.grad_accum * plan.dp
+    sched = out.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == _AUTO:
+        sched["total_num_steps"] = cfg.train.max_updates
+    leftover = [k for k, v in _walk(out) if v == _AUTO]
+    if leftover:
+        raise ConfigError(f"ds_config keys {', '.join(leftover)} are \"auto\" but d2v2scale cannot fill them; "
+                          "allowed \"auto\" keys: train_batch_size, train_micro_batch_size_per_gpu, "
+                          "gradient_accumulation_steps, scheduler.params.total_num_steps")
+    return out
+
+
+def _walk(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+def describe_optimization(ds: dict, cfg: Config, plan: BatchPlan) -> str:
+    """One line for the start of a run: the effective batch and the learning-rate schedule."""
+    opt = ds.get("optimizer", {}).get("params", {})
+    sched = ds.get("scheduler", {})
+    sp = sched.get("params", {})
+    lr = opt.get("lr", "?")
+    return (f"{plan.describe()}; peak lr {lr} ({sched.get('type', 'constant')}, warmup "
+            f"{sp.get('warmup_num_steps', 0)} of {cfg.train.max_updates} updates); masks per sample M={cfg.model.clone_batch}")

@@ -1,0 +1,45 @@
+"""``metrics.jsonl``: one JSON object per logged step, always with the same keys (DESIGN §3).
+
+A value that is not measured in this run is ``null`` — never a placeholder number.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRIC_NAMES = (
+    "step", "loss", "loss_reg", "loss_cls", "lr", "ema_decay", "grad_norm", "target_var", "pred_var",
+    "masked_frac", "samples_per_s", "step_time_s", "data_time_s", "tflops_per_device", "mfu",
+    "mem_peak_gb", "skipped_updates", "skipped_samples",
+)
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict) -> dict:
+        unknown = set(record) - set(METRIC_NAMES)
+        if unknown:
+            raise KeyError(f"unknown metric names {sorted(unknown)}; allowed: {', '.join(METRIC_NAMES)}")
+        row = {name: _plain(record.get(name)) for name in METRIC_NAMES}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+
+def _plain(value):
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
