@@ -99,3 +99,15 @@ def test_zero_stages_match_single_process(tmp_path):
             n = 3 if stage == "0" else 4
             assert got[:n] == pytest.approx(want[:n], rel=1e-5), (stage, got, want)
         assert runs[stage]["teacher_sum"] == pytest.approx(ref["teacher_sum"], rel=1e-6)
+
+
+def test_bf16_single_process(tmp_path):
+    """bf16 through DeepSpeed (student weights bf16, fp32 EMA masters, fp32 targets and loss)."""
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "bf16.json").write_text(json.dumps(ds))
+    _launch([sys.executable], "launchers/pretrain.py", "--ds_config", str(tmp_path / "bf16.json"), "--preset", "tiny_audio",
+            "--run_dir", str(tmp_path / "run"), *SHORT)
+    _check_run_dir(tmp_path / "run", 4, 1)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)
