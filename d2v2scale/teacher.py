@@ -1,19 +1,23 @@
 """The EMA teacher: fp32 master weights, annealed decay, and a compute-dtype module for the forward.
 
-Storage is laid out for sharding from day one. The tracked (trainable) parameters are viewed as
-one flat vector in a fixed order; this rank owns the slice ``[rank·n/size, (rank+1)·n/size)`` of
-it as an fp32 master. An update is an element-wise ``lerp`` of that slice towards the student's
-values — no communication. The forward module's parameters are views into one flat buffer in the
-compute dtype, refreshed from the masters by ``all_gather`` (``shard_count > 1``) or a copy.
-With ``shard_count == 1`` (this file's default) the whole model is one shard.
+Storage is laid out for sharding. The tracked (trainable) parameters live in one or more *flat
+groups*: each group is a vector holding some parameters at fixed offsets, padded to split evenly
+over the shard group (the data-parallel ranks). This rank keeps only its slice of every group as
+an fp32 master, and an update is an element-wise ``lerp`` of each slice towards the student's fp32
+values for the same slice — no communication. The forward module's parameters are views into
+compute-dtype copies of the groups, refreshed from the masters by one ``all_gather`` per group.
 
-Non-trainable parameters and buffers (e.g. fixed image positions) are copied, not averaged, and
-parts the teacher does not have (decoders, the audio CNN) are simply absent from it.
+With the default layout (one group, one shard) this is a plain fp32 EMA. The distributed builder
+(:mod:`d2v2scale.distributed.sharded_teacher`) passes DeepSpeed's own ZeRO partition layout so
+that each rank's slice is exactly the student's fp32 master partition on that rank.
+
+Non-trainable parameters (fixed image positions) are copied at construction and never change;
+parts the teacher does not have (decoders, the audio CNN) are absent from it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,16 +38,26 @@ class EMASchedule:
 
 
 @dataclass(frozen=True)
-class _Segment:
-    """A run of this shard's master slice that lies inside one parameter."""
+class FlatGroup:
+    """Parameters (by name) at offsets inside one flat vector of ``numel`` elements (padding included)."""
 
-    name: str
-    param_offset: int
-    length: int
-    master_offset: int
+    names: tuple[str, ...]
+    offsets: tuple[int, ...]
+    numel: int
+
+
+def default_groups(module: nn.Module, names: Sequence[str], shard_count: int) -> list[FlatGroup]:
+    """All ``names`` back to back in one group, padded to a multiple of ``shard_count``."""
+    params = dict(module.named_parameters())
+    offsets, total = [], 0
+    for name in names:
+        offsets.append(total)
+        total += params[name].numel()
+    return [FlatGroup(tuple(names), tuple(offsets), -(-max(total, 1) // shard_count) * shard_count)]
 
 
 AllGather = Callable[[torch.Tensor, torch.Tensor], None]  # (output_flat, input_shard)
+SourceFn = Callable[[], list[torch.Tensor]]  # this rank's fp32 student values, one tensor per group
 
 
 class EMATeacher:
@@ -55,6 +69,7 @@ class EMATeacher:
         schedule: EMASchedule,
         *,
         compute_dtype: torch.dtype = torch.float32,
+        groups: list[FlatGroup] | None = None,
         shard_rank: int = 0,
         shard_count: int = 1,
         all_gather: AllGather | None = None,
@@ -65,128 +80,143 @@ class EMATeacher:
         self.shard_rank, self.shard_count = shard_rank, shard_count
         self.all_gather = all_gather
         self.num_updates = 0
-        self.ema_names = [n for n, p in module.named_parameters() if p.requires_grad]
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         self.copied_names = [n for n, p in module.named_parameters() if not p.requires_grad]
+        self.groups = groups if groups is not None else default_groups(module, trainable, shard_count)
+        covered = [n for g in self.groups for n in g.names]
+        if sorted(n for n in covered if n in set(trainable)) != sorted(trainable):
+            missing = sorted(set(trainable) - set(covered))
+            raise ValueError(f"teacher layout does not cover every tracked parameter; missing: {missing[:5]}")
         self.module = module.eval().requires_grad_(False)
-
+        self.flats, self.masters = [], []
         params = dict(module.named_parameters())
-        numels = [params[n].numel() for n in self.ema_names]
-        total = self.total_numel = sum(numels)
-        self.shard_size = -(-total // shard_count)
-        device = params[self.ema_names[0]].device if self.ema_names else torch.device("cpu")
-        self.flat = torch.zeros(self.shard_size * shard_count, dtype=compute_dtype, device=device)
-        offset = 0
-        for name, n in zip(self.ema_names, numels):
-            view = self.flat[offset : offset + n].view_as(params[name])
-            view.copy_(params[name].detach())
-            params[name].data = view
-            offset += n
-        lo = shard_rank * self.shard_size
-        self.master = self.flat[lo : lo + self.shard_size].detach().to(torch.float32, copy=True)
-        self.segments = self._segments(numels, lo, min(lo + self.shard_size, total))
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        for g in self.groups:
+            if g.numel % shard_count:
+                raise ValueError(f"flat group of {g.numel} elements does not split over {shard_count} shards")
+            flat = torch.zeros(g.numel, dtype=compute_dtype, device=device)
+            master = torch.zeros(g.numel, dtype=torch.float32, device=device)
+            for name, off in zip(g.names, g.offsets):
+                if name not in params:  # a slot of the student's layout the teacher does not run
+                    continue
+                p = params[name]
+                master[off : off + p.numel()] = p.detach().reshape(-1).float()
+                view = flat[off : off + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                p.data = view
+            size = g.numel // shard_count
+            self.flats.append(flat)
+            self.masters.append(master[shard_rank * size : (shard_rank + 1) * size].clone())
+        self._sources: SourceFn | None = None
 
-    def _segments(self, numels: list[int], lo: int, hi: int) -> list[_Segment]:
-        segments, start = [], 0
-        for name, n in zip(self.ema_names, numels):
-            a, b = max(start, lo), min(start + n, hi)
-            if a < b:
-                segments.append(_Segment(name, a - start, b - a, a - lo))
-            start += n
-        return segments
+    # ------------------------------------------------------------------------------- sources
+    def bind_sources(self, sources: SourceFn) -> None:
+        """Read the student's fp32 values for this rank's slices from ``sources()`` (one tensor per
+        group, the slice's exact length) instead of from the student's parameters by name."""
+        self._sources = sources
 
+    def _slices_from(self, student: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's slice of every group, assembled from full student parameters (default layout)."""
+        out = []
+        for g, master in zip(self.groups, self.masters):
+            lo, hi = self.shard_rank * master.numel(), (self.shard_rank + 1) * master.numel()
+            piece = torch.zeros_like(master)
+            for name, off in zip(g.names, g.offsets):
+                src = student[name].detach().reshape(-1)
+                a, b = max(off, lo), min(off + src.numel(), hi)
+                if a < b:
+                    piece[a - lo : b - lo] = src[a - off : b - off].float()
+            out.append(piece)
+        return out
+
+    # -------------------------------------------------------------------------------- update
     def decay(self, num_updates: int | None = None) -> float:
         return self.schedule.decay(self.num_updates if num_updates is None else num_updates)
 
     @torch.no_grad()
-    def update(self, student: nn.Module | dict[str, torch.Tensor], num_updates: int) -> float:
+    def update(self, num_updates: int, student: nn.Module | dict[str, torch.Tensor] | None = None) -> float:
         """EMA step after optimizer step ``num_updates``: ``ema ← d·ema + (1-d)·student`` with
-        ``d = schedule(num_updates)``. Skipped (returns the decay) once ``d`` reaches 1 — the teacher
-        is then frozen — or when the counter did not advance. Returns the decay used."""
+        ``d = schedule(num_updates)``. Nothing changes once ``d`` reaches 1 (the teacher is frozen)
+        or when the counter did not advance. Returns the decay used."""
         decay = self.schedule.decay(num_updates)
         if num_updates <= self.num_updates:
             return decay
         self.num_updates = num_updates
-        source = dict(student.named_parameters()) if isinstance(student, nn.Module) else student
-        if decay < 1.0:
-            masters, values = [], []
-            for seg in self.segments:
-                flat_src = source[seg.name].detach().reshape(-1)
-                values.append(flat_src[seg.param_offset : seg.param_offset + seg.length].to(torch.float32))
-                masters.append(self.master[seg.master_offset : seg.master_offset + seg.length])
-            if masters:
-                torch._foreach_lerp_(masters, values, 1.0 - decay)
-            self._publish()
-        self._copy_frozen(source, student if isinstance(student, nn.Module) else None)
+        if decay >= 1.0:
+            return decay
+        if self._sources is not None:
+            values = self._sources()
+        else:
+            if student is None:
+                raise ValueError("EMATeacher.update needs the student (no bound sources)")
+            named = dict(student.named_parameters()) if isinstance(student, nn.Module) else student
+            values = self._slices_from(named)
+        torch._foreach_lerp_(self.masters, [v.float() for v in values], 1.0 - decay)
+        self.publish()
         return decay
 
-    def _publish(self) -> None:
-        """Refresh the compute-dtype forward weights from the fp32 masters."""
-        shard = self.master.to(self.flat.dtype)
-        if self.shard_count == 1:
-            self.flat.copy_(shard)
-        else:
-            self.all_gather(self.flat, shard)
+    def publish(self) -> None:
+        """Refresh the compute-dtype forward weights from the fp32 masters (all-gather when sharded)."""
+        for flat, master in zip(self.flats, self.masters):
+            shard = master.to(flat.dtype)
+            if self.shard_count == 1:
+                flat.copy_(shard)
+            else:
+                self.all_gather(flat, shard)
 
-    def _copy_frozen(self, source: dict[str, torch.Tensor], student: nn.Module | None) -> None:
-        params = dict(self.module.named_parameters())
-        for name in self.copied_names:
-            params[name].copy_(source[name].detach())
-        if student is not None:
-            student_buffers = dict(student.named_buffers())
-            for name, buf in self.module.named_buffers():
-                if name in student_buffers:
-                    buf.copy_(student_buffers[name])
+    # --------------------------------------------------------------------------- checkpoints
+    def master_bytes(self) -> int:
+        """fp32 EMA bytes held by this rank."""
+        return sum(m.numel() * m.element_size() for m in self.masters)
 
-    def parameters(self) -> Iterable[torch.Tensor]:
-        return self.module.parameters()
-
-    # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """This rank's shard: fp32 master slice, the update counter and the layout it belongs to."""
+        """This rank's shard: fp32 master slices, the update counter and the layout they belong to."""
         return {
-            "master": self.master.clone(),
+            "masters": [m.clone() for m in self.masters],
             "num_updates": self.num_updates,
             "shard_rank": self.shard_rank,
             "shard_count": self.shard_count,
-            "names": list(self.ema_names),
-            "numel": self.total_numel,
+            "layout": [[list(g.names), list(g.offsets), g.numel] for g in self.groups],
             "copied": {n: p.detach().clone() for n, p in self.module.named_parameters() if n in self.copied_names},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        expected = (self.shard_rank, self.shard_count, self.ema_names)
-        found = (state["shard_rank"], state["shard_count"], state["names"])
-        if expected != found:
+        layout = [[list(g.names), list(g.offsets), g.numel] for g in self.groups]
+        if (state["shard_rank"], state["shard_count"], state["layout"]) != (self.shard_rank, self.shard_count, layout):
             raise ValueError(
-                f"teacher shard layout mismatch: checkpoint has rank {found[0]}/{found[1]} over "
-                f"{len(found[2])} tensors, this run expects rank {expected[0]}/{expected[1]} over {len(expected[2])}"
+                f"teacher shard layout mismatch: checkpoint has shard {state['shard_rank']}/{state['shard_count']} "
+                f"over {len(state['layout'])} groups, this run expects {self.shard_rank}/{self.shard_count} over "
+                f"{len(layout)} (resume with the same parallel layout and ZeRO stage)"
             )
-        self.master.copy_(state["master"])
+        for m, saved in zip(self.masters, state["masters"]):
+            m.copy_(saved)
         self.num_updates = int(state["num_updates"])
         params = dict(self.module.named_parameters())
         with torch.no_grad():
             for name, value in state["copied"].items():
                 params[name].copy_(value)
-        self._publish()
+        self.publish()
 
     def full_master_state(self) -> dict[str, torch.Tensor]:
-        """The teacher's fp32 weights by name (this shard's part only when sharded; for tests/export)."""
+        """The teacher's fp32 weights by name (unsharded teachers only; for tests and export)."""
         if self.shard_count != 1:
             raise RuntimeError("full_master_state() needs an unsharded teacher; gather the shards first")
-        out, params = {}, dict(self.module.named_parameters())
-        for seg in self.segments:
-            out[seg.name] = self.master[seg.master_offset : seg.master_offset + seg.length].view_as(params[seg.name])
+        params = dict(self.module.named_parameters())
+        out = {}
+        for g, master in zip(self.groups, self.masters):
+            for name, off in zip(g.names, g.offsets):
+                if name in params:
+                    out[name] = master[off : off + params[name].numel()].view_as(params[name])
         for name in self.copied_names:
             out[name] = params[name].detach().float()
         return out
 
 
-def build_teacher(model: nn.Module, cfg, compute_dtype: torch.dtype = torch.float32, **shard) -> EMATeacher:
-    """The EMA teacher of a :class:`~d2v2scale.model.Data2Vec2` student, from its config."""
+def ema_schedule(cfg) -> EMASchedule:
     t = cfg.teacher
-    return EMATeacher(
-        model.teacher_copy(),
-        EMASchedule(t.ema_decay, t.ema_end_decay, t.ema_anneal_end_step),
-        compute_dtype=compute_dtype,
-        **shard,
-    )
+    return EMASchedule(t.ema_decay, t.ema_end_decay, t.ema_anneal_end_step)
+
+
+def build_teacher(model: nn.Module, cfg, compute_dtype: torch.dtype = torch.float32) -> EMATeacher:
+    """The (unsharded) EMA teacher of a single-device :class:`~d2v2scale.model.Data2Vec2` student."""
+    return EMATeacher(model.teacher_copy(), ema_schedule(cfg), compute_dtype=compute_dtype)

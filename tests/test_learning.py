@@ -25,7 +25,7 @@ def test_200_adamw_steps_lower_the_loss(preset):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        teacher.update(model, step + 1)
+        teacher.update(step + 1, model)
         losses.append(loss.item())
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert all(map(lambda v: v == v, losses)), "NaN loss"

@@ -112,7 +112,7 @@ def test_ema_closed_form_and_freeze():
             p.fill_(2.0)
     prod = 1.0
     for k in range(1, 7):
-        d = ema.update(student, k)
+        d = ema.update(k, student)
         assert d == pytest.approx(0.5 + 0.5 * min(k, 4) / 4)
         if d < 1:
             prod *= d
@@ -120,7 +120,7 @@ def test_ema_closed_form_and_freeze():
             torch.testing.assert_close(p, 2.0 + (e0[n] - 2.0) * prod, atol=1e-6, rtol=0)
     # a repeated counter does not update again
     before = [p.clone() for p in ema.module.parameters()]
-    ema.update(student, 6)
+    ema.update(6, student)
     assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
 
 
@@ -132,19 +132,19 @@ def test_sharded_ema_equals_unsharded():
     shards: list[EMATeacher] = []
 
     def gather(out, _shard):
-        out.copy_(torch.cat([s.master for s in shards]))
+        out.copy_(torch.cat([s.masters[0] for s in shards]))
 
     shards += [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), shard_rank=r, shard_count=2, all_gather=gather) for r in range(2)]
-    assert sum(s.master.numel() for s in shards) >= full.master.numel()
+    assert sum(s.masters[0].numel() for s in shards) >= full.masters[0].numel()
     for step in range(1, 6):
         with torch.no_grad():
             for p in student.parameters():
                 p.add_(torch.randn_like(p))
-        full.update(student, step)
+        full.update(step, student)
         for s in shards:
-            s.update(student, step)
+            s.update(step, student)
     for s in shards:
-        s._publish()  # both masters are final now
+        s.publish()  # both masters are final now
         for (n, a), (_, b) in zip(full.module.named_parameters(), s.module.named_parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -160,7 +160,7 @@ def test_teacher_state_round_trip():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
-    teacher.update(model, 3)
+    teacher.update(3, model)
     state = teacher.state_dict()
     _, model2, teacher2 = _model("tiny_image")
     teacher2.load_state_dict(state)

@@ -9,12 +9,17 @@ swap ``qkv``/``proj`` for sharded linears and the same code runs on the local he
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class Attention(nn.Module):
+    # Dropout on sharded heads needs a per-TP-rank RNG stream; tensor parallelism swaps this in.
+    region_rng = nullcontext
+
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.head_dim = dim // num_heads
@@ -30,12 +35,15 @@ class Attention(nn.Module):
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
+        with self.region_rng():
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, t, -1)))
 
 
 class Mlp(nn.Module):
     """timm's Mlp as fairseq uses it: fc1 → GELU → dropout → fc2 → dropout."""
+
+    region_rng = nullcontext  # see Attention.region_rng
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -46,7 +54,10 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.act(self.fc1(x))
+        with self.region_rng():
+            h = self.drop1(h)
+        return self.drop2(self.fc2(h))
 
 
 class Block(nn.Module):

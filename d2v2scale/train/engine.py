@@ -17,7 +17,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,9 @@ from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
 from ..model import Data2Vec2
 from ..model.counter_rng import combine
-from ..teacher import EMATeacher, build_teacher
+from ..distributed.sharded_teacher import build_sharded_teacher
+from ..distributed.tensor_parallel import TPRegionRNG, parallelize
+from ..teacher import EMATeacher, ema_schedule
 from . import checkpoint
 from .ds_config import BatchPlan
 from .metrics import MetricsWriter
@@ -101,15 +102,8 @@ def train_step(tr: Trainer, step: int) -> StepStats:
 
 
 def update_teacher(tr: Trainer, num_updates: int) -> float:
-    """EMA after the optimizer step; under ZeRO-3 the student's partitions are gathered first."""
-    params = list(tr.model.parameters())
-    gather = nullcontext()
-    if tr.engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with gather:
-        return tr.teacher.update(tr.model, num_updates)
+    """EMA after the optimizer step: each rank averages its own slice of the student's fp32 masters."""
+    return tr.teacher.update(num_updates)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -150,17 +144,25 @@ def log_record(tr: Trainer, step: int, stats: list[StepStats], wall: float) -> d
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
+    """Model (identical init on every rank) → tensor parallelism → teacher copy → DeepSpeed → sharded EMA."""
     import deepspeed
 
-    torch.manual_seed(cfg.seed)  # same init on every rank (DeepSpeed also broadcasts from DP rank 0)
-    model = Data2Vec2(cfg).to(device)
+    torch.manual_seed(cfg.seed)
+    model = Data2Vec2(cfg)
+    tp_rng = TPRegionRNG(int(combine(cfg.seed, dims.dp_rank, dims.tp_rank, 1)), device)
+    model = parallelize(model, dims, tp_rng).to(device)
+    # Default stream (dropout outside TP regions, mask noise): same within a TP group, differs across DP.
+    torch.manual_seed(int(combine(cfg.seed, dims.dp_rank, 2)))
+    teacher_module = model.teacher_copy()  # before DeepSpeed: ZeRO-3 empties the module's parameters
+    tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    teacher = build_teacher(model, cfg, compute_dtype=dtype)
     wd = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, wd), config=ds_config, mpu=dims.mpu if dims.world_size > 1 else None
+        model=model, model_parameters=param_groups(model, wd, tracked), config=ds_config,
+        mpu=dims.mpu if dims.world_size > 1 else None,
     )
+    teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
     return Trainer(cfg, plan, dims, engine, teacher, StepLoader(cfg, schedule), device, dtype)
 

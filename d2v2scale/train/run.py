@@ -31,10 +31,17 @@ def prepare(args) -> Setup:
     ds = load_ds_config(args.ds_config)
     env = LaunchEnv.detect()
     tp = cfg.parallel.tp
-    if tp != 1:
-        raise ConfigError(f"parallel.tp={tp}: tensor parallelism is not implemented yet; allowed values: 1")
     if env.world_size % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide the number of processes {env.world_size}")
+        allowed = [k for k in range(1, env.world_size + 1) if env.world_size % k == 0 and cfg.model.num_heads % k == 0]
+        raise ConfigError(f"parallel.tp={tp} must divide the number of processes {env.world_size}; "
+                          f"allowed values: {', '.join(map(str, allowed))}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if tp > 1 and stage == 3:
+        raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=3 is not supported (DeepSpeed refuses "
+                          "tensor parallelism with ZeRO-3 in training); allowed: stage 1 or 2 with tp > 1, or tp=1")
+    if tp > 1 and stage == 0 and ds.get("bf16", {}).get("enabled", False):
+        raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=0 and bf16 is not supported (DeepSpeed's "
+                          "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
     if cfg.data.kind not in SUPPORTED_DATA:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
     if args.profile:
