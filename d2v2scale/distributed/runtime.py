@@ -40,3 +40,13 @@ def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
     dims = ParallelDims(tp=tp, world_size=env.world_size, rank=env.rank)
     dims.build_groups()
     return dims, device
+
+
+def shutdown() -> None:
+    """Leave together: rank 0 hosts the rendezvous store, and a peer still talking to it when
+    rank 0 exits can abort, turning a finished run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -119,6 +119,19 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- linears
+class _Shared:
+    """Deep copies (e.g. the EMA teacher's copy of a TP model) share this object: process groups
+    cannot be copied, and teacher and student must talk over the same groups anyway."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _GroupRef(_Shared):
+    def __init__(self, group):
+        self.group = group
+
+
 def tag_tp(param: nn.Parameter, partition_dim: int, stride: int = 1) -> nn.Parameter:
     """The attributes DeepSpeed (``is_model_parallel_parameter``) and checkpoint tools read."""
     param.tensor_model_parallel = True
@@ -132,12 +145,12 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, stride: int = 1):
         super().__init__()
-        self.group = group
+        self._group = _GroupRef(group)
         self.weight = tag_tp(nn.Parameter(weight), 0, stride)
         self.bias = tag_tp(nn.Parameter(bias), 0, stride) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return F.linear(copy_to_tp(x, self._group.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -145,12 +158,12 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
         super().__init__()
-        self.group = group
+        self._group = _GroupRef(group)
         self.weight = tag_tp(nn.Parameter(weight), 1)
         self.bias = nn.Parameter(bias) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = reduce_from_tp(F.linear(x, self.weight), self._group.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -174,7 +187,7 @@ def row_from(linear: nn.Linear, dims: ParallelDims) -> RowParallelLinear:
 
 
 # -------------------------------------------------------------------------------------- RNG
-class TPRegionRNG:
+class TPRegionRNG(_Shared):
     """A second RNG stream for dropout inside TP-sharded regions (attention probabilities, the
     fc1 activation): it differs between TP ranks, because each rank holds different heads/features,
     while the default stream — seeded identically within a TP group — drives everything replicated."""

@@ -67,7 +67,7 @@ def _write_run_files(setup: Setup) -> None:
 
 def run(setup: Setup) -> int:
     """Start the process group, build the engine, resume if asked, train. Returns the exit code."""
-    from ..distributed.runtime import init_distributed
+    from ..distributed.runtime import init_distributed, shutdown
     from . import checkpoint
     from .engine import build_trainer, train
 
@@ -89,6 +89,7 @@ def run(setup: Setup) -> int:
                 if dims.rank == 0:
                     print(f"[d2v2scale] resumed from {ckpt_dir / tag} at step {start}", flush=True)
         train(tr, setup.run_dir, start)
+        shutdown()
         return 0
     except Exception:  # noqa: BLE001 - the launcher's contract is an exit code
         traceback.print_exc(file=sys.stderr)
