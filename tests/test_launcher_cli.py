@@ -63,3 +63,23 @@ def test_batch_math_that_does_not_add_up(tmp_path):
 def test_invalid_ds_json(tmp_path):
     (tmp_path / "bad.json").write_text("{ not json")
     _assert_config_error(_run("--ds_config", str(tmp_path / "bad.json"), "--preset", "tiny_image"), "not valid JSON")
+
+
+def test_tp_misconfiguration_names_both_values(tmp_path):
+    env_world = {"WORLD_SIZE": "2", "RANK": "0"}
+    proc = _run_env(env_world, *BASE, "parallel.tp=4")
+    _assert_config_error(proc, "parallel.tp=4", "2")
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["zero_optimization"] = {"stage": 3}
+    (tmp_path / "z3.json").write_text(json.dumps(ds))
+    proc = _run_env({"WORLD_SIZE": "4", "RANK": "0"}, "--ds_config", str(tmp_path / "z3.json"), "--preset",
+                    "tiny_image", "parallel.tp=2")
+    _assert_config_error(proc, "parallel.tp=2", "zero_optimization.stage=3")
+    proc = _run(*BASE, "parallel.tp=3")
+    _assert_config_error(proc, "parallel.tp=3", "model.num_heads=4")
+
+
+def _run_env(extra, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    return subprocess.run([sys.executable, "launchers/pretrain.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)

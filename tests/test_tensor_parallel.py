@@ -24,6 +24,15 @@ def test_mappings_match_arithmetic(tp_results):
         assert all(v == 0.0 for v in rank["mappings"].values()), rank["mappings"]
 
 
+def test_dropout_streams(tp_results):
+    """Inside sharded regions each TP rank draws its own dropout masks; outside them (and after a
+    forward with dropout everywhere) the ranks stay in lockstep, so replicated activations agree."""
+    a, b = tp_results[0]["rng"], tp_results[1]["rng"]
+    assert a["outside_before"] == b["outside_before"] and a["outside_after"] == b["outside_after"]
+    assert a["inside"] != b["inside"]
+    assert a["dropout_block_out"] == b["dropout_block_out"]
+
+
 def test_tp2_block_equals_unsharded_block(tp_results):
     # fp32, two partial sums added by an all-reduce instead of one matmul: ~1 ulp of O(1) values
     for rank in tp_results:
