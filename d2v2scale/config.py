@@ -125,6 +125,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
+    warn_target_var: float = 0.1  # collapse warnings (the reference aborts at these)
+    warn_pred_var: float = 0.01
+    warn_layer_spread_ratio: float = 0.1
 
 
 @dataclass
@@ -378,5 +382,5 @@ def validate(cfg: Config) -> None:
     _check(not (m.modality == "audio" and t.ema_local_encoder),
            "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); allowed values: false")
     tr = cfg.train
-    for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last"):
+    for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):
         _check(getattr(tr, key) >= 1, f"train.{key}={getattr(tr, key)} is not allowed; allowed values: integers >= 1")

@@ -77,4 +77,4 @@ def test_tp2_dp2_deepspeed_launcher_matches_tp1(tmp_path):
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
         files = {p.name for p in (run_dir / "checkpoints" / "step_00000006").iterdir()}
         assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= files
-        assert {f"teacher_rank{r:05d}.pt" for r in range(4)} <= files
+        assert {f"rank_tp{t:02d}_dp{d:05d}.pt" for t in range(2) for d in range(2)} <= files

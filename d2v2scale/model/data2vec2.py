@@ -43,6 +43,7 @@ class StepOutput:
     sample_size: torch.Tensor
     target_var: torch.Tensor
     pred_var: torch.Tensor
+    layer_target_var: torch.Tensor | None = None  # (K,) raw teacher-layer spread, for collapse diagnostics
 
     @property
     def loss_sum(self) -> torch.Tensor:
@@ -127,11 +128,11 @@ class Data2Vec2(nn.Module):
         return teacher
 
     @torch.no_grad()
-    def teacher_targets(
+    def teacher_layers(
         self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor, valid: torch.Tensor | None,
         lengths: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """(B, T, D) fp32 targets from the teacher on the full, unmasked input."""
+    ) -> list[torch.Tensor]:
+        """The teacher's per-block FFN outputs (extra tokens removed) on the full, unmasked input."""
         t = self.cfg.teacher
         if t.ema_encoder_only:
             x, bias = self.encoder(local, valid, None)
@@ -144,6 +145,9 @@ class Data2Vec2(nn.Module):
         for blk in teacher.blocks:
             x, ffn = blk(x, bias)
             layers.append(ffn[:, self.num_extra :])
+        return layers
+
+    def targets_from(self, layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
         m = self.cfg.model
         return make_targets(
             layers,
@@ -154,6 +158,14 @@ class Data2Vec2(nn.Module):
             instance_norm_targets=m.instance_norm_targets,
             valid=valid,
         )
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor, valid: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, T, D) fp32 targets from the teacher on the full, unmasked input."""
+        return self.targets_from(self.teacher_layers(teacher, source, local, valid, lengths), valid)
 
     # -------------------------------------------------------------------------------- student
     def make_mask(
@@ -193,7 +205,8 @@ class Data2Vec2(nn.Module):
         """One training forward. ``mask`` has B·M rows (see :meth:`make_mask`); ``lengths`` marks
         padding (audio: samples, text: tokens); ``layerdrop_key`` makes layerdrop identical on all ranks."""
         local, valid = self.encoder.local_features(source, lengths)
-        targets = self.teacher_targets(teacher, source, local, valid, lengths)
+        layers = self.teacher_layers(teacher, source, local, valid, lengths)
+        targets = self.targets_from(layers, valid)
 
         x, bias = self.encoder(local, valid, mask, self.clones)
         for blk, keep in zip(self.blocks, self._layer_keep(layerdrop_key)):
@@ -201,7 +214,21 @@ class Data2Vec2(nn.Module):
                 x, _ = blk(x, bias)
         cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
         pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
-        return self._losses(pred, cls_pred, targets, mask)
+        out = self._losses(pred, cls_pred, targets, mask)
+        out.layer_target_var = self._layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
+        return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _layer_spread(layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
+        """Per target layer, the channel-averaged std of the raw teacher FFN outputs: the first thing
+        to shrink when representations collapse, long before normalised targets show it."""
+        spreads = []
+        for layer in layers:
+            y = layer.float().reshape(-1, layer.shape[-1])
+            w = valid.reshape(-1).float() if valid is not None else torch.ones(y.shape[0], device=y.device)
+            spreads.append(_std_over_rows(y, w))
+        return torch.stack(spreads)
 
     def _losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
                 mask: MaskInfo) -> StepOutput:

@@ -1,20 +1,48 @@
-"""Checkpoints: the DeepSpeed engine state plus every rank's EMA-teacher shard and the step.
+"""Atomic checkpoints with everything an exact resume needs.
 
-Layout: ``RUN/checkpoints/<tag>/`` (DeepSpeed's files + ``teacher_rank{R}.pt``) and
-``RUN/checkpoints/latest`` naming the newest tag.
+Layout::
+
+    RUN/checkpoints/<tag>/            DeepSpeed engine state (model, optimizer, LR scheduler)
+                         rank_tp{T}_dp{D}.pt   this rank's EMA-teacher shard + RNG states
+                         run.json              step, launch layout, resolved config (rank 0)
+    RUN/checkpoints/latest            the newest complete tag
+
+DeepSpeed writes straight to final names and moves ``latest`` before other ranks finish, so we
+never let it touch a live tag: everything is written into ``<tag>.tmp/``, every rank fsyncs, a
+barrier, then rank 0 renames the directory and replaces ``latest`` through a temporary file. A
+crash at any point leaves the previous ``latest`` pointing at a complete checkpoint; stale
+``*.tmp`` directories are removed by the next save. The last ``train.keep_last`` tags are kept,
+and never the one ``latest`` names.
+
+The data position needs no saving beyond the step: every rank's samples are a pure function of
+(step, layout) (see :mod:`d2v2scale.data.schedule`).
 """
 from __future__ import annotations
 
+import json
+import os
+import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..teacher import EMATeacher
+LATEST = "latest"
+RUN_FILE = "run.json"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.split("_")[-1])
+
+
+def rank_file(tp_rank: int, dp_rank: int) -> str:
+    return f"rank_tp{tp_rank:02d}_dp{dp_rank:05d}.pt"
 
 
 def _barrier() -> None:
@@ -22,23 +50,122 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine, teacher: EMATeacher, ckpt_dir: Path, step: int, rank: int) -> Path:
+def _fsync_tree(path: Path) -> None:
+    """fsync every finished file (other ranks may be renaming their ``.part`` files meanwhile)."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.endswith(".part")):
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _crash_point(name: str, step: int) -> None:
+    """Test hook: ``D2V2SCALE_TEST_CRASH=<point>:<step>`` ends this process abruptly (like kill -9)
+    at that point of that step's save."""
+    if os.environ.get("D2V2SCALE_TEST_CRASH") == f"{name}:{step}":
+        os._exit(137)
+
+
+def rng_state(tp_rng=None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if tp_rng is not None:
+        state["tp_region"] = tp_rng.state.clone()
+    return state
+
+
+def set_rng_state(state: dict, tp_rng=None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if tp_rng is not None and "tp_region" in state:
+        tp_rng.state = state["tp_region"].clone()
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag or None
+
+
+def read_run_info(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / RUN_FILE).read_text())
+
+
+def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dict) -> Path:
+    """Write ``step``'s checkpoint atomically (collective: every rank calls it)."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
-    torch.save(teacher.state_dict(), ckpt_dir / tag / f"teacher_rank{rank:05d}.pt")
+    final, tmp = ckpt_dir / tag, ckpt_dir / f"{tag}.tmp"
+    rank0 = tr.dims.rank == 0
+    if rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
     _barrier()
-    return ckpt_dir / tag
+    tr.engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False)
+    state = {"teacher": tr.teacher.state_dict(), "rng": rng_state(tr.tp_rng), "step": step}
+    part = tmp / (rank_file(tr.dims.tp_rank, tr.dims.dp_rank) + ".part")
+    torch.save(state, part)
+    os.replace(part, tmp / rank_file(tr.dims.tp_rank, tr.dims.dp_rank))
+    if rank0:
+        (tmp / RUN_FILE).write_text(json.dumps({**run_info, "step": step}, indent=1))
+    _crash_point("before_fsync", step)
+    _fsync_tree(tmp)
+    _barrier()
+    if rank0:
+        _crash_point("before_rename", step)
+        if final.exists():  # the same step saved before (a resumed run ending where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(ckpt_dir, tag)
+        _prune(ckpt_dir, keep_last, tag)
+    _barrier()
+    return final
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    part = ckpt_dir / f"{LATEST}.part"
+    with open(part, "w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, ckpt_dir / LATEST)
+    _fsync_dir(ckpt_dir)
 
 
-def load_checkpoint(engine, teacher: EMATeacher, ckpt_dir: Path, tag: str, rank: int) -> int:
-    """Restore engine and teacher from ``tag``; returns the step the checkpoint was taken after."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def _prune(ckpt_dir: Path, keep_last: int, latest: str) -> None:
+    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                   and not p.name.endswith(".tmp")), key=step_of)
+    for name in tags[:-keep_last] if keep_last > 0 else []:
+        if name != latest:
+            shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    for p in ckpt_dir.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(tr, tag_dir: Path) -> int:
+    """Restore engine, teacher shard and RNG states from ``tag_dir``; returns its step."""
+    path, client = tr.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {ckpt_dir}")
-    teacher.load_state_dict(torch.load(ckpt_dir / tag / f"teacher_rank{rank:05d}.pt", weights_only=True))
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {tag_dir}")
+    state = torch.load(tag_dir / rank_file(tr.dims.tp_rank, tr.dims.dp_rank), weights_only=False)
+    tr.teacher.load_state_dict(state["teacher"])
+    set_rng_state(state["rng"], tr.tp_rng)
     return int(client["step"])

@@ -7,17 +7,17 @@ One step, top to bottom (:func:`train_step`):
    normalised by this *global* count, so any split of the global batch (ranks × micro-batches)
    optimises the same objective;
 3. per micro-batch: forward (teacher targets + student + decoder), ``engine.backward``,
-   ``engine.step`` (DeepSpeed steps the optimizer, clips and schedules at the accumulation boundary);
-4. EMA update of the teacher from the new student weights.
+   ``engine.step`` (DeepSpeed steps the optimizer, clips and schedules at the accumulation
+   boundary) — unless the loss is not finite, then the step is skipped;
+4. EMA update of the teacher from the new student weights (skipped steps do not update it).
 
-The loop (:func:`train`) adds logging, checkpoints and the run directory.
+The loop (:func:`train`) adds logging, checkpoints, pre-emption and the non-finite guard.
 """
 from __future__ import annotations
 
-import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,15 +28,17 @@ from ..config import Config
 from ..data.loader import MicroBatch, StepLoader
 from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
-from ..model import Data2Vec2
-from ..model.counter_rng import combine
 from ..distributed.sharded_teacher import build_sharded_teacher
 from ..distributed.tensor_parallel import TPRegionRNG, parallelize
+from ..model import Data2Vec2
+from ..model.counter_rng import combine
 from ..teacher import EMATeacher, ema_schedule
 from . import checkpoint
 from .ds_config import BatchPlan
+from .faults import NonFiniteTraining, Preempted, StopFlag, all_finite, injected_nan_steps, params_finite
 from .metrics import MetricsWriter
 from .optim import param_groups
+from .reporting import Diagnostics, log_record
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Trainer:
     loader: StepLoader
     device: torch.device
     dtype: torch.dtype
+    tp_rng: TPRegionRNG | None = None
+    counters: dict = field(default_factory=lambda: {"skipped_updates": 0})
+    nan_steps: set = field(default_factory=injected_nan_steps)
 
     @property
     def model(self) -> Data2Vec2:
@@ -65,7 +70,9 @@ class StepStats:
     kept: torch.Tensor
     target_var: torch.Tensor
     pred_var: torch.Tensor
+    layer_target_var: torch.Tensor | None
     data_time_s: float
+    skipped: bool
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -85,62 +92,31 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     global_masked = all_reduce_sum(local_masked.clone(), tr.dims.dp_group)
     # DeepSpeed divides by grad_accum and averages over DP; undo both so grads are sum / global count.
     scale = tr.plan.dp * tr.plan.grad_accum / global_masked
+    poison = float("nan") if step + 1 in tr.nan_steps and tr.dims.rank == 0 else 1.0  # test hook
 
     zero = torch.zeros((), device=tr.device)
-    reg, cls, tvar, pvar = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    for mb, mask in zip(batches, masks):
+    reg, cls, tvar, pvar, layers = zero.clone(), zero.clone(), zero.clone(), zero.clone(), None
+    skipped = False
+    for i, (mb, mask) in enumerate(zip(batches, masks)):
         out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=int(combine(cfg.seed, step)))
-        engine.backward(out.loss_sum * scale)
+        loss = out.loss_sum * scale * poison
+        if i == 0 and not all_finite(loss, None):
+            skipped = True  # nothing accumulated yet: drop the whole step before any backward
+            reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
+            break
+        engine.backward(loss)  # a later non-finite micro-batch is caught by DeepSpeed's overflow check
         engine.step()
-        reg, cls = reg + out.loss_reg.detach(), cls + out.loss_cls.detach()
+        reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
         tvar, pvar = tvar + out.target_var, pvar + out.pred_var
+        layers = out.layer_target_var if layers is None else layers + out.layer_target_var
 
-    update_teacher(tr, step + 1)
+    skipped = skipped or not getattr(engine, "_step_applied", True)
+    if not skipped:
+        tr.teacher.update(step + 1)
     kept = sum(float(m.keep_idx.numel()) for m in masks)
     n = len(batches)
-    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), tvar / n, pvar / n, data_time)
-
-
-def update_teacher(tr: Trainer, num_updates: int) -> float:
-    """EMA after the optimizer step: each rank averages its own slice of the student's fp32 masters."""
-    return tr.teacher.update(num_updates)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # host peak RSS (KiB → GB)
-
-
-def log_record(tr: Trainer, step: int, stats: list[StepStats], wall: float) -> dict:
-    """Reduce the interval's statistics over steps and DP ranks (the only host sync) into one row."""
-    per_step = torch.stack([
-        torch.stack([s.loss_reg, s.loss_cls, s.masked, s.kept, s.target_var, s.pred_var]).float() for s in stats
-    ])
-    vec = all_reduce_sum(per_step.sum(0), tr.dims.dp_group).tolist()
-    reg, cls, masked, kept, tvar, pvar = vec
-    tvar, pvar = tvar / len(stats), pvar / len(stats)
-    grad_norm = tr.engine.get_global_grad_norm()
-    return {
-        "step": step + 1,
-        "loss": (reg + cls) / masked,
-        "loss_reg": reg / masked,
-        "loss_cls": cls / masked,
-        "lr": tr.engine.get_lr()[0],
-        "ema_decay": tr.teacher.decay(step + 1),
-        "grad_norm": None if grad_norm is None else float(grad_norm),
-        "target_var": tvar / tr.plan.dp,
-        "pred_var": pvar / tr.plan.dp,
-        "masked_frac": masked / (masked + kept),
-        "samples_per_s": tr.plan.global_batch * len(stats) / wall,
-        "step_time_s": wall / len(stats),
-        "data_time_s": sum(s.data_time_s for s in stats) / len(stats),
-        "tflops_per_device": None,  # analytic FLOPs arrive with the profiling issue
-        "mfu": None,
-        "mem_peak_gb": peak_memory_gb(tr.device),
-        "skipped_updates": int(getattr(tr.engine, "skipped_steps", 0)),
-        "skipped_samples": int(getattr(tr.loader.source, "skipped", 0)),
-    }
+    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), tvar / n, pvar / n,
+                     None if layers is None else layers / n, data_time, skipped)
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
@@ -164,30 +140,58 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     )
     teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
-    return Trainer(cfg, plan, dims, engine, teacher, StepLoader(cfg, schedule), device, dtype)
+    return Trainer(cfg, plan, dims, engine, teacher, StepLoader(cfg, schedule), device, dtype, tp_rng)
 
 
-def train(tr: Trainer, run_dir: Path, start_step: int = 0) -> list[dict]:
-    """Steps ``start_step .. max_updates-1``; logs every ``log_every``, checkpoints every ``save_every`` and at the end."""
+def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
+    if not all_finite(torch.tensor([0.0 if params_finite(tr.model) else float("nan")], device=tr.device), None):
+        raise NonFiniteTraining(f"weights are not finite at step {step}; not saving a checkpoint. "
+                                f"Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
+    checkpoint.save_checkpoint(tr, run_dir / "checkpoints", step, tr.cfg.train.keep_last,
+                               {**run_info, "counters": dict(tr.counters)})
+
+
+def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None = None) -> list[dict]:
+    """Steps ``start_step .. max_updates-1``: log every ``log_every``, checkpoint every ``save_every``
+    and at the end; on SIGTERM/SIGUSR1 checkpoint and raise :class:`Preempted`."""
     cfg, rank0 = tr.cfg, tr.dims.rank == 0
+    run_info = run_info or {}
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank0)
-    ckpt_dir = run_dir / "checkpoints"
-    rows, pending, t_last = [], [], time.perf_counter()
+    diagnostics = Diagnostics(run_dir / "diagnostics.jsonl", cfg.train, enabled=rank0)
+    stop = StopFlag()
+    stop.install()
+    rows, pending, t_last, consecutive = [], [], time.perf_counter(), 0
     tr.engine.train()
     interactive = sys.stderr.isatty()  # batch jobs get one plain line per log step instead of a bar
     bar = tqdm(range(start_step, cfg.train.max_updates), initial=start_step, total=cfg.train.max_updates,
                disable=not (rank0 and interactive), dynamic_ncols=True, desc="pretrain")
-    for step in bar:
-        pending.append(train_step(tr, step))
-        last_step = step + 1 == cfg.train.max_updates
-        if (step + 1) % cfg.train.log_every == 0 or last_step:
-            row = metrics.write(log_record(tr, step, pending, time.perf_counter() - t_last))
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            if rank0 and not interactive:
-                print(f"[d2v2scale] step {row['step']}/{cfg.train.max_updates} loss {row['loss']:.4f} "
-                      f"lr {row['lr']:.3e} {row['samples_per_s']:.1f} samples/s", flush=True)
-            pending, t_last = [], time.perf_counter()
-        if (step + 1) % cfg.train.save_every == 0 or last_step:
-            checkpoint.save_checkpoint(tr.engine, tr.teacher, ckpt_dir, step + 1, tr.dims.rank)
+    try:
+        for step in bar:
+            stats = train_step(tr, step)
+            pending.append(stats)
+            consecutive = consecutive + 1 if stats.skipped else 0
+            tr.counters["skipped_updates"] += int(stats.skipped)
+            if consecutive >= cfg.train.max_consecutive_skips:
+                raise NonFiniteTraining(
+                    f"{consecutive} consecutive steps with a non-finite loss or gradient norm (last: step {step + 1}); "
+                    f"stopping. Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
+            done = step + 1 == cfg.train.max_updates
+            if (step + 1) % cfg.train.log_every == 0 or done:
+                row = metrics.write(log_record(tr, step, pending, time.perf_counter() - t_last))
+                diagnostics.write(tr, step, pending, row)
+                rows.append(row)
+                loss = float(row["loss"])  # "nan"/"inf" are strings in the JSON row
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
+                if rank0 and not interactive:
+                    print(f"[d2v2scale] step {row['step']}/{cfg.train.max_updates} loss {loss:.4f} "
+                          f"lr {row['lr']:.3e} {row['samples_per_s']:.1f} samples/s", flush=True)
+                pending, t_last = [], time.perf_counter()
+            preempted = stop.agreed(tr.device)
+            if (step + 1) % cfg.train.save_every == 0 or done or preempted:
+                _save(tr, run_dir, step + 1, run_info)
+            if preempted:
+                raise Preempted(f"stop signal {stop.received or 'on another rank'}: checkpoint at step {step + 1} written")
+    finally:
+        stop.uninstall()
+        bar.close()
     return rows

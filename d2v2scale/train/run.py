@@ -11,9 +11,20 @@ import yaml
 
 from ..config import Config, ConfigError, load_config
 from ..distributed.dims import LaunchEnv
+from . import checkpoint
 from .ds_config import BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config
 
 SUPPORTED_DATA = ("synthetic", "digits")
+EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
+
+# Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
+# resumed run is only the continuation of the original if the model, data and optimisation agree).
+RESUMABLE = (
+    "preset", "train.max_updates", "train.log_every", "train.save_every", "train.keep_last",
+    "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
+    "data.num_workers", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
+)
+_DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown")
 
 
 @dataclass
@@ -22,11 +33,65 @@ class Setup:
     ds_config: dict
     plan: BatchPlan
     run_dir: Path
-    resume: str | None
+    resume_from: Path | None  # a complete checkpoint directory, or None to start fresh
+    layout: dict
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _first_difference(saved: dict, now: dict, allowed: tuple) -> tuple[str, object, object] | None:
+    a, b = _flatten(saved), _flatten(now)
+    for key in sorted(set(a) | set(b)):
+        if key not in allowed and a.get(key) != b.get(key):
+            return key, a.get(key), b.get(key)
+    return None
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """``auto`` → the tag ``latest`` names (None when there is none); a tag name or a path → that directory."""
+    ckpt_dir = run_dir / "checkpoints"
+    if resume is None:
+        return None
+    if resume == "auto":
+        tag = checkpoint.read_latest(ckpt_dir)
+        return ckpt_dir / tag if tag else None
+    path = Path(resume)
+    path = path if path.is_dir() else ckpt_dir / resume
+    if not (path / checkpoint.RUN_FILE).is_file():
+        raise ConfigError(f"--resume {resume}: no complete checkpoint there; allowed values: auto, a tag under "
+                          f"{ckpt_dir}, or a checkpoint directory")
+    return path
+
+
+def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> None:
+    """The checkpoint must come from the same model/data/optimisation and parallel layout."""
+    info = checkpoint.read_run_info(tag_dir)
+    diff = _first_difference(info["config"], cfg.to_dict(), RESUMABLE)
+    if diff:
+        key, old, new = diff
+        raise ConfigError(f"--resume {tag_dir.name}: {key} was {old!r} in the checkpoint, is {new!r} now; keys that "
+                          f"may change on resume: {', '.join(RESUMABLE)}")
+    diff = _first_difference(info["ds_config"], ds, _DS_RESUMABLE)
+    if diff:
+        key, old, new = diff
+        raise ConfigError(f"--resume {tag_dir.name}: ds_config {key} was {old!r} in the checkpoint, is {new!r} now; "
+                          "only the schedule length may change on resume")
+    if info["layout"] != layout:
+        raise ConfigError(f"--resume {tag_dir.name}: written with layout {info['layout']}, this launch is {layout}; "
+                          "resume with the same tp, data-parallel size and ZeRO stage")
 
 
 def prepare(args) -> Setup:
-    """Parse and cross-check preset, overrides, DeepSpeed JSON and launch size; raise ConfigError."""
+    """Parse and cross-check preset, overrides, DeepSpeed JSON, launch size and resume point; raise ConfigError."""
     cfg = load_config(args.preset, args.overrides)
     ds = load_ds_config(args.ds_config)
     env = LaunchEnv.detect()
@@ -49,14 +114,11 @@ def prepare(args) -> Setup:
     plan = plan_batch(ds, cfg, env.world_size // tp)
     resolved = resolve_ds_config(ds, cfg, plan)
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
-    if args.resume not in (None, "auto") and not _checkpoint_path(run_dir, args.resume).exists():
-        raise ConfigError(f"--resume {args.resume}: no such checkpoint; allowed values: auto, a tag under {run_dir / 'checkpoints'}, or a path")
-    return Setup(cfg, resolved, plan, run_dir, args.resume)
-
-
-def _checkpoint_path(run_dir: Path, resume: str) -> Path:
-    p = Path(resume)
-    return p if p.is_absolute() or p.exists() else run_dir / "checkpoints" / resume
+    layout = {"tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
+    resume_from = resolve_resume(args.resume, run_dir)
+    if resume_from is not None:
+        check_resume(resume_from, cfg, resolved, layout)
+    return Setup(cfg, resolved, plan, run_dir, resume_from, layout)
 
 
 def _write_run_files(setup: Setup) -> None:
@@ -68,29 +130,35 @@ def _write_run_files(setup: Setup) -> None:
 def run(setup: Setup) -> int:
     """Start the process group, build the engine, resume if asked, train. Returns the exit code."""
     from ..distributed.runtime import init_distributed, shutdown
-    from . import checkpoint
     from .engine import build_trainer, train
+    from .faults import EXIT_PREEMPTED, NonFiniteTraining, Preempted
 
+    rank = 0
     try:
         dims, device = init_distributed(setup.cfg.parallel.tp)
-        if dims.rank == 0:
+        rank = dims.rank
+        if rank == 0:
             _write_run_files(setup)
             print(f"[d2v2scale] {setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}", flush=True)
         tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
         start = 0
-        ckpt_dir = setup.run_dir / "checkpoints"
-        if setup.resume is not None:
-            tag = checkpoint.latest_tag(ckpt_dir) if setup.resume == "auto" else None
-            if setup.resume != "auto":
-                path = _checkpoint_path(setup.run_dir, setup.resume)
-                ckpt_dir, tag = path.parent, path.name
-            if tag is not None:
-                start = checkpoint.load_checkpoint(tr.engine, tr.teacher, ckpt_dir, tag, dims.rank)
-                if dims.rank == 0:
-                    print(f"[d2v2scale] resumed from {ckpt_dir / tag} at step {start}", flush=True)
-        train(tr, setup.run_dir, start)
+        if setup.resume_from is not None:
+            start = checkpoint.load_checkpoint(tr, setup.resume_from)
+            tr.counters.update(checkpoint.read_run_info(setup.resume_from).get("counters", {}))
+            if rank == 0:
+                print(f"[d2v2scale] resumed from {setup.resume_from} at step {start}", flush=True)
+        run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.ds_config, "layout": setup.layout}
+        train(tr, setup.run_dir, start, run_info)
         shutdown()
-        return 0
+        return EXIT_OK
+    except Preempted as e:
+        if rank == 0:
+            print(f"[d2v2scale] {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --resume auto)", flush=True)
+        shutdown()
+        return EXIT_PREEMPTED
+    except NonFiniteTraining as e:
+        print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except Exception:  # noqa: BLE001 - the launcher's contract is an exit code
         traceback.print_exc(file=sys.stderr)
-        return 1
+        return EXIT_ERROR

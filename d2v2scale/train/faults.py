@@ -1,0 +1,78 @@
+"""Pre-emption signals and non-finite steps.
+
+Slurm sends SIGTERM (or the ``--signal`` of the job, e.g. SIGUSR1) some time before it kills a
+job. The handler only raises a flag; the loop finishes the current step, all ranks agree on
+the flag (a one-element all-reduce per step, since the signal reaches ranks at different
+times), write a checkpoint and exit with :data:`EXIT_PREEMPTED` so the sbatch script requeues.
+
+A step whose loss is not finite on any rank is skipped before its backward (DeepSpeed's own
+overflow check skips a non-finite gradient norm at ZeRO-1/2); the teacher is not updated
+either. After ``train.max_consecutive_skips`` skips in a row the run stops with
+:class:`NonFiniteTraining`, never writing a checkpoint with non-finite weights.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised after the pre-emption checkpoint is written; the launcher exits with code 3."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank got a stop signal (collective)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def all_finite(value: torch.Tensor, group) -> bool:
+    """Whether ``value`` is finite on every rank of ``group`` (collective)."""
+    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return not bool(bad.item())
+
+
+def params_finite(module: torch.nn.Module) -> bool:
+    """Local check of every weight (ZeRO-3: this rank's partition)."""
+    for p in module.parameters():
+        data = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        if data.numel() and not bool(torch.isfinite(data).all()):
+            return False
+    return True
+
+
+def injected_nan_steps() -> set[int]:
+    """Test hook: ``D2V2SCALE_TEST_NAN_STEPS=3,4`` makes those steps' loss NaN on rank 0."""
+    raw = os.environ.get("D2V2SCALE_TEST_NAN_STEPS", "")
+    return {int(s) for s in raw.split(",") if s.strip()}

@@ -1,0 +1,151 @@
+"""Exact resume after kill -9, atomic checkpoints, pre-emption signals, non-finite steps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2v2scale.train.metrics import read_metrics
+
+from test_deepspeed_training import ROOT, _env, _launch, _port, _torchrun
+
+pytestmark = pytest.mark.slow
+
+LAUNCH = ["launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json"]
+STEPS = 14
+
+
+def _args(preset, run_dir, *extra):
+    return [*LAUNCH, "--preset", preset, "--run_dir", str(run_dir), f"train.max_updates={STEPS}",
+            "train.log_every=1", "train.save_every=2", *extra]
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return rows[-1]["step"] if rows else 0
+
+
+def _run_until_killed(prefix, args, run_dir: Path, kill_at: int) -> None:
+    """Start a run and SIGKILL its whole process group once it has logged step ``kill_at``."""
+    proc = subprocess.Popen([*prefix, *args], cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while proc.poll() is None and _last_step(run_dir) < kill_at and time.time() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _by_step(run_dir: Path) -> dict:
+    """The last record of every step (a resumed run re-logs the steps after its checkpoint)."""
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+@pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, preset):
+    """fp32 on CPU with one thread per rank is deterministic, and everything a step consumes —
+    weights, optimizer and scheduler state, teacher masters, RNG streams, data position — is
+    restored; so the resumed loss sequence must equal the uninterrupted one exactly."""
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    _launch(_torchrun(2), *_args(preset, ref_dir))
+    ref = _by_step(ref_dir)
+    for kill_at in (3, 7, 11):
+        _run_until_killed(_torchrun(2), _args(preset, run_dir, "--resume", "auto"), run_dir, kill_at)
+    _launch(_torchrun(2), *_args(preset, run_dir, "--resume", "auto"))
+    got = _by_step(run_dir)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        for key in ("loss", "loss_reg", "loss_cls", "grad_norm", "lr", "ema_decay", "target_var"):
+            assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+
+
+def test_sigterm_checkpoints_and_exits_3_within_one_step(tmp_path):
+    """Two ranks launched like srun launches them; only rank 0 gets the signal (they arrive at
+    different times on a cluster): both agree, checkpoint the step in progress, and exit 3."""
+    run_dir = tmp_path / "run"
+    port = _port()
+    procs = []
+    for rank in range(2):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *_args("tiny_image", run_dir, "train.max_updates=200")],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    while _last_step(run_dir) < 3:
+        assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+        time.sleep(0.02)
+    signalled_after = _last_step(run_dir)
+    procs[0].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], outputs[0][-3000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    saved = int(latest.split("_")[-1])
+    assert signalled_after < saved <= signalled_after + 2  # the step in progress (+1 for polling latency)
+    assert _last_step(run_dir) == saved
+    assert "requeue" in outputs[0]
+
+
+def test_crash_while_writing_a_checkpoint_leaves_latest_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([*_torchrun(2), *_args("tiny_image", run_dir, "train.max_updates=6")], cwd=ROOT,
+                          env=dict(_env(), D2V2SCALE_TEST_CRASH="before_rename:4"), capture_output=True, text=True)
+    assert proc.returncode != 0
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"
+    assert (ckpt / "step_00000004.tmp").is_dir() and not (ckpt / "step_00000004").exists()
+    _launch(_torchrun(2), *_args("tiny_image", run_dir, "train.max_updates=6", "--resume", "auto"))
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+    assert not list(ckpt.glob("*.tmp"))
+    assert _last_step(run_dir) == 6
+
+
+def _weights_finite(tag_dir: Path) -> bool:
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_injected_nan_skips_the_update(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(_env(), D2V2SCALE_TEST_NAN_STEPS="3")
+    proc = subprocess.run([sys.executable, *_args("tiny_image", run_dir, "train.max_updates=6")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_step(run_dir)
+    assert [rows[s]["skipped_updates"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert rows[3]["loss"] == "nan" and isinstance(rows[4]["loss"], float)
+    assert _weights_finite(run_dir / "checkpoints" / "step_00000006")
+
+
+def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(_env(), D2V2SCALE_TEST_NAN_STEPS="3,4,5,6,7,8")
+    proc = subprocess.run([sys.executable, *_args("tiny_image", run_dir, "train.max_updates=10",
+                                                  "train.max_consecutive_skips=3")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    # steps 3, 4, 5 skipped → stop after step 5; the step-4 checkpoint holds the (unchanged) step-2 weights
+    assert "3 consecutive steps" in proc.stderr and "Last good checkpoint: step_00000004" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000004"
+    assert _weights_finite(ckpt / "step_00000004")
+
+
+def test_resume_config_checks(tmp_path):
+    run_dir = tmp_path / "run"
+    _launch([sys.executable], *_args("tiny_text", run_dir, "train.max_updates=4"))
+    bad = subprocess.run([sys.executable, *_args("tiny_text", run_dir, "train.max_updates=6", "model.depth=4",
+                                                 "model.average_top_k_layers=3", "--resume", "auto")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "model.depth" in bad.stderr and "Traceback" not in bad.stderr
+    _launch([sys.executable], *_args("tiny_text", run_dir, "train.max_updates=6", "--resume", "auto"))
+    assert _last_step(run_dir) == 6
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
