@@ -28,6 +28,6 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dali-cuda13": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "scikit-learn"],
+        "test": ["pytest", "scikit-learn", "pillow", "soundfile"],
     },
 )

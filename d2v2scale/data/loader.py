@@ -23,7 +23,8 @@ class MicroBatch:
         return MicroBatch(src, self.sample_ids.to(device, non_blocking=True), lengths)
 
 
-def build_source(cfg: Config):
+def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: bool = True):
+    """The batch source for ``data.kind``; ``micro_batch`` sizes the DALI pipeline."""
     kind = cfg.data.kind
     if kind == "synthetic":
         from .synthetic import SyntheticSource
@@ -35,14 +36,26 @@ def build_source(cfg: Config):
         from .digits import DigitsSource
 
         return DigitsSource(cfg.model.img_size, cfg.model.in_chans, cfg.seed)
-    raise NotImplementedError(f"data.kind={kind} arrives with the DALI data issue; available now: synthetic, digits")
+    if kind == "images":
+        from .images import ImageSource
+
+        m = cfg.model
+        return ImageSource(cfg.data.path, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
+                           threads=max(1, cfg.data.num_workers), verbose=verbose)
+    if kind == "text":
+        from .text import TokenBlocks
+
+        m = cfg.model
+        return TokenBlocks(cfg.data.path, cfg.data.sample_length or m.max_positions, m.vocab_size, cfg.seed)
+    raise NotImplementedError(f"data.kind={kind} is not available yet; available: synthetic, digits, images, text")
 
 
 class StepLoader:
     """``loader.step(n)`` → this rank's ``grad_accum`` micro-batches of step ``n``."""
 
-    def __init__(self, cfg: Config, schedule: RankSchedule):
-        self.source = build_source(cfg)
+    def __init__(self, cfg: Config, schedule: RankSchedule, device: torch.device = torch.device("cpu"),
+                 verbose: bool = True):
+        self.source = build_source(cfg, schedule.micro_batch, device, verbose)
         self.schedule = schedule
 
     def step(self, step: int) -> list[MicroBatch]:

@@ -140,7 +140,7 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     )
     teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
-    return Trainer(cfg, plan, dims, engine, teacher, StepLoader(cfg, schedule), device, dtype, tp_rng)
+    return Trainer(cfg, plan, dims, engine, teacher, StepLoader(cfg, schedule, device, verbose=dims.rank == 0), device, dtype, tp_rng)
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:

@@ -21,6 +21,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # host peak RSS (KiB → GB)
 
 
+def skipped_samples(tr) -> int:
+    """Unusable data files seen by any rank so far (each file counted once)."""
+    source = tr.loader.source
+    if not hasattr(source, "skipped_files"):
+        return int(getattr(source, "skipped", 0))
+    files = source.skipped_files()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        files = set().union(*gathered)
+    return len(files)
+
+
 def log_record(tr, step: int, stats: list, wall: float) -> dict:
     """Reduce the interval's statistics over steps and DP ranks (the only host sync) into one row."""
     per_step = torch.stack([
@@ -47,7 +60,7 @@ def log_record(tr, step: int, stats: list, wall: float) -> dict:
         "mfu": None,
         "mem_peak_gb": peak_memory_gb(tr.device),
         "skipped_updates": tr.counters["skipped_updates"],
-        "skipped_samples": int(getattr(tr.loader.source, "skipped", 0)),
+        "skipped_samples": skipped_samples(tr),
     }
 
 

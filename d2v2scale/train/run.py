@@ -14,7 +14,8 @@ from ..distributed.dims import LaunchEnv
 from . import checkpoint
 from .ds_config import BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config
 
-SUPPORTED_DATA = ("synthetic", "digits")
+SUPPORTED_DATA = ("synthetic", "digits", "images", "text")
+NEEDS_PATH = ("images", "audio", "text")
 EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
 
 # Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
@@ -109,6 +110,14 @@ def prepare(args) -> Setup:
                           "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
     if cfg.data.kind not in SUPPORTED_DATA:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
+    if cfg.data.kind in NEEDS_PATH:
+        if not cfg.data.path:
+            raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
+        from ..data.text import token_files
+
+        candidates = [Path(cfg.data.path)] + (list(token_files(cfg.data.path)[:1]) if cfg.data.kind == "text" else [])
+        if not any(p.exists() for p in candidates):
+            raise ConfigError(f"data.path={cfg.data.path} does not exist")
     if args.profile:
         raise ConfigError("--profile is not available yet (profiling reports arrive with the profiling issue)")
     plan = plan_batch(ds, cfg, env.world_size // tp)

@@ -1,0 +1,63 @@
+"""Tokenise text files into the flat token file :class:`~d2v2scale.data.text.TokenBlocks` reads.
+
+    python -m d2v2scale.data.build_tokens OUT_PREFIX a.txt b.txt ... [--tokenizer bytes|module:function]
+
+``--tokenizer module:function`` names any callable ``str -> list[int]`` you supply (e.g. a
+wrapper around your BPE). The built-in ``bytes`` tokenizer maps UTF-8 bytes to ids 2..257
+(0 = beginning of document, 1 = padding, matching ``model.pad_idx=1``). Documents are separated
+by id 0. Ids are stored as uint16 when they fit, else int32.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .text import token_files
+
+BOS, BYTE_OFFSET = 0, 2
+
+
+def byte_tokenizer(text: str) -> list[int]:
+    return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+
+
+def load_tokenizer(spec: str):
+    if spec == "bytes":
+        return byte_tokenizer
+    module, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--tokenizer {spec!r}: expected 'bytes' or 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def build(out_prefix: str | Path, texts: list[Path], tokenizer) -> dict:
+    ids: list[int] = []
+    for path in texts:
+        ids.append(BOS)
+        ids.extend(tokenizer(Path(path).read_text(encoding="utf-8")))
+    arr = np.asarray(ids, dtype=np.int64)
+    dtype = "uint16" if arr.max(initial=0) < 2**16 else "int32"
+    bin_path, meta_path = token_files(out_prefix)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    arr.astype(dtype).tofile(bin_path)
+    meta = {"dtype": dtype, "num_tokens": int(arr.size), "vocab_size": int(arr.max(initial=0)) + 1}
+    meta_path.write_text(json.dumps(meta) + "\n")
+    return meta
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_prefix")
+    p.add_argument("texts", nargs="+", type=Path)
+    p.add_argument("--tokenizer", default="bytes")
+    args = p.parse_args()
+    meta = build(args.out_prefix, args.texts, load_tokenizer(args.tokenizer))
+    print(f"{meta['num_tokens']} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']}) → {args.out_prefix}.bin")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""ImageNet-style images through NVIDIA DALI: decode (GPU ``mixed`` or CPU), random-resized crop,
+flip, ImageNet normalisation, CHW.
+
+The same pipeline graph runs with ``device="mixed"`` on a GPU (nvJPEG ROI decode of the crop
+window only) and ``device="cpu"`` elsewhere, so CPU tests exercise what a GPU run uses.
+
+Which file a rank reads at a step, *and* its augmentation, are pure functions of the sample's
+global position: the crop (scale in [0.2, 1], aspect ratio in [3/4, 4/3], position) and the flip
+come from the counter-based RNG keyed by (seed, position) and are fed to DALI with the encoded
+bytes. So every layout of the same global batch sees identical pixels, two TP ranks get identical
+batches, and a resumed run continues exactly — no loader state beyond the step.
+
+Without DALI installed, a PIL + torch implementation of the same crop parameters is used, and
+that is logged once.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import counter_rng
+from .files import IMAGE_SUFFIXES, build_index
+from .schedule import epoch_indices
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SCALE = (0.2, 1.0)
+RATIO = (3 / 4, 4 / 3)
+_STREAM_AUGMENT = 11
+
+
+def crop_params(seed: int, positions: torch.Tensor) -> np.ndarray:
+    """(N, 5) float32 per sample: area fraction, log aspect ratio, x and y anchor in [0, 1), flip."""
+    keys = counter_rng.combine(seed, positions.to(torch.int64))
+    u = counter_rng.uniform(keys.reshape(-1), 5, _STREAM_AUGMENT).double()
+    scale = SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, 0]
+    log_ratio = math.log(RATIO[0]) + (math.log(RATIO[1]) - math.log(RATIO[0])) * u[:, 1]
+    flip = (u[:, 4] < 0.5).double()
+    return torch.stack([scale, log_ratio, u[:, 2], u[:, 3], flip], 1).float().numpy()
+
+
+def relative_window(params: np.ndarray, height: float, width: float) -> tuple[float, float, float, float]:
+    """(x0, y0, w, h) of the crop as fractions of the image, clamped inside it (the DALI graph
+    computes the same arithmetic with its math operators)."""
+    scale, ratio = float(params[0]), math.exp(float(params[1]))
+    w_rel = min(math.sqrt(scale * ratio * height / width), 1.0)
+    h_rel = min(math.sqrt(scale / ratio * width / height), 1.0)
+    return float(params[2]) * (1 - w_rel), float(params[3]) * (1 - h_rel), w_rel, h_rel
+
+
+def _dali_pipeline(batch_size: int, size: int, device: str, device_id: int | None, threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali.math as dmath
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
+                  prefetch_queue_depth=1)
+    def pipe():
+        jpegs = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        params = fn.external_source(name="params", dtype=types.FLOAT, ndim=1)
+        shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)
+        h, w = shape[0], shape[1]
+        scale, ratio = params[0], dmath.exp(params[1])
+        w_rel = dmath.min(dmath.sqrt(scale * ratio * h / w), 1.0)
+        h_rel = dmath.min(dmath.sqrt(scale / ratio * w / h), 1.0)
+        start = fn.stack(params[2] * (1.0 - w_rel), params[3] * (1.0 - h_rel))
+        images = fn.decoders.image_slice(jpegs, start, fn.stack(w_rel, h_rel), device=device,
+                                         output_type=types.RGB, normalized_anchor=True, normalized_shape=True)
+        images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
+        return fn.crop_mirror_normalize(images, mirror=fn.cast(params[4], dtype=types.INT32), dtype=types.FLOAT,
+                                        output_layout="CHW", mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _pil_decode(data: np.ndarray, params: np.ndarray, size: int) -> torch.Tensor:
+    """The fallback path: same crop window and flip, PIL decode, bicubic resize in torch."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+    x0, y0, w, h = relative_window(params, img.height, img.width)
+    box = (round(x0 * img.width), round(y0 * img.height), round((x0 + w) * img.width), round((y0 + h) * img.height))
+    t = torch.from_numpy(np.asarray(img.crop(box), dtype=np.float32)).permute(2, 0, 1)[None]
+    t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 255)
+    if params[4] > 0.5:
+        t = t.flip(-1)
+    mean = torch.tensor(MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(STD).view(3, 1, 1) * 255
+    return (t - mean) / std
+
+
+def _decodes(data: np.ndarray) -> bool:
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.open(io.BytesIO(data.tobytes())).convert("RGB").load()
+        return True
+    except Exception:  # noqa: BLE001 - any decoder failure means the file is unusable
+        return False
+
+
+class ImageSource:
+    """Batches of augmented images for given global positions (see :mod:`d2v2scale.data.schedule`)."""
+
+    def __init__(self, path: str, img_size: int, in_chans: int, seed: int, batch_size: int, device: torch.device,
+                 threads: int = 2, verbose: bool = True):
+        if in_chans != 3:
+            raise ValueError(f"data.kind=images produces RGB; model.in_chans={in_chans}")
+        self.index = build_index(path, IMAGE_SUFFIXES, log=verbose)
+        self.size, self.seed, self.batch_size = img_size, seed, batch_size
+        self.bad: set[int] = set()
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            self.pipe = None
+            if verbose:
+                print("[d2v2scale] NVIDIA DALI is not installed: decoding images with PIL on the CPU (slow)",
+                      file=sys.stderr, flush=True)
+        else:
+            on_gpu = device.type == "cuda"
+            self._pipe_args = (batch_size, img_size, "mixed" if on_gpu else "cpu", device.index if on_gpu else None, threads)
+            self.pipe = _dali_pipeline(*self._pipe_args)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def skipped(self) -> int:
+        """Files screened out at start (the same on every rank) plus those this rank failed to decode."""
+        return len(self.index.skipped) + len(self.bad)
+
+    def skipped_files(self) -> set[str]:
+        return {str(p) for p, _ in self.index.skipped} | {str(self.index.files[i]) for i in self.bad}
+
+    def _encoded(self, indices: list[int]) -> list[np.ndarray]:
+        data = [np.fromfile(self.index.files[i], dtype=np.uint8) for i in indices]
+        for k, i in enumerate(indices):  # files found undecodable earlier: reuse a good sample of the batch
+            if i in self.bad:
+                good = next((j for j, idx in enumerate(indices) if idx not in self.bad), None)
+                if good is None:
+                    raise RuntimeError("every file of a batch failed to decode")
+                data[k] = data[good]
+        return data
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, None]:
+        indices = epoch_indices(positions, len(self), self.seed).tolist()
+        params = crop_params(self.seed, positions)
+        data = self._encoded(indices)
+        if self.pipe is None:
+            return torch.stack([_pil_decode(d, p, self.size) for d, p in zip(data, params)]), None
+        try:
+            return self._run_dali(data, params), None
+        except RuntimeError:
+            # A file passed the screen but does not decode: find it, skip it from now on, retry.
+            newly = [i for i, d in zip(indices, data) if i not in self.bad and not _decodes(d)]
+            if not newly:
+                raise
+            for i in newly:
+                print(f"[d2v2scale] skipping {self.index.files[i]}: failed to decode", file=sys.stderr, flush=True)
+            self.bad.update(newly)
+            self.pipe = _dali_pipeline(*self._pipe_args)  # a pipeline that raised is no longer usable
+            return self._run_dali(self._encoded(indices), params), None
+
+    def _run_dali(self, data: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
+        self.pipe.feed_input("encoded", data)
+        self.pipe.feed_input("params", list(params))
+        (out,) = self.pipe.run()
+        return _to_torch(out)
+
+
+def _to_torch(out) -> torch.Tensor:
+    if hasattr(out, "as_cpu") and type(out).__name__.endswith("GPU"):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        tensor = out.as_tensor()
+        result = torch.empty(tensor.shape(), dtype=torch.float32, device="cuda")
+        feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream())
+        return result
+    return torch.from_numpy(np.array(out.as_tensor()))
