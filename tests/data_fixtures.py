@@ -32,3 +32,33 @@ def make_jpegs(root: Path, n: int, corrupt: int = 0, seed: int = 0) -> dict[str,
             path.write_bytes(b"\xff\xd8\xff\xe0" + rng.integers(0, 255, 2000, dtype=np.uint8).tobytes() + b"\xff\xd9")
         bad.append(path)
     return {"good": good, "bad": bad}
+
+
+def make_audio(root: Path, n: int, corrupt: int = 0, seed: int = 0) -> list[Path]:
+    """``n`` tones with noise, 0.3–1.2 s, alternating WAV/FLAC and 16 kHz/44.1 kHz, stereo every third;
+    plus ``corrupt`` bad files (empty, truncated FLAC, text renamed .wav)."""
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        rate = 16000 if i % 2 == 0 else 44100
+        dur = float(rng.uniform(0.3, 1.2))
+        t = np.arange(int(dur * rate)) / rate
+        sig = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 800) * t) + 0.05 * rng.normal(size=t.size)
+        if i % 3 == 0:
+            sig = np.stack([sig, 0.5 * sig], 1)
+        path = root / f"utt{i:04d}.{'wav' if i % 4 < 2 else 'flac'}"
+        soundfile.write(path, sig.astype(np.float32), rate, subtype="PCM_16")
+        paths.append(path)
+    for j in range(corrupt):
+        kind = j % 3
+        path = root / f"bad{j:04d}.{'flac' if kind == 1 else 'wav'}"
+        if kind == 0:
+            path.write_bytes(b"")
+        elif kind == 1:
+            path.write_bytes(b"fLaC" + b"\x00" * 10)
+        else:
+            path.write_bytes(b"not audio\n" * 100)
+    return paths

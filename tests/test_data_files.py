@@ -127,3 +127,54 @@ def test_tiny_text_trains_on_a_token_file(tmp_path):
             "train.log_every=3")
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["step"] == 6 and rows[-1]["loss"] < rows[0]["loss"] * 2
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    from data_fixtures import make_audio
+
+    root = tmp_path_factory.mktemp("audio")
+    make_audio(root, 16, corrupt=3)
+    return root
+
+
+def test_audio_index_batches_and_crops(audio_dir):
+    from d2v2scale.data.audio import AudioSource, header_length
+
+    src = AudioSource(str(audio_dir), max_tokens=32000, min_size=4000, max_size=12000, seed=0, verbose=False)
+    assert len(src.utts) == 16 and src.skipped == 3
+    # header lengths of the 44.1 kHz files are converted to 16 kHz
+    frames, rate = header_length(sorted(audio_dir.glob("utt0001.*"))[0])
+    assert rate == 44100 and src.utts[1].length == frames * 16000 // 44100
+    for members in src.batches:
+        assert len(members) * max(min(src.utts[i].length, 12000) for i in members) <= 32000
+    assert sorted(i for b in src.batches for i in b) == list(range(16))  # each file once per epoch
+    for batch_id in range(len(src.batches)):
+        x, lengths, ids = src.batch_by_id(batch_id)
+        assert x.shape[0] == len(lengths) == len(ids) and x.shape[1] == int(lengths.max())
+        assert bool((lengths <= 12000).all()) and bool((lengths >= 4000).all())
+        assert x.numel() <= 32000
+        for row, n, i in zip(x, lengths, ids):
+            member = src.utts[src._batch_members(batch_id)[int(i) - batch_id * src.max_count]]
+            # decoded at 16 kHz: the uncropped waveform has the header length (±1 from resampling)
+            assert n == min(member.length, 12000) or abs(int(n) - member.length) <= 1
+            assert abs(float(row[:n].std()) - 1.0) < 0.2 and bool((row[n:] == 0).all())
+    again = AudioSource(str(audio_dir), max_tokens=32000, min_size=4000, max_size=12000, seed=0, verbose=False)
+    assert torch.equal(again.batch_by_id(3)[0], src.batch_by_id(3)[0])  # a TP peer reads the same
+
+
+@pytest.mark.slow
+def test_tiny_audio_trains_on_wav_and_flac_files(tmp_path):
+    from data_fixtures import make_audio
+    from test_deepspeed_training import _launch, _torchrun
+    from d2v2scale.train.metrics import read_metrics
+
+    make_audio(tmp_path / "audio", 24, corrupt=3)
+    run_dir = tmp_path / "run"
+    _launch(_torchrun(2), "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_audio",
+            "--run_dir", str(run_dir), "data.kind=audio", f"data.path={tmp_path / 'audio'}", "data.max_tokens=24000",
+            "data.min_sample_size=4000", "data.max_sample_size=12000", "train.global_batch=48000",
+            "train.max_updates=6", "train.log_every=3")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == 6 and rows[-1]["skipped_samples"] == 3
+    assert all(isinstance(r["loss"], float) for r in rows)

@@ -42,12 +42,20 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
         m = cfg.model
         return ImageSource(cfg.data.path, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
                            threads=max(1, cfg.data.num_workers), verbose=verbose)
+    if kind == "audio":
+        from .audio import AudioSource
+
+        d = cfg.data
+        if d.max_tokens is None:
+            raise ValueError("data.kind=audio needs data.max_tokens (samples per micro-batch per rank)")
+        return AudioSource(d.path, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
+                           threads=max(1, d.num_workers), verbose=verbose)
     if kind == "text":
         from .text import TokenBlocks
 
         m = cfg.model
         return TokenBlocks(cfg.data.path, cfg.data.sample_length or m.max_positions, m.vocab_size, cfg.seed)
-    raise NotImplementedError(f"data.kind={kind} is not available yet; available: synthetic, digits, images, text")
+    raise NotImplementedError(f"data.kind={kind} is not available yet; available: synthetic, digits, images, audio, text")
 
 
 class StepLoader:
@@ -59,6 +67,12 @@ class StepLoader:
         self.schedule = schedule
 
     def step(self, step: int) -> list[MicroBatch]:
+        if getattr(self.source, "by_batch", False):
+            out = []
+            for batch_id in self.schedule.batch_ids(step):
+                source, lengths, ids = self.source.batch_by_id(batch_id)
+                out.append(MicroBatch(source, ids, lengths))
+            return out
         out = []
         for positions in self.schedule.positions(step):
             source, lengths = self.source.batch(positions)

@@ -28,6 +28,12 @@ class RankSchedule:
         return [torch.arange(start + i * self.micro_batch, start + (i + 1) * self.micro_batch)
                 for i in range(self.grad_accum)]
 
+    def batch_ids(self, step: int) -> list[int]:
+        """For sources that pre-build micro-batches (audio by token budget): this rank's global
+        micro-batch ids at ``step``; ``grad_accum`` per rank, ``dp·grad_accum`` per step."""
+        first = (step * self.dp_size + self.dp_rank) * self.grad_accum
+        return list(range(first, first + self.grad_accum))
+
 
 def epoch_indices(positions: torch.Tensor, num_items: int, seed: int) -> torch.Tensor:
     """Dataset indices for global positions: a fresh seeded permutation every epoch."""
@@ -38,3 +44,4 @@ def epoch_indices(positions: torch.Tensor, num_items: int, seed: int) -> torch.T
         sel = epochs == epoch
         out[sel] = perm[positions[sel] % num_items]
     return out
+

@@ -14,7 +14,7 @@ from ..distributed.dims import LaunchEnv
 from . import checkpoint
 from .ds_config import BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config
 
-SUPPORTED_DATA = ("synthetic", "digits", "images", "text")
+SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
 EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -110,6 +110,8 @@ def prepare(args) -> Setup:
                           "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
     if cfg.data.kind not in SUPPORTED_DATA:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
+    if cfg.data.kind == "audio" and cfg.data.max_tokens is None:
+        raise ConfigError("data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
     if cfg.data.kind in NEEDS_PATH:
         if not cfg.data.path:
             raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")

@@ -1,0 +1,214 @@
+"""Speech (Libri-light / LibriSpeech style) through DALI's CPU audio decoder.
+
+Inputs: a fairseq/wav2vec manifest (``.tsv``: first line the root folder, then ``path<TAB>num_samples``)
+or a folder of ``.wav``/``.flac`` files (lengths read from the file headers). Each utterance is
+decoded to 16 kHz mono float (DALI ``decoders.audio``: CPU only, the GPU takes over from the
+model's first layer), normalised per utterance (zero mean, unit variance: fairseq's
+``normalize: true``), and randomly cropped to ``data.max_sample_size``; utterances shorter than
+``data.min_sample_size`` are dropped at indexing time.
+
+Batching is by total samples: utterances are sorted by length and cut into micro-batches whose
+padded size (count × longest) stays within ``data.max_tokens`` — length bucketing keeps padding
+small. The list of micro-batches is fixed; every epoch visits it in a new seeded order. Step ``s``
+on DP rank ``r`` reads micro-batches ``(s·dp + r)·grad_accum + i``, so which audio a rank reads,
+and its crop offsets, are functions of the step: no loader state beyond it.
+"""
+from __future__ import annotations
+
+import struct
+import sys
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import counter_rng
+from .files import AUDIO_SUFFIXES, DataError, list_files, screen
+
+RATE = 16_000
+_STREAM_CROP = 12
+
+
+def header_length(path: Path) -> tuple[int, int]:
+    """(frames, sample rate) from a WAV or FLAC header, without decoding."""
+    if path.suffix.lower() == ".wav":
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes(), w.getframerate()
+    with open(path, "rb") as f:
+        head = f.read(42)  # "fLaC" + metadata block header (4) + STREAMINFO (34)
+    if len(head) < 42 or head[:4] != b"fLaC":
+        raise ValueError("no FLAC STREAMINFO")
+    info = int.from_bytes(head[18:26], "big")  # 20 bits rate, 3 channels, 5 bps, 36 total samples
+    return info & ((1 << 36) - 1), info >> 44
+
+
+@dataclass
+class Utterance:
+    path: Path
+    length: int  # samples at 16 kHz
+
+
+def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance], list[tuple[Path, str]]]:
+    """Usable utterances and (path, reason) for every skipped file."""
+    root = Path(path)
+    entries: list[tuple[Path, int | None, int | None]] = []
+    if root.suffix == ".tsv":
+        lines = root.read_text().splitlines()
+        base = Path(lines[0].strip())
+        for line in lines[1:]:
+            if line.strip():
+                rel, n = line.split("\t")[:2]
+                entries.append((base / rel, int(n), None))
+    else:
+        entries = [(p, None, None) for p in list_files(root, AUDIO_SUFFIXES)]
+    usable, skipped = [], []
+    for p, frames, rate in entries:
+        reason = screen(p)
+        if reason is None:
+            try:
+                hdr_frames, rate = header_length(p)
+                frames = frames if frames is not None else hdr_frames
+            except (OSError, ValueError, EOFError, wave.Error) as e:
+                reason = f"unreadable audio header ({e})"
+        if reason is None and rate and frames == 0:
+            reason = "no audio samples"
+        if reason is not None:
+            skipped.append((p, reason))
+            continue
+        length = int(frames * RATE // rate) if rate else int(frames)
+        if length >= min_size:
+            usable.append(Utterance(p, length))
+    if verbose:
+        for p, reason in skipped:
+            print(f"[d2v2scale] skipping {p}: {reason}", file=sys.stderr, flush=True)
+    if not usable:
+        raise DataError(f"data.path '{path}' has no usable audio of at least {min_size} samples "
+                        f"({len(entries)} listed, {len(skipped)} unusable)")
+    return usable, skipped
+
+
+def bucket_batches(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:
+    """Greedy batches over length-sorted utterances with count × padded length ≤ max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (min(lengths[i], max_size), i))
+    batches, current, longest = [], [], 0
+    for i in order:
+        n = min(lengths[i], max_size)
+        if current and (len(current) + 1) * max(longest, n) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _decoder_pipeline(max_batch: int, threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=max_batch, num_threads=threads, device_id=None, exec_dynamic=True, prefetch_queue_depth=1)
+    def pipe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        audio, _ = fn.decoders.audio(encoded, dtype=types.FLOAT, downmix=True, sample_rate=RATE)
+        return audio
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class AudioSource:
+    """Token-budget micro-batches, read by global micro-batch id (see module docstring)."""
+
+    by_batch = True
+
+    def __init__(self, path: str, max_tokens: int, min_size: int, max_size: int, seed: int,
+                 threads: int = 2, verbose: bool = True):
+        self.utts, self.screened = index_audio(path, min_size, verbose)
+        if max_size > max_tokens:
+            raise DataError(f"data.max_sample_size={max_size} exceeds data.max_tokens={max_tokens}: "
+                            "a single crop would not fit a micro-batch")
+        self.max_size, self.seed, self.verbose = max_size, seed, verbose
+        self.batches = bucket_batches([u.length for u in self.utts], max_tokens, max_size)
+        self.max_count = max(len(b) for b in self.batches)
+        self.bad: set[int] = set()
+        try:
+            self.pipe = _decoder_pipeline(self.max_count, threads)
+        except ImportError:
+            self.pipe = None
+            if verbose:
+                print("[d2v2scale] NVIDIA DALI is not installed: decoding audio with soundfile", file=sys.stderr, flush=True)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.screened) + len(self.bad)
+
+    def skipped_files(self) -> set[str]:
+        return {str(p) for p, _ in self.screened} | {str(self.utts[i].path) for i in self.bad}
+
+    def _batch_members(self, batch_id: int) -> list[int]:
+        n = len(self.batches)
+        epoch, k = divmod(batch_id, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return self.batches[int(perm[k])]
+
+    def _decode(self, members: list[int]) -> list[np.ndarray]:
+        data = [np.fromfile(self.utts[i].path, dtype=np.uint8) for i in members]
+        if self.pipe is None:
+            import io
+
+            import soundfile
+
+            return [_to_mono_16k(*soundfile.read(io.BytesIO(d.tobytes()), dtype="float32")) for d in data]
+        try:
+            self.pipe.feed_input("encoded", data)
+            (out,) = self.pipe.run()
+            return [np.array(out[j]).reshape(-1) for j in range(len(members))]
+        except Exception:  # noqa: BLE001 - DALI reports decoder failures with several exception types
+            self.pipe = _decoder_pipeline(self.max_count, 1)
+            out = []
+            for i, d in zip(members, data):
+                try:
+                    self.pipe.feed_input("encoded", [d])
+                    out.append(np.array(self.pipe.run()[0][0]).reshape(-1))
+                except Exception:  # noqa: BLE001
+                    self.pipe = _decoder_pipeline(self.max_count, 1)
+                    self.bad.add(i)
+                    out.append(None)
+                    if self.verbose:
+                        print(f"[d2v2scale] skipping {self.utts[i].path}: failed to decode", file=sys.stderr, flush=True)
+            return out
+
+    def batch_by_id(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(waveforms (B, S) zero-padded, lengths (B,), sample ids (B,)) of one micro-batch."""
+        members = self._batch_members(batch_id)
+        waves = self._decode(members)
+        keep = [j for j, w in enumerate(waves) if w is not None and len(w) > 0]
+        if not keep:
+            raise RuntimeError(f"every file of micro-batch {batch_id} failed to decode")
+        ids = torch.tensor([batch_id * self.max_count + j for j in keep], dtype=torch.int64)
+        offsets = counter_rng.uniform(counter_rng.combine(self.seed, ids).reshape(-1), 1, _STREAM_CROP)[:, 0]
+        crops = []
+        for w, u in zip((waves[j] for j in keep), offsets.tolist()):
+            w = (w - w.mean()) / np.sqrt(w.var() + 1e-5)  # per-utterance normalisation, as F.layer_norm
+            if len(w) > self.max_size:
+                start = int(u * (len(w) - self.max_size + 1))
+                w = w[start : start + self.max_size]
+            crops.append(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+        lengths = torch.tensor([len(c) for c in crops], dtype=torch.int64)
+        out = torch.zeros(len(crops), int(lengths.max()))
+        for j, c in enumerate(crops):
+            out[j, : len(c)] = c
+        return out, lengths, ids
+
+
+def _to_mono_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    """soundfile fallback: downmix and resample (linear interpolation) to 16 kHz."""
+    if audio.ndim == 2:
+        audio = audio.mean(1)
+    if rate != RATE:
+        n = int(round(len(audio) * RATE / rate))
+        audio = np.interp(np.linspace(0, len(audio) - 1, n), np.arange(len(audio)), audio).astype(np.float32)
+    return audio
