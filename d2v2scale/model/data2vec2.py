@@ -134,6 +134,7 @@ class Data2Vec2(nn.Module):
     ) -> list[torch.Tensor]:
         """The teacher's per-block FFN outputs (extra tokens removed) on the full, unmasked input."""
         t = self.cfg.teacher
+        local = local.detach()
         if t.ema_encoder_only:
             x, bias = self.encoder(local, valid, None)
         elif t.ema_local_encoder:

@@ -32,6 +32,7 @@ from ..distributed.sharded_teacher import build_sharded_teacher
 from ..distributed.tensor_parallel import TPRegionRNG, parallelize
 from ..model import Data2Vec2
 from ..model.counter_rng import combine
+from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..teacher import EMATeacher, ema_schedule
 from . import checkpoint
 from .ds_config import BatchPlan
@@ -53,6 +54,7 @@ class Trainer:
     dtype: torch.dtype
     tp_rng: TPRegionRNG | None = None
     counters: dict = field(default_factory=lambda: {"skipped_updates": 0})
+    peak_flops: float | None = None  # per device, for MFU
     nan_steps: set = field(default_factory=injected_nan_steps)
 
     @property
@@ -73,6 +75,7 @@ class StepStats:
     layer_target_var: torch.Tensor | None
     data_time_s: float
     skipped: bool
+    flops: float  # model FLOPs of this rank's micro-batches (analytic, from shapes: no sync)
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -114,9 +117,11 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     if not skipped:
         tr.teacher.update(step + 1)
     kept = sum(float(m.keep_idx.numel()) for m in masks)
+    flops = sum(step_flops(cfg, StepShape(mb.source.shape[0], m.mask.shape[1], m.num_kept), mb.source.shape[-1])
+                for mb, m in zip(batches, masks))
     n = len(batches)
     return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), tvar / n, pvar / n,
-                     None if layers is None else layers / n, data_time, skipped)
+                     None if layers is None else layers / n, data_time, skipped, flops)
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
@@ -140,7 +145,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     )
     teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
-    return Trainer(cfg, plan, dims, engine, teacher, StepLoader(cfg, schedule, device, verbose=dims.rank == 0), device, dtype, tp_rng)
+    loader = StepLoader(cfg, schedule, device, verbose=dims.rank == 0)
+    return Trainer(cfg, plan, dims, engine, teacher, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype))
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:

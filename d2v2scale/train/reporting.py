@@ -42,6 +42,8 @@ def log_record(tr, step: int, stats: list, wall: float) -> dict:
     reg, cls, masked, kept, tvar, pvar = _reduce(per_step.sum(0), tr.dims.dp_group).tolist()
     tvar, pvar = tvar / len(stats) / tr.plan.dp, pvar / len(stats) / tr.plan.dp
     grad_norm = tr.engine.get_global_grad_norm()
+    flops = _reduce(torch.tensor([sum(st.flops for st in stats)], dtype=torch.float64, device=tr.device), tr.dims.dp_group)
+    flops_per_s_device = float(flops) / wall / tr.dims.world_size
     return {
         "step": step + 1,
         "loss": (reg + cls) / masked,
@@ -56,8 +58,8 @@ def log_record(tr, step: int, stats: list, wall: float) -> dict:
         "samples_per_s": tr.plan.global_batch * len(stats) / wall,
         "step_time_s": wall / len(stats),
         "data_time_s": sum(s.data_time_s for s in stats) / len(stats),
-        "tflops_per_device": None,  # analytic FLOPs arrive with the profiling issue
-        "mfu": None,
+        "tflops_per_device": flops_per_s_device / 1e12,
+        "mfu": None if tr.peak_flops is None else flops_per_s_device / tr.peak_flops,
         "mem_peak_gb": peak_memory_gb(tr.device),
         "skipped_updates": tr.counters["skipped_updates"],
         "skipped_samples": skipped_samples(tr),

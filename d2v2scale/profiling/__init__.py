@@ -1,0 +1,1 @@
+"""Timers, FLOPs, GPU sampling and reports."""
