@@ -20,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install deepspeed==0.19.8 pyyaml numpy nvidia-ml-py pytest scikit-learn pillow soundfile
+	DS_BUILD_OPS=0 $(PIP) install deepspeed==0.19.8 pyyaml numpy nvidia-ml-py pytest scikit-learn pillow soundfile matplotlib
 	$(PIP) install nvidia-dali-cuda130==2.4.0  # the CPU-usable DALI wheel: tests run the real pipelines
 	$(PIP) install --no-deps -e .
 	touch $@
@@ -37,8 +37,8 @@ DEMO_RUN ?= runs/demo
 demo: venv
 	@if [ -e $(DEMO_RUN) ]; then mv $(DEMO_RUN) $(DEMO_RUN).$$(date +%Y%m%d-%H%M%S); fi
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launchers/pretrain.py \
-		--ds_config ds_configs/cpu_tiny.json --preset tiny_image --run_dir $(DEMO_RUN)
-	@echo "run directory: $(DEMO_RUN) (config.yaml, ds_config.json, metrics.jsonl, checkpoints/)"
+		--ds_config ds_configs/cpu_tiny.json --preset tiny_image --run_dir $(DEMO_RUN) --profile
+	@echo "run directory: $(DEMO_RUN) (config.yaml, ds_config.json, metrics.jsonl, checkpoints/, report/report.md)"
 
 
 clean:

@@ -24,6 +24,7 @@ setup(
         "pyyaml",
         "numpy",
         "nvidia-ml-py",
+        "matplotlib",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

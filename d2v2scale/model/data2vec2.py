@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,11 @@ from .masking import MaskGenerator, MaskInfo
 from .targets import make_targets
 
 _STREAM_LAYERDROP = 3
+_NOOP = nullcontext()
+
+
+def _no_phase(name: str) -> ContextManager:
+    return _NOOP
 
 
 @dataclass
@@ -202,21 +209,27 @@ class Data2Vec2(nn.Module):
         *,
         lengths: torch.Tensor | None = None,
         layerdrop_key: int = 0,
+        phase: Callable[[str], ContextManager] | None = None,
     ) -> StepOutput:
         """One training forward. ``mask`` has B·M rows (see :meth:`make_mask`); ``lengths`` marks
-        padding (audio: samples, text: tokens); ``layerdrop_key`` makes layerdrop identical on all ranks."""
-        local, valid = self.encoder.local_features(source, lengths)
-        layers = self.teacher_layers(teacher, source, local, valid, lengths)
-        targets = self.targets_from(layers, valid)
-
-        x, bias = self.encoder(local, valid, mask, self.clones)
-        for blk, keep in zip(self.blocks, self._layer_keep(layerdrop_key)):
-            if keep:
-                x, _ = blk(x, bias)
-        cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
-        pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
-        out = self._losses(pred, cls_pred, targets, mask)
-        out.layer_target_var = self._layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
+        padding (audio: samples, text: tokens); ``layerdrop_key`` makes layerdrop identical on all
+        ranks; ``phase(name)`` (a profiler's timer) wraps each part."""
+        phase = phase or _no_phase
+        with phase("local_encoder"):
+            local, valid = self.encoder.local_features(source, lengths)
+        with phase("teacher"):
+            layers = self.teacher_layers(teacher, source, local, valid, lengths)
+            targets = self.targets_from(layers, valid)
+        with phase("student"):
+            x, bias = self.encoder(local, valid, mask, self.clones)
+            for blk, keep in zip(self.blocks, self._layer_keep(layerdrop_key)):
+                if keep:
+                    x, _ = blk(x, bias)
+        with phase("decoder_loss"):
+            cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
+            pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
+            out = self._losses(pred, cls_pred, targets, mask)
+            out.layer_target_var = self._layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
         return out
 
     @staticmethod

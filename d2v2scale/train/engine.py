@@ -33,6 +33,7 @@ from ..distributed.tensor_parallel import TPRegionRNG, parallelize
 from ..model import Data2Vec2
 from ..model.counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
+from ..profiling.timers import StepTimer
 from ..teacher import EMATeacher, ema_schedule
 from . import checkpoint
 from .ds_config import BatchPlan
@@ -55,6 +56,8 @@ class Trainer:
     tp_rng: TPRegionRNG | None = None
     counters: dict = field(default_factory=lambda: {"skipped_updates": 0})
     peak_flops: float | None = None  # per device, for MFU
+    timer: StepTimer = field(default_factory=lambda: StepTimer(torch.device("cpu"), enabled=False))
+    last_shape: dict | None = None  # the last micro-batch's shape, for the profiling report
     nan_steps: set = field(default_factory=injected_nan_steps)
 
     @property
@@ -86,8 +89,10 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
 
 def train_step(tr: Trainer, step: int) -> StepStats:
     cfg, engine, model = tr.cfg, tr.engine, tr.model
+    phase = tr.timer.phase
     t0 = time.perf_counter()
-    batches: list[MicroBatch] = [mb.to(tr.device, tr.dtype) for mb in tr.loader.step(step)]
+    with phase("data"):
+        batches: list[MicroBatch] = [mb.to(tr.device, tr.dtype) for mb in tr.loader.step(step)]
     data_time = time.perf_counter() - t0
 
     masks = [model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths) for mb in batches]
@@ -101,24 +106,31 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     reg, cls, tvar, pvar, layers = zero.clone(), zero.clone(), zero.clone(), zero.clone(), None
     skipped = False
     for i, (mb, mask) in enumerate(zip(batches, masks)):
-        out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=int(combine(cfg.seed, step)))
+        out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=int(combine(cfg.seed, step)),
+                     phase=phase)
         loss = out.loss_sum * scale * poison
         if i == 0 and not all_finite(loss, None):
             skipped = True  # nothing accumulated yet: drop the whole step before any backward
             reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
             break
-        engine.backward(loss)  # a later non-finite micro-batch is caught by DeepSpeed's overflow check
-        engine.step()
+        with phase("backward"):
+            engine.backward(loss)  # a later non-finite micro-batch is caught by DeepSpeed's overflow check
+        with phase("optimizer"):
+            engine.step()
         reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
         tvar, pvar = tvar + out.target_var, pvar + out.pred_var
         layers = out.layer_target_var if layers is None else layers + out.layer_target_var
 
     skipped = skipped or not getattr(engine, "_step_applied", True)
     if not skipped:
-        tr.teacher.update(step + 1)
+        with phase("ema"):
+            tr.teacher.update(step + 1)
+    tr.timer.end_step()
     kept = sum(float(m.keep_idx.numel()) for m in masks)
     flops = sum(step_flops(cfg, StepShape(mb.source.shape[0], m.mask.shape[1], m.num_kept), mb.source.shape[-1])
                 for mb, m in zip(batches, masks))
+    tr.last_shape = {"samples": batches[0].source.shape[0], "positions": masks[0].mask.shape[1],
+                     "kept": masks[0].num_kept, "input_len": batches[0].source.shape[-1]}
     n = len(batches)
     return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), tvar / n, pvar / n,
                      None if layers is None else layers / n, data_time, skipped, flops)
@@ -157,7 +169,7 @@ def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
                                {**run_info, "counters": dict(tr.counters)})
 
 
-def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None = None) -> list[dict]:
+def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None = None, profiler=None) -> list[dict]:
     """Steps ``start_step .. max_updates-1``: log every ``log_every``, checkpoint every ``save_every``
     and at the end; on SIGTERM/SIGUSR1 checkpoint and raise :class:`Preempted`."""
     cfg, rank0 = tr.cfg, tr.dims.rank == 0
@@ -171,9 +183,17 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     interactive = sys.stderr.isatty()  # batch jobs get one plain line per log step instead of a bar
     bar = tqdm(range(start_step, cfg.train.max_updates), initial=start_step, total=cfg.train.max_updates,
                disable=not (rank0 and interactive), dynamic_ncols=True, desc="pretrain")
+    if profiler is not None:
+        tr.timer = profiler.timer
+        profiler.start()
     try:
         for step in bar:
+            if profiler is not None:
+                profiler.step_begin(step)
             stats = train_step(tr, step)
+            if profiler is not None:
+                profiler.step_end(step)
+                profiler.shape = profiler.shape or tr.last_shape
             pending.append(stats)
             consecutive = consecutive + 1 if stats.skipped else 0
             tr.counters["skipped_updates"] += int(stats.skipped)
@@ -197,6 +217,8 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                 _save(tr, run_dir, step + 1, run_info)
             if preempted:
                 raise Preempted(f"stop signal {stop.received or 'on another rank'}: checkpoint at step {step + 1} written")
+        if profiler is not None:
+            profiler.finish(tr)
     finally:
         stop.uninstall()
         bar.close()

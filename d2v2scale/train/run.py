@@ -36,6 +36,7 @@ class Setup:
     run_dir: Path
     resume_from: Path | None  # a complete checkpoint directory, or None to start fresh
     layout: dict
+    profile: bool = False
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -120,8 +121,6 @@ def prepare(args) -> Setup:
         candidates = [Path(cfg.data.path)] + (list(token_files(cfg.data.path)[:1]) if cfg.data.kind == "text" else [])
         if not any(p.exists() for p in candidates):
             raise ConfigError(f"data.path={cfg.data.path} does not exist")
-    if args.profile:
-        raise ConfigError("--profile is not available yet (profiling reports arrive with the profiling issue)")
     plan = plan_batch(ds, cfg, env.world_size // tp)
     resolved = resolve_ds_config(ds, cfg, plan)
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
@@ -129,7 +128,7 @@ def prepare(args) -> Setup:
     resume_from = resolve_resume(args.resume, run_dir)
     if resume_from is not None:
         check_resume(resume_from, cfg, resolved, layout)
-    return Setup(cfg, resolved, plan, run_dir, resume_from, layout)
+    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=bool(args.profile or cfg.profiling.enabled))
 
 
 def _write_run_files(setup: Setup) -> None:
@@ -159,7 +158,12 @@ def run(setup: Setup) -> int:
             if rank == 0:
                 print(f"[d2v2scale] resumed from {setup.resume_from} at step {start}", flush=True)
         run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.ds_config, "layout": setup.layout}
-        train(tr, setup.run_dir, start, run_info)
+        profiler = None
+        if setup.profile:
+            from ..profiling.report import Profiler
+
+            profiler = Profiler(setup.run_dir, setup.cfg, device, rank)
+        train(tr, setup.run_dir, start, run_info, profiler)
         shutdown()
         return EXIT_OK
     except Preempted as e:

@@ -1,0 +1,311 @@
+"""``--profile``: phase timers, NVML sampling and a torch.profiler window during the run, then
+``RUN/report/report.md``, ``report.json`` and PNG plots built from what was measured.
+
+The run leaves the raw measurements in ``RUN/report/profile.json`` next to ``metrics.jsonl``;
+:func:`build_report` turns both into the report, so ``python -m d2v2scale.report RUN`` can
+rebuild it at any time (also for runs without ``--profile``: the sections that need the raw
+measurements then say so).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+from .flops import StepShape, forward_flops
+from .gpu import GpuSampler
+from .timers import PHASES, StepTimer
+
+WARMUP_STEPS = 2  # excluded from phase statistics (allocator and thread-pool warm-up)
+
+
+class Profiler:
+    """What ``--profile`` adds to a run."""
+
+    def __init__(self, run_dir: Path, cfg, device: torch.device, rank: int):
+        self.dir = run_dir / "report"
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.timer = StepTimer(device, enabled=True)
+        self.gpu = GpuSampler(device.index or 0)
+        self.trace = None
+        self.trace_start = cfg.profiling.trace_start
+        self.trace_stop = cfg.profiling.trace_start + cfg.profiling.trace_steps
+        self.shape: dict | None = None
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.gpu.start()
+
+    def step_begin(self, step: int) -> None:
+        if step == self.trace_start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.trace = torch.profiler.profile(activities=activities)
+            self.trace.__enter__()
+
+    def step_end(self, step: int) -> None:
+        if self.trace is not None and step + 1 == self.trace_stop:
+            self.trace.__exit__(None, None, None)
+            (self.dir / "traces").mkdir(exist_ok=True)
+            self.trace.export_chrome_trace(str(self.dir / "traces" / f"rank{self.rank:05d}.json"))
+            self.trace = None
+
+    def finish(self, tr) -> None:
+        """Gather every rank's phase times, write profile.json (rank 0) and build the report."""
+        if self.trace is not None:
+            self.step_end(self.trace_stop - 1)
+        self.gpu.stop()
+        phases = self.timer.resolve()
+        gpu = self.gpu.summary()
+        gathered = [(phases, gpu)]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (phases, gpu))
+        if self.rank != 0:
+            return
+        raw = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(tr),
+            "phases_per_rank": [p for p, _ in gathered],
+            "gpu_per_rank": [g for _, g in gathered],
+            "memory": memory_stats(self.device),
+            "peak_flops_per_device": tr.peak_flops,
+            "step_shape": self.shape,
+        }
+        (self.dir / "profile.json").write_text(json.dumps(raw, indent=1))
+        build_report(self.dir.parent)
+
+
+def environment(tr) -> dict:
+    import deepspeed
+    import numpy
+
+    try:
+        import nvidia.dali as dali
+
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = None
+    device = tr.device
+    return {
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "dali": dali_version,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "world_size": tr.dims.world_size,
+        "tp": tr.dims.tp,
+        "dp": tr.dims.dp,
+        "zero_stage": tr.engine.zero_optimization_stage(),
+        "dtype": str(tr.dtype).replace("torch.", ""),
+        "micro_batch": tr.plan.micro_batch,
+        "grad_accum": tr.plan.grad_accum,
+        "global_batch": tr.plan.global_batch,
+        "batch_unit": tr.plan.unit,
+    }
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        s = torch.cuda.memory_stats(device)
+        return {"kind": "cuda", "max_allocated_gb": s.get("allocated_bytes.all.peak", 0) / 1e9,
+                "max_reserved_gb": s.get("reserved_bytes.all.peak", 0) / 1e9,
+                "alloc_retries": s.get("num_alloc_retries", 0), "ooms": s.get("num_ooms", 0)}
+    import resource
+
+    return {"kind": "host", "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+# ------------------------------------------------------------------------------------- report
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None}
+    ordered = sorted(values)
+    return {"mean": statistics.fmean(values), "p50": ordered[len(ordered) // 2],
+            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
+
+
+def phase_table(phases_per_rank: list[list[dict]]) -> dict:
+    """Per phase: mean/p50/p90 seconds over steps (after warm-up) and ranks, and share of the step."""
+    rows = [step for rank in phases_per_rank for step in rank[WARMUP_STEPS:]] or \
+        [step for rank in phases_per_rank for step in rank]
+    totals = [sum(step.values()) for step in rows]
+    table = {}
+    for name in PHASES:
+        values = [step.get(name, 0.0) for step in rows]
+        table[name] = {**_stats(values), "share": (sum(values) / sum(totals)) if sum(totals) else None}
+    table["measured_total"] = _stats(totals)
+    return table
+
+
+def build_report(run_dir: str | Path) -> dict:
+    """report.json, report.md and PNGs under RUN/report from metrics.jsonl (+ profile.json)."""
+    from ..config import config_from_dict
+    from ..train.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r.get("loss"), (int, float))]
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no finite logged steps to report")
+    cfg_dict = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = config_from_dict(cfg_dict)
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    raw_path = out / "profile.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else None
+    steady = rows[1:] or rows  # the first logged interval includes start-up
+    report = {
+        "run_dir": str(run_dir),
+        "preset": cfg.preset,
+        "steps_logged": rows[-1]["step"],
+        "throughput": {
+            "samples_per_s": _stats([r["samples_per_s"] for r in steady]),
+            "step_time_s": _stats([r["step_time_s"] for r in steady]),
+            "data_time_s": _stats([r["data_time_s"] for r in steady]),
+            "tflops_per_device": _stats([r["tflops_per_device"] for r in steady if r["tflops_per_device"] is not None]),
+            "mfu": _stats([r["mfu"] for r in steady if r["mfu"] is not None]),
+        },
+        "training": {k: rows[-1][k] for k in ("loss", "loss_reg", "loss_cls", "lr", "ema_decay", "grad_norm",
+                                              "target_var", "pred_var", "masked_frac", "skipped_updates",
+                                              "skipped_samples")},
+        "memory_peak_gb": max(r["mem_peak_gb"] for r in rows),
+        "environment": raw["environment"] if raw else None,
+        "phases": phase_table(raw["phases_per_rank"]) if raw else None,
+        "gpu": raw["gpu_per_rank"] if raw else None,
+        "memory": raw["memory"] if raw else None,
+        "flops_per_step": _flops_breakdown(cfg, raw["step_shape"]) if raw and raw.get("step_shape") else None,
+        "config": cfg_dict,
+        "ds_config": ds_config,
+    }
+    report["plots"] = _plots(rows, report, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _flops_breakdown(cfg, shape: dict) -> dict:
+    f = forward_flops(cfg, StepShape(shape["samples"], shape["positions"], shape["kept"]), shape.get("input_len", 0))
+    return {"teacher_forward": f["teacher"], "student_fwd_bwd": 3 * f["student"], "decoder_fwd_bwd": 3 * f["decoder"],
+            "local_encoder_fwd_bwd": 3 * f["local_encoder"],
+            "total": f["teacher"] + 3 * (f["student"] + f["decoder"] + f["local_encoder"]),
+            "per_rank_micro_batch": shape}
+
+
+def _plots(rows: list[dict], report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    ax.plot(steps, [r["loss_reg"] for r in rows], label="regression", alpha=0.7)
+    ax.plot(steps, [r["loss_cls"] for r in rows], label="CLS", alpha=0.7)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.set_title("Loss")
+    save(fig, "loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["samples_per_s"] for r in rows])
+    ax.set_xlabel("step"), ax.set_ylabel("samples/s (global)"), ax.set_title("Throughput")
+    save(fig, "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["mem_peak_gb"] for r in rows])
+    ax.set_xlabel("step"), ax.set_ylabel("peak memory (GB, rank 0)"), ax.set_title("Memory")
+    save(fig, "memory.png")
+
+    if report["phases"]:
+        names = [n for n in PHASES if report["phases"][n]["mean"]]
+        means = [report["phases"][n]["mean"] * 1e3 for n in names]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.barh(names[::-1], means[::-1])
+        ax.set_xlabel("ms per step (mean over ranks, after warm-up)"), ax.set_title("Step-time breakdown")
+        save(fig, "breakdown.png")
+    return made
+
+
+def _fmt(v, unit: str = "", digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}{unit}"
+    return f"{v}{unit}"
+
+
+def render_markdown(r: dict) -> str:
+    env = r["environment"]
+    lines = [f"# d2v2scale profiling report — {r['preset']}", "", f"Run directory: `{r['run_dir']}`; "
+             f"{r['steps_logged']} steps logged.", ""]
+    lines += ["## Run and environment", ""]
+    if env:
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in env.items()]
+    else:
+        lines += ["(no profile.json: run with `--profile` for versions, topology and phase timings)"]
+    t = r["throughput"]
+    lines += ["", "## Throughput (steady state: first logged interval excluded)", "",
+              "| metric | mean | p50 | p90 |", "|---|---|---|---|"]
+    for key, label in (("samples_per_s", "samples/s (global)"), ("step_time_s", "step time (s)"),
+                       ("data_time_s", "data wait (s)"), ("tflops_per_device", "TFLOP/s per device"), ("mfu", "MFU")):
+        s = t[key]
+        lines.append(f"| {label} | {_fmt(s['mean'])} | {_fmt(s['p50'])} | {_fmt(s['p90'])} |")
+    f = r["flops_per_step"]
+    if f:
+        lines += ["", "## Model FLOPs of one micro-batch on one rank (analytic, `profiling/flops.py`)", "",
+                  "| part | FLOPs | share |", "|---|---|---|"]
+        for key in ("teacher_forward", "student_fwd_bwd", "decoder_fwd_bwd", "local_encoder_fwd_bwd", "total"):
+            lines.append(f"| {key} | {f[key]:.4g} | {f[key] / f['total']:.1%} |")
+    p = r["phases"]
+    lines += ["", "## Step-time breakdown (per rank, after warm-up)", ""]
+    if p:
+        lines += ["| phase | mean (ms) | p50 (ms) | p90 (ms) | share |", "|---|---|---|---|---|"]
+        for name in PHASES:
+            s = p[name]
+            lines.append(f"| {name} | {_fmt(s['mean'] and s['mean'] * 1e3)} | {_fmt(s['p50'] and s['p50'] * 1e3)} | "
+                         f"{_fmt(s['p90'] and s['p90'] * 1e3)} | {_fmt(s['share'] and s['share'] * 100, '%')} |")
+        s = p["measured_total"]
+        lines.append(f"| measured total | {_fmt(s['mean'] * 1e3)} | {_fmt(s['p50'] * 1e3)} | {_fmt(s['p90'] * 1e3)} | |")
+        lines += ["", "![breakdown](breakdown.png)"]
+    else:
+        lines += ["(not measured: run with `--profile`)"]
+    lines += ["", "## Memory", "", f"Peak memory of rank 0 over the run: {r['memory_peak_gb']:.3g} GB "
+              f"({'CUDA allocated' if (r['memory'] or {}).get('kind') == 'cuda' else 'host RSS'})."]
+    if r["memory"]:
+        lines += ["", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in r["memory"].items()]
+    lines += ["", "![memory](memory.png)", "", "## GPU (NVML)", ""]
+    gpus = r["gpu"] or []
+    if gpus and any(g.get("available") for g in gpus):
+        keys = [k for k in gpus[0] if k.startswith(("mean_", "max_"))]
+        lines += ["| rank | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {i} | " + " | ".join(_fmt(g.get(k)) for k in keys) + " |" for i, g in enumerate(gpus)]
+    else:
+        reason = gpus[0].get("reason") if gpus else "no profile.json"
+        lines += [f"not available ({reason})"]
+    tr = r["training"]
+    lines += ["", "## Training health (last logged step)", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in tr.items()]
+    lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", "",
+              "## Configuration", "", "```yaml", yaml.safe_dump(r["config"], sort_keys=False).rstrip(), "```", "",
+              "```json", json.dumps(r["ds_config"], indent=1), "```", "",
+              "Traces: `report/traces/rank*.json` (chrome://tracing or Perfetto) when `--profile` was given."]
+    return "\n".join(lines) + "\n"
