@@ -115,7 +115,7 @@ class EMATeacher:
         group, the slice's exact length) instead of from the student's parameters by name."""
         self._sources = sources
 
-    def _slices_from(self, student: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def slices_from(self, student: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """This rank's slice of every group, assembled from full student parameters (default layout)."""
         out = []
         for g, master in zip(self.groups, self.masters):
@@ -150,7 +150,7 @@ class EMATeacher:
             if student is None:
                 raise ValueError("EMATeacher.update needs the student (no bound sources)")
             named = dict(student.named_parameters()) if isinstance(student, nn.Module) else student
-            values = self._slices_from(named)
+            values = self.slices_from(named)
         torch._foreach_lerp_(self.masters, [v.float() for v in values], 1.0 - decay)
         self.publish()
         return decay

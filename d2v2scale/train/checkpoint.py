@@ -165,6 +165,7 @@ def load_checkpoint(tr, tag_dir: Path) -> int:
     path, client = tr.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {tag_dir}")
+    # Our own per-rank file; weights_only=False only because numpy's RNG state is not a tensor.
     state = torch.load(tag_dir / rank_file(tr.dims.tp_rank, tr.dims.dp_rank), weights_only=False)
     tr.teacher.load_state_dict(state["teacher"])
     set_rng_state(state["rng"], tr.tp_rng)
