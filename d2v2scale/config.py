@@ -129,6 +129,7 @@ class TrainConfig:
     warn_target_var: float = 0.1  # collapse warnings (the reference aborts at these)
     warn_pred_var: float = 0.01
     warn_layer_spread_ratio: float = 0.1
+    batch_scaling: str = "none"  # none | linear: grow global batch + LR when the GPUs cannot split it
 
 
 @dataclass
@@ -382,5 +383,6 @@ def validate(cfg: Config) -> None:
     _check(not (m.modality == "audio" and t.ema_local_encoder),
            "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); allowed values: false")
     tr = cfg.train
+    _one_of("train.batch_scaling", tr.batch_scaling, ("none", "linear"))
     for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):
         _check(getattr(tr, key) >= 1, f"train.{key}={getattr(tr, key)} is not allowed; allowed values: integers >= 1")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .config import Config, ConfigError, load_config
 from .profiling.flops import PEAK_FLOPS, StepShape, step_flops
-from .train.ds_config import load_ds_config, plan_batch
+from .train.ds_config import load_ds_config, plan_batch, scale_batch_for_world
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141, "v100-32gb": 32}
 GIB = 1024**3
@@ -118,6 +118,7 @@ def plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, tp: in
     if world % tp:
         raise ConfigError(f"--tp {tp} must divide the {world} GPUs")
     dp = world // tp
+    scale_batch_for_world(ds, cfg, dp)
     bp = plan_batch(ds, cfg, dp)
     m = cfg.model
     if m.modality == "audio":

@@ -32,6 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run_dir", default=None, help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", default=None, help="auto | checkpoint tag or path")
     p.add_argument("--profile", action="store_true", help="write a profiling report")
+    p.add_argument("--dry_run", action="store_true", help="validate and print the batch math, then exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
@@ -48,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    if args.dry_run:
+        from d2v2scale.train.ds_config import describe_optimization
+
+        for note in setup.notes:
+            print(f"[d2v2scale] {note}")
+        print(f"[d2v2scale] {setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}")
+        return EXIT_OK
     return run(setup)
 
 

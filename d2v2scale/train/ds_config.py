@@ -123,3 +123,30 @@ def describe_optimization(ds: dict, cfg: Config, plan: BatchPlan) -> str:
     lr = opt.get("lr", "?")
     return (f"{plan.describe()}; peak lr {lr} ({sched.get('type', 'constant')}, warmup "
             f"{sp.get('warmup_num_steps', 0)} of {cfg.train.max_updates} updates); masks per sample M={cfg.model.clone_batch}")
+
+
+def scale_batch_for_world(ds: dict, cfg: Config, dp: int) -> str | None:
+    """``train.batch_scaling=linear``: when the pinned global batch cannot be split over ``dp``
+    ranks as the JSON asks, grow it to the next multiple that can and scale the peak LR by the
+    same factor (the linear rule of Goyal et al. / MAE). Mutates ``cfg`` and ``ds``; returns the
+    line to print, or None when nothing changed. With ``none`` (default) nothing is ever scaled."""
+    if cfg.train.batch_scaling == "none":
+        return None
+    try:
+        plan_batch(ds, cfg, dp)
+        return None
+    except ConfigError:
+        pass
+    unit = cfg.data.max_tokens if cfg.model.modality == "audio" and cfg.data.max_tokens else \
+        (_int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1)
+    quantum = unit * dp * (_int_or_auto(ds, "gradient_accumulation_steps") or 1)
+    old = cfg.train.global_batch
+    new = -(-old // quantum) * quantum
+    factor = new / old
+    params = ds.setdefault("optimizer", {}).setdefault("params", {})
+    old_lr = params.get("lr")
+    cfg.train.global_batch = new
+    if old_lr is not None:
+        params["lr"] = old_lr * factor
+    return (f"train.batch_scaling=linear: global batch {old} → {new} (×{factor:g}) to split over {dp} data-parallel "
+            f"ranks; peak lr {old_lr} → {params.get('lr')} (×{factor:g}, linear rule)")

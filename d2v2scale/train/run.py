@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -12,17 +12,20 @@ import yaml
 from ..config import Config, ConfigError, load_config
 from ..distributed.dims import LaunchEnv
 from . import checkpoint
-from .ds_config import BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config
+from .ds_config import (BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config,
+                        scale_batch_for_world)
 
 SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
 EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
+PREEMPTED_MARKER = "PREEMPTED"
 
 # Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
 # resumed run is only the continuation of the original if the model, data and optimisation agree).
 RESUMABLE = (
     "preset", "train.max_updates", "train.log_every", "train.save_every", "train.keep_last",
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
+    "train.batch_scaling",
     "data.num_workers", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
 )
 _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown")
@@ -37,6 +40,7 @@ class Setup:
     resume_from: Path | None  # a complete checkpoint directory, or None to start fresh
     layout: dict
     profile: bool = False
+    notes: list = field(default_factory=list)  # printed at start (e.g. the batch-scaling rule applied)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -119,8 +123,9 @@ def prepare(args) -> Setup:
         from ..data.text import token_files
 
         candidates = [Path(cfg.data.path)] + (list(token_files(cfg.data.path)[:1]) if cfg.data.kind == "text" else [])
-        if not any(p.exists() for p in candidates):
+        if not getattr(args, "dry_run", False) and not any(p.exists() for p in candidates):
             raise ConfigError(f"data.path={cfg.data.path} does not exist")
+    scaling_note = scale_batch_for_world(ds, cfg, env.world_size // tp)
     plan = plan_batch(ds, cfg, env.world_size // tp)
     resolved = resolve_ds_config(ds, cfg, plan)
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
@@ -128,7 +133,8 @@ def prepare(args) -> Setup:
     resume_from = resolve_resume(args.resume, run_dir)
     if resume_from is not None:
         check_resume(resume_from, cfg, resolved, layout)
-    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=bool(args.profile or cfg.profiling.enabled))
+    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=bool(args.profile or cfg.profiling.enabled),
+                 notes=[scaling_note] if scaling_note else [])
 
 
 def _write_run_files(setup: Setup) -> None:
@@ -149,6 +155,8 @@ def run(setup: Setup) -> int:
         rank = dims.rank
         if rank == 0:
             _write_run_files(setup)
+            for note in setup.notes:
+                print(f"[d2v2scale] {note}", flush=True)
             print(f"[d2v2scale] {setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}", flush=True)
         tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
         start = 0
@@ -168,6 +176,9 @@ def run(setup: Setup) -> int:
         return EXIT_OK
     except Preempted as e:
         if rank == 0:
+            # A marker next to the checkpoints: under srun a task's exit code can be lost to a second
+            # SIGTERM (time limit), so the sbatch scripts requeue on this file as well as on exit code 3.
+            (setup.run_dir / PREEMPTED_MARKER).write_text(f"{e}\n")
             print(f"[d2v2scale] {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --resume auto)", flush=True)
         shutdown()
         return EXIT_PREEMPTED

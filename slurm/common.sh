@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Shared body of the d2v2scale sbatch scripts: rank set-up, NCCL knobs, optional data staging,
+# pre-emption (checkpoint + requeue), resume, and a dry-run mode. Sourced, not run.
+#
+# Layout: one Slurm task per GPU (srun --ntasks-per-node = GPUs per node). Each task is one
+# training rank; d2v2scale reads SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS itself. This keeps
+# Slurm in charge of process placement, signals and exit codes (no ssh/pdsh launcher between nodes,
+# no second process supervisor), which is what makes pre-emption and requeue reliable.
+#
+# Knobs (environment variables; sbatch options such as --nodes and --time are the usual flags):
+#   PRESET, DS_CONFIG        what to train (set by the calling script, may be overridden)
+#   DATA_PATH                dataset folder / manifest / token prefix (data.path)
+#   RUN_DIR                  run directory (default runs/<job name>-<job id>; survives requeue)
+#   TP                       tensor-parallel degree (default 1)
+#   SCALE_BATCH              none | linear: grow global batch and LR when the GPUs cannot split it
+#   EXTRA                    more section.key=value overrides, space separated
+#   STAGE_DATA               1: copy DATA_PATH to node-local $STAGE_DIR first (default 0)
+#   STAGE_DIR                node-local scratch (default ${TMPDIR:-/tmp}/d2v2scale-$SLURM_JOB_ID)
+#   PYTHON                   interpreter (default: .venv/bin/python if present, else python3)
+#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_DEBUG   passed through when set
+#   DRY_RUN                  1: print the batch math, the memory plan and the exact command; launch nothing
+#   NODES, GPUS_PER_NODE     with DRY_RUN outside a job: the sizes to plan for (default 32 and 8)
+set -euo pipefail
+
+: "${PRESET:?PRESET must be set}"
+: "${DS_CONFIG:?DS_CONFIG must be set}"
+TP="${TP:-1}"
+SCALE_BATCH="${SCALE_BATCH:-none}"
+EXTRA="${EXTRA:-}"
+STAGE_DATA="${STAGE_DATA:-0}"
+ROOT="${SLURM_SUBMIT_DIR:-$(pwd)}"
+cd "$ROOT"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+NODES="${SLURM_JOB_NUM_NODES:-${NODES:-32}}"
+GPUS_PER_NODE="${SLURM_NTASKS_PER_NODE:-${GPUS_PER_NODE:-8}}"
+GPUS_PER_NODE="${GPUS_PER_NODE%%(*}"  # Slurm may report "8(x32)"
+JOB_ID="${SLURM_JOB_ID:-dryrun}"
+RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-$PRESET}-${JOB_ID}}"
+
+overrides=("parallel.tp=${TP}" "train.batch_scaling=${SCALE_BATCH}")
+if [[ -n "${DATA_PATH:-}" ]]; then overrides+=("data.path=${DATA_PATH}"); fi
+read -r -a extra_overrides <<< "$EXTRA"
+overrides+=("${extra_overrides[@]}")
+
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    echo "# d2v2scale dry run: ${PRESET} on ${NODES} nodes x ${GPUS_PER_NODE} GPUs (tp=${TP}, batch scaling ${SCALE_BATCH})"
+    WORLD_SIZE=$((NODES * GPUS_PER_NODE)) RANK=0 "$PYTHON" launchers/pretrain.py --dry_run \
+        --ds_config "$DS_CONFIG" --preset "$PRESET" --run_dir "$RUN_DIR" "${overrides[@]}"
+    echo "# memory plan:"
+    "$PYTHON" -m d2v2scale.plan --preset "$PRESET" --ds_config "$DS_CONFIG" --nodes "$NODES" \
+        --gpus_per_node "$GPUS_PER_NODE" --tp "$TP" "${overrides[@]}"
+    echo "# command:"
+    echo "srun --kill-on-bad-exit=1 --ntasks-per-node=${GPUS_PER_NODE} $PYTHON launchers/pretrain.py" \
+         "--ds_config $DS_CONFIG --preset $PRESET --run_dir $RUN_DIR --resume auto ${overrides[*]}"
+    exit 0
+fi
+
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+
+if [[ "$STAGE_DATA" == "1" && -n "${DATA_PATH:-}" ]]; then
+    STAGE_DIR="${STAGE_DIR:-${TMPDIR:-/tmp}/d2v2scale-${SLURM_JOB_ID}}"
+    srun --ntasks-per-node=1 bash -c "mkdir -p '$STAGE_DIR' && cp -r '$DATA_PATH' '$STAGE_DIR/'"
+    overrides+=("data.path=${STAGE_DIR}/$(basename "$DATA_PATH")")
+fi
+
+mkdir -p "$RUN_DIR"
+echo "[slurm] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${NODES} nodes, master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
+
+srun_pid=""
+forward_signal() {
+    echo "[slurm] received $1: asking the ranks to checkpoint"
+    if [[ -n "$srun_pid" ]]; then kill "-$1" "$srun_pid" 2>/dev/null || true; fi
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+
+srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" "$PYTHON" launchers/pretrain.py \
+    --ds_config "$DS_CONFIG" --preset "$PRESET" --run_dir "$RUN_DIR" --resume auto "${overrides[@]}" &
+srun_pid=$!
+rc=0
+while true; do
+    wait "$srun_pid" && rc=0 || rc=$?
+    # wait returns 128+signal when a trap interrupted it; the step is still running then
+    if kill -0 "$srun_pid" 2>/dev/null; then continue; fi
+    break
+done
+
+if [[ "$rc" == "3" || -f "$RUN_DIR/PREEMPTED" ]]; then
+    rm -f "$RUN_DIR/PREEMPTED"
+    echo "[slurm] checkpoint written; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "[slurm] training step exited with ${rc}"
+exit "$rc"
