@@ -72,6 +72,7 @@ mkdir -p "$RUN_DIR"
 echo "[slurm] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${NODES} nodes, master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
 
 srun_pid=""
+# shellcheck disable=SC2317  # invoked by the traps below
 forward_signal() {
     echo "[slurm] received $1: asking the ranks to checkpoint"
     if [[ -n "$srun_pid" ]]; then kill "-$1" "$srun_pid" 2>/dev/null || true; fi
