@@ -179,7 +179,7 @@ def render(cfg: Config, r: dict) -> str:
         verdict = "fits" if total <= 0.9 * r["capacity"] else "DOES NOT FIT"
         lines.append(f"    total {'with' if ac else 'without'} activation checkpointing: {total / gb:.2f} of "
                      f"{r['capacity'] / gb:.0f} → {verdict} (90 % usable)")
-    lines.append(f"  model FLOPs per step {r['flops_per_step']:.3e}; at MFU {r["mfu"]:.1%}: {r['step_s']:.2f} s/step, "
+    lines.append(f"  model FLOPs per step {r['flops_per_step']:.3e}; at MFU {r['mfu']:.1%}: {r['step_s']:.2f} s/step, "
                  f"{cfg.train.max_updates:,} steps = {r['run_h']:.1f} h")
     return "\n".join(lines)
 
