@@ -62,6 +62,22 @@ def test_deepspeed_launcher_two_processes(tmp_path):
     proc = _launch(prefix, *LAUNCH, "--preset", "tiny_image", "--run_dir", str(tmp_path / "run"), *SHORT)
     assert "effective global batch 32 samples = micro-batch 16 × grad-accum 1 × data-parallel 2" in proc.stdout
     _check_run_dir(tmp_path / "run", 4, 2)
+    # export the trained checkpoint (teacher sharded over the 2 ranks) to fairseq's layout and back
+    import torch
+
+    from d2v2scale.config import config_from_dict
+    from d2v2scale.convert import main as convert_main
+    from d2v2scale.interop.fairseq import from_fairseq
+    from d2v2scale.model import Data2Vec2
+    from d2v2scale.train.checkpoint import read_run_info
+
+    tag_dir = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert convert_main(["to-fairseq", str(tag_dir), str(tmp_path / "fairseq.pt")]) == 0
+    student, teacher = from_fairseq(torch.load(tmp_path / "fairseq.pt", weights_only=True), "image")
+    model = Data2Vec2(config_from_dict(read_run_info(tag_dir)["config"]))
+    model.load_state_dict(student, strict=True)
+    model.teacher_copy().load_state_dict(teacher, strict=True)
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # the EMA moved away from the student
 
 
 @pytest.mark.parametrize("preset", ["tiny_audio", "tiny_text"])
