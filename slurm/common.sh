@@ -61,6 +61,10 @@ MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+# Surface NCCL failures as errors instead of hangs; everything else NCCL (NCCL_SOCKET_IFNAME,
+# NCCL_IB_HCA, NCCL_IB_GID_INDEX, ...) comes from the caller's environment, never hard-coded here.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 if [[ "$STAGE_DATA" == "1" && -n "${DATA_PATH:-}" ]]; then
     STAGE_DIR="${STAGE_DIR:-${TMPDIR:-/tmp}/d2v2scale-${SLURM_JOB_ID}}"

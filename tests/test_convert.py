@@ -86,3 +86,17 @@ def test_untrusted_pickles_need_the_opt_in(tmp_path, capsys):
     torch.save({"model": {}, "cfg": Opaque()}, path)
     assert convert_main(["from-fairseq", str(path), str(tmp_path / "o.pt")]) == 2
     assert "--trust_checkpoint" in capsys.readouterr().err
+
+
+def test_feature_extraction_entry_point(tmp_path, fairseq_fixture):
+    import numpy as np
+
+    from d2v2scale.features import main as features_main
+
+    weights = tmp_path / "converted.pt"
+    assert convert_main(["from-fairseq", str(FIXTURE), str(weights), "model.num_heads=2"]) == 0
+    np.save(tmp_path / "x.npy", fairseq_fixture["source"].numpy())
+    assert features_main([str(weights), str(tmp_path / "x.npy"), str(tmp_path / "f.npy"), "--pool", "none"]) == 0
+    feats = torch.from_numpy(np.load(tmp_path / "f.npy"))
+    # the student's unmasked last-block features of the reference implementation
+    torch.testing.assert_close(feats, fairseq_fixture["features_unmasked"], atol=1e-5, rtol=0)
