@@ -103,7 +103,7 @@ def activation_bytes(cfg: Config, lay: Layout, checkpointing: bool) -> dict[str,
                + 2 * lay.micro_items * t_full * h * 4)  # stored FFN outputs, fp32 targets + one layer in fp32
     out = {"student_blocks": student, "decoder": decoder, "loss_tensors": loss, "teacher_transient": teacher}
     if m.modality == "audio":
-        cnn, length, ch = 0.0, lay.input_len, 1
+        cnn, length = 0.0, lay.input_len
         for c_out, k, s in m.conv_feature_layers:
             length = (length - k) // s + 1
             cnn += c_out * length * (bytes_el + 4 + 4 + bytes_el)  # conv out, fp32 LN in/out, GELU

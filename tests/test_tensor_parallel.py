@@ -7,7 +7,7 @@ import pytest
 
 from d2v2scale.train.metrics import read_metrics
 
-from test_deepspeed_training import ROOT, _launch, _port, _torchrun
+from test_deepspeed_training import _launch, _port, _torchrun
 
 pytestmark = pytest.mark.slow
 

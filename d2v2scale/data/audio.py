@@ -15,7 +15,6 @@ and its crop offsets, are functions of the step: no loader state beyond it.
 """
 from __future__ import annotations
 
-import struct
 import sys
 import wave
 from dataclasses import dataclass
