@@ -83,9 +83,8 @@ class EMATeacher:
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         self.copied_names = [n for n, p in module.named_parameters() if not p.requires_grad]
         self.groups = groups if groups is not None else default_groups(module, trainable, shard_count)
-        covered = [n for g in self.groups for n in g.names]
-        if sorted(n for n in covered if n in set(trainable)) != sorted(trainable):
-            missing = sorted(set(trainable) - set(covered))
+        missing = sorted(set(trainable) - {n for g in self.groups for n in g.names})
+        if missing:
             raise ValueError(f"teacher layout does not cover every tracked parameter; missing: {missing[:5]}")
         self.module = module.eval().requires_grad_(False)
         self.flats, self.masters = [], []
@@ -94,19 +93,23 @@ class EMATeacher:
         for g in self.groups:
             if g.numel % shard_count:
                 raise ValueError(f"flat group of {g.numel} elements does not split over {shard_count} shards")
+            size = g.numel // shard_count
+            lo = shard_rank * size
             flat = torch.zeros(g.numel, dtype=compute_dtype, device=device)
-            master = torch.zeros(g.numel, dtype=torch.float32, device=device)
+            master = torch.zeros(size, dtype=torch.float32, device=device)  # only this rank's slice
             for name, off in zip(g.names, g.offsets):
                 if name not in params:  # a slot of the student's layout the teacher does not run
                     continue
                 p = params[name]
-                master[off : off + p.numel()] = p.detach().reshape(-1).float()
+                src = p.detach().reshape(-1)
+                a, b = max(off, lo), min(off + src.numel(), lo + size)
+                if a < b:
+                    master[a - lo : b - lo] = src[a - off : b - off].float()
                 view = flat[off : off + p.numel()].view_as(p)
                 view.copy_(p.detach())
                 p.data = view
-            size = g.numel // shard_count
             self.flats.append(flat)
-            self.masters.append(master[shard_rank * size : (shard_rank + 1) * size].clone())
+            self.masters.append(master)
         self._sources: SourceFn | None = None
 
     # ------------------------------------------------------------------------------- sources
