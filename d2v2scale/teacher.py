@@ -200,20 +200,6 @@ class EMATeacher:
                 params[name].copy_(value)
         self.publish()
 
-    def full_master_state(self) -> dict[str, torch.Tensor]:
-        """The teacher's fp32 weights by name (unsharded teachers only; for tests and export)."""
-        if self.shard_count != 1:
-            raise RuntimeError("full_master_state() needs an unsharded teacher; gather the shards first")
-        params = dict(self.module.named_parameters())
-        out = {}
-        for g, master in zip(self.groups, self.masters):
-            for name, off in zip(g.names, g.offsets):
-                if name in params:
-                    out[name] = master[off : off + params[name].numel()].view_as(params[name])
-        for name in self.copied_names:
-            out[name] = params[name].detach().float()
-        return out
-
 
 def ema_schedule(cfg) -> EMASchedule:
     t = cfg.teacher

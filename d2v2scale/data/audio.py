@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..model import counter_rng
-from .files import AUDIO_SUFFIXES, DataError, list_files, screen
+from .files import AUDIO_SUFFIXES, DataError, list_files, log_skipped, screen
 
 RATE = 16_000
 _STREAM_CROP = 12
@@ -80,8 +80,7 @@ def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance
         if length >= min_size:
             usable.append(Utterance(p, length))
     if verbose:
-        for p, reason in skipped:
-            print(f"[d2v2scale] skipping {p}: {reason}", file=sys.stderr, flush=True)
+        log_skipped(skipped)
     if not usable:
         raise DataError(f"data.path '{path}' has no usable audio of at least {min_size} samples "
                         f"({len(entries)} listed, {len(skipped)} unusable)")

@@ -71,6 +71,12 @@ def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     raise DataError(f"data.path '{root}' does not exist")
 
 
+def log_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """One line per unusable file, with its path and why."""
+    for path, reason in skipped:
+        print(f"[d2v2scale] skipping {path}: {reason}", file=sys.stderr, flush=True)
+
+
 def build_index(root: str | Path, suffixes: tuple[str, ...], log: bool = True) -> FileIndex:
     files = list_files(root, suffixes)
     usable, skipped = [], []
@@ -81,8 +87,7 @@ def build_index(root: str | Path, suffixes: tuple[str, ...], log: bool = True) -
         else:
             skipped.append((path, reason))
     if log:
-        for path, reason in skipped:
-            print(f"[d2v2scale] skipping {path}: {reason}", file=sys.stderr, flush=True)
+        log_skipped(skipped)
     if not usable:
         raise DataError(f"data.path '{root}' has no usable files with suffixes {', '.join(suffixes)} "
                         f"({len(files)} found, {len(skipped)} skipped as unusable)")

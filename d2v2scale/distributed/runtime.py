@@ -5,6 +5,7 @@ import os
 import socket
 
 import torch
+import torch.distributed as dist
 
 from .dims import LaunchEnv, ParallelDims
 
@@ -45,11 +46,16 @@ def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
     return dims, device
 
 
+def all_reduce(t: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over ``group`` (default: every rank); a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t
+
+
 def shutdown() -> None:
     """Leave together: rank 0 hosts the rendezvous store, and a peer still talking to it when
     rank 0 exits can abort, turning a finished run into a failed one."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -13,27 +13,20 @@ import re
 
 import torch
 
-# (fairseq regex, d2v2scale template) and the reverse, most specific first.
-_COMMON = [
-    (r"^modality_encoders\.{M}\.decoder\.(.*)$", r"decoder.\1"),
-    (r"^blocks\.(.*)$", r"blocks.\1"),
-]
+# (fairseq key, d2v2scale key) templates, most specific first; one table serves both directions.
+# {i}: a layer index, {p}: weight|bias, {rest}: anything; {M} is the modality's fairseq name.
 _AUDIO = [
-    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$",
-     r"encoder.local_encoder.conv_layers.\1.2.\2"),
-    (r"^modality_encoders\.AUDIO\.project_features\.1\.(weight|bias)$", r"encoder.project_features.0.\1"),
-    (r"^modality_encoders\.AUDIO\.project_features\.2\.(weight|bias)$", r"encoder.project_features.1.\1"),
-    (r"^modality_encoders\.AUDIO\.relative_positional_encoder\.1\.(\d+)\.0\.(weight|bias)$",
-     r"encoder.relative_positional_encoder.\1.0.\2"),
+    ("modality_encoders.AUDIO.local_encoder.conv_layers.{i}.2.1.{p}", "encoder.local_encoder.conv_layers.{i}.2.{p}"),
+    ("modality_encoders.AUDIO.project_features.1.{p}", "encoder.project_features.0.{p}"),
+    ("modality_encoders.AUDIO.project_features.2.{p}", "encoder.project_features.1.{p}"),
+    ("modality_encoders.AUDIO.relative_positional_encoder.1.{i}.0.{p}", "encoder.relative_positional_encoder.{i}.0.{p}"),
 ]
-_REVERSE_AUDIO = [
-    (r"^encoder\.local_encoder\.conv_layers\.(\d+)\.2\.(weight|bias)$",
-     r"modality_encoders.AUDIO.local_encoder.conv_layers.\1.2.1.\2"),
-    (r"^encoder\.project_features\.0\.(weight|bias)$", r"modality_encoders.AUDIO.project_features.1.\1"),
-    (r"^encoder\.project_features\.1\.(weight|bias)$", r"modality_encoders.AUDIO.project_features.2.\1"),
-    (r"^encoder\.relative_positional_encoder\.(\d+)\.0\.(weight|bias)$",
-     r"modality_encoders.AUDIO.relative_positional_encoder.1.\1.0.\2"),
+_COMMON = [
+    ("modality_encoders.{M}.decoder.{rest}", "decoder.{rest}"),
+    ("blocks.{rest}", "blocks.{rest}"),
+    ("modality_encoders.{M}.{rest}", "encoder.{rest}"),
 ]
+_PLACEHOLDERS = {"i": r"\d+", "p": "weight|bias", "rest": ".*"}
 MODALITY_NAMES = {"image": "IMAGE", "audio": "AUDIO", "text": "TEXT"}
 
 
@@ -44,23 +37,27 @@ class KeyMappingError(KeyError):
         return str(self.args[0])
 
 
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    regex = "".join(re.escape(part) if k % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})"
+                    for k, part in enumerate(parts))
+    return re.compile(f"^{regex}$")
+
+
 def _tables(modality: str) -> tuple[list, list]:
+    """(fairseq → d2v2scale, d2v2scale → fairseq) lists of (compiled pattern, output template)."""
     if modality not in MODALITY_NAMES:
         raise KeyMappingError(f"modality '{modality}' has no fairseq key mapping; supported: {', '.join(MODALITY_NAMES)}")
     name = MODALITY_NAMES[modality]
-    forward = [(a.replace("{M}", name), b) for a, b in _COMMON]
-    backward = [(r"^decoder\.(.*)$", rf"modality_encoders.{name}.decoder.\1"), (r"^blocks\.(.*)$", r"blocks.\1")]
-    if modality == "audio":
-        forward, backward = _AUDIO + forward, _REVERSE_AUDIO + backward
-    forward.append((rf"^modality_encoders\.{name}\.(.*)$", r"encoder.\1"))
-    backward.append((r"^encoder\.(.*)$", rf"modality_encoders.{name}.\1"))
-    return forward, backward
+    pairs = (_AUDIO if modality == "audio" else []) + [(a.replace("{M}", name), b) for a, b in _COMMON]
+    return [(_compile(a), b) for a, b in pairs], [(_compile(b), a) for a, b in pairs]
 
 
 def _rename(key: str, table: list, side: str) -> str:
     for pattern, template in table:
-        if re.match(pattern, key):
-            return re.sub(pattern, template, key)
+        match = pattern.match(key)
+        if match:
+            return template.format(**match.groupdict())
     raise KeyMappingError(f"unknown {side} key '{key}'")
 
 

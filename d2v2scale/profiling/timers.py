@@ -14,11 +14,6 @@ PHASES = ("data", "local_encoder", "teacher", "student", "decoder_loss", "backwa
 _NOOP = nullcontext()
 
 
-def no_phase(name: str):
-    """The default phase hook of model code: does nothing."""
-    return _NOOP
-
-
 class StepTimer:
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled = enabled

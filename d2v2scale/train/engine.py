@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import Config
 from ..data.loader import MicroBatch, StepLoader
 from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
+from ..distributed.runtime import all_reduce
 from ..distributed.sharded_teacher import build_sharded_teacher
 from ..distributed.tensor_parallel import TPRegionRNG, parallelize
 from ..model import Data2Vec2
@@ -81,12 +81,6 @@ class StepStats:
     flops: float  # model FLOPs of this rank's micro-batches (analytic, from shapes: no sync)
 
 
-def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
-
-
 def train_step(tr: Trainer, step: int) -> StepStats:
     cfg, engine, model = tr.cfg, tr.engine, tr.model
     phase = tr.timer.phase
@@ -97,17 +91,17 @@ def train_step(tr: Trainer, step: int) -> StepStats:
 
     masks = [model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths) for mb in batches]
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
-    global_masked = all_reduce_sum(local_masked.clone(), tr.dims.dp_group)
+    global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
     # DeepSpeed divides by grad_accum and averages over DP; undo both so grads are sum / global count.
     scale = tr.plan.dp * tr.plan.grad_accum / global_masked
     poison = float("nan") if step + 1 in tr.nan_steps and tr.dims.rank == 0 else 1.0  # test hook
 
+    layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
     zero = torch.zeros((), device=tr.device)
     reg, cls, tvar, pvar, layers = zero.clone(), zero.clone(), zero.clone(), zero.clone(), None
     skipped = False
     for i, (mb, mask) in enumerate(zip(batches, masks)):
-        out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=int(combine(cfg.seed, step)),
-                     phase=phase)
+        out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key, phase=phase)
         loss = out.loss_sum * scale * poison
         if i == 0 and not all_finite(loss, None):
             skipped = True  # nothing accumulated yet: drop the whole step before any backward

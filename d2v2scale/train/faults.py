@@ -16,7 +16,8 @@ import os
 import signal
 
 import torch
-import torch.distributed as dist
+
+from ..distributed.runtime import all_reduce
 
 EXIT_PREEMPTED = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -50,17 +51,13 @@ class StopFlag:
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank got a stop signal (collective)."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce(flag, op="max").item())
 
 
 def all_finite(value: torch.Tensor, group) -> bool:
     """Whether ``value`` is finite on every rank of ``group`` (collective)."""
     bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    return not bool(bad.item())
+    return not bool(all_reduce(bad, group, op="max").item())
 
 
 def params_finite(module: torch.nn.Module) -> bool:

@@ -8,11 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
-def _reduce(vec: torch.Tensor, group) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(vec, group=group)
-    return vec
+from ..distributed.runtime import all_reduce
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -39,10 +35,10 @@ def log_record(tr, step: int, stats: list, wall: float) -> dict:
     per_step = torch.stack([
         torch.stack([s.loss_reg, s.loss_cls, s.masked, s.kept, s.target_var, s.pred_var]).float() for s in stats
     ])
-    reg, cls, masked, kept, tvar, pvar = _reduce(per_step.sum(0), tr.dims.dp_group).tolist()
+    reg, cls, masked, kept, tvar, pvar = all_reduce(per_step.sum(0), tr.dims.dp_group).tolist()
     tvar, pvar = tvar / len(stats) / tr.plan.dp, pvar / len(stats) / tr.plan.dp
     grad_norm = tr.engine.get_global_grad_norm()
-    flops = _reduce(torch.tensor([sum(st.flops for st in stats)], dtype=torch.float64, device=tr.device), tr.dims.dp_group)
+    flops = all_reduce(torch.tensor([sum(st.flops for st in stats)], dtype=torch.float64, device=tr.device), tr.dims.dp_group)
     flops_per_s_device = float(flops) / wall / tr.dims.world_size
     return {
         "step": step + 1,
@@ -84,7 +80,7 @@ class Diagnostics:
         layers = [s.layer_target_var for s in stats if s.layer_target_var is not None]
         layer_var = []
         if layers:
-            mean = _reduce(torch.stack(layers).mean(0).float(), tr.dims.dp_group) / tr.plan.dp
+            mean = all_reduce(torch.stack(layers).mean(0).float(), tr.dims.dp_group) / tr.plan.dp
             layer_var = [round(v, 6) for v in mean.tolist()]
         warnings = []
         if row["target_var"] is not None and row["target_var"] < self.min_target:
