@@ -12,7 +12,7 @@ Every encoder offers the same two calls, so the model and the teacher drive them
 Every parameter is read inside the ``forward`` of the module that owns it, so ZeRO-3's
 per-module parameter gathering sees each use.
 
-Submodule names follow fairseq's ``modality_encoders.<MOD>.*`` so interop is a prefix rename.
+Submodule names follow fairseq's ``modality_encoders.<MOD>.*`` so interop is a short rename table.
 """
 from __future__ import annotations
 
