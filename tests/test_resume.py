@@ -88,7 +88,9 @@ def test_sigterm_checkpoints_and_exits_3_within_one_step(tmp_path):
     assert [p.returncode for p in procs] == [3, 3], outputs[0][-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     saved = int(latest.split("_")[-1])
-    assert signalled_after < saved <= signalled_after + 2  # the step in progress (+1 for polling latency)
+    # The step in progress when the flag is agreed: the logged step itself if the signal lands between
+    # its metrics line and the agreement, else the next one; +1 because the poll above can lag a step.
+    assert signalled_after <= saved <= signalled_after + 2
     assert _last_step(run_dir) == saved
     assert "requeue" in outputs[0]
 
