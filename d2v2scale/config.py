@@ -112,6 +112,7 @@ class DataConfig:
     kind: str = "synthetic"
     path: str | None = None
     num_workers: int = 2
+    prefetch_steps: int = 1  # steps read ahead on a background thread (0: load when the step starts)
     max_tokens: int | None = None  # audio: samples per micro-batch per rank
     min_sample_size: int = 32_000
     max_sample_size: int = 320_000
@@ -350,7 +351,8 @@ def validate(cfg: Config) -> None:
     for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout", "layerdrop"):
         v = getattr(m, key)
         _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
-    _check(0.0 <= d.input_dropout < 1.0, f"decoder.input_dropout={d.input_dropout} is not allowed; allowed values: 0 <= input_dropout < 1")
+    _check(0.0 <= d.input_dropout < 1.0,
+           f"decoder.input_dropout={d.input_dropout} is not allowed; allowed values: 0 <= input_dropout < 1")
     _check(m.mask_noise_std >= 0, f"model.mask_noise_std={m.mask_noise_std} is not allowed; allowed values: >= 0")
     for key in ("dim", "kernel", "layers", "groups", "projection_layers"):
         _check(getattr(d, key) >= 1, f"decoder.{key}={getattr(d, key)} is not allowed; allowed values: integers >= 1")
@@ -359,7 +361,8 @@ def validate(cfg: Config) -> None:
         f"decoder.groups={d.groups} must divide decoder.dim={d.dim} and model.embed_dim={m.embed_dim}",
     )
     _check(0.0 <= t.ema_decay <= t.ema_end_decay <= 1.0,
-           f"teacher.ema_decay={t.ema_decay}, teacher.ema_end_decay={t.ema_end_decay}: allowed values: 0 <= ema_decay <= ema_end_decay <= 1")
+           f"teacher.ema_decay={t.ema_decay}, teacher.ema_end_decay={t.ema_end_decay}: "
+           "allowed values: 0 <= ema_decay <= ema_end_decay <= 1")
     _check(t.ema_anneal_end_step >= 0, f"teacher.ema_anneal_end_step={t.ema_anneal_end_step}; allowed values: integers >= 0")
     if m.modality == "image":
         _check(m.img_size % m.patch_size == 0,
@@ -371,7 +374,7 @@ def validate(cfg: Config) -> None:
         _check(m.num_extra_tokens == 0, f"model.num_extra_tokens={m.num_extra_tokens}: allowed values for {m.modality}: 0")
         _check(m.cls_loss == 0, f"model.cls_loss={m.cls_loss}: allowed values for {m.modality}: 0 (CLS loss is image-only)")
     if m.modality == "audio":
-        _check(all(isinstance(l, list) and len(l) == 3 for l in m.conv_feature_layers),
+        _check(all(isinstance(layer, list) and len(layer) == 3 for layer in m.conv_feature_layers),
                "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples")
         _check(m.embed_dim % m.conv_pos_groups == 0,
                f"model.conv_pos_groups={m.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
@@ -380,7 +383,10 @@ def validate(cfg: Config) -> None:
     _check(t.ema_encoder_only or m.modality != "text",
            "teacher.ema_encoder_only=false is not supported for text; allowed values: true")
     _check(not (m.modality == "audio" and t.ema_local_encoder),
-           "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); allowed values: false")
+           "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); "
+           "allowed values: false")
+    _check(cfg.data.prefetch_steps >= 0,
+           f"data.prefetch_steps={cfg.data.prefetch_steps} is not allowed; allowed values: integers >= 0")
     tr = cfg.train
     _one_of("train.batch_scaling", tr.batch_scaling, ("none", "linear"))
     for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):

@@ -161,8 +161,10 @@ def render(cfg: Config, r: dict) -> str:
     lines = [
         f"{cfg.preset} on {r['world']} × {r['gpu']} (tp={r['tp']}, dp={r['dp']}, ZeRO-{lay.zero}, "
         f"{'bf16' if lay.bf16 else 'fp32'}): {r['batch'].describe()}",
-        f"  parameters: {psi_total / 1e6:.1f} M student, {psi / 1e6:.1f} M per TP rank, {psi_t / 1e6:.1f} M teacher-tracked per TP rank",
-        f"  micro-batch: {lay.micro_items} items × M={cfg.model.clone_batch} masks, T={lay.positions}, kept {int(lay.positions * (1 - cfg.masking.mask_prob))}",
+        f"  parameters: {psi_total / 1e6:.1f} M student, {psi / 1e6:.1f} M per TP rank, "
+        f"{psi_t / 1e6:.1f} M teacher-tracked per TP rank",
+        f"  micro-batch: {lay.micro_items} items × M={cfg.model.clone_batch} masks, T={lay.positions}, "
+        f"kept {int(lay.positions * (1 - cfg.masking.mask_prob))}",
         "  per-GPU memory (GB):",
     ]
     for k, v in r["states"].items():

@@ -5,7 +5,9 @@ groups*: each group is a vector holding some parameters at fixed offsets, padded
 over the shard group (the data-parallel ranks). This rank keeps only its slice of every group as
 an fp32 master, and an update is an element-wise ``lerp`` of each slice towards the student's fp32
 values for the same slice — no communication. The forward module's parameters are views into
-compute-dtype copies of the groups, refreshed from the masters by one ``all_gather`` per group.
+compute-dtype copies of the groups, refreshed from the masters by all-gathers that coalesce
+consecutive groups up to ``bucket_numel`` gathered elements (ZeRO-3 has one group per parameter:
+hundreds of small collectives otherwise).
 
 With the default layout (one group, one shard) this is a plain fp32 EMA. The distributed builder
 (:mod:`d2v2scale.distributed.sharded_teacher`) passes DeepSpeed's own ZeRO partition layout so
@@ -73,6 +75,7 @@ class EMATeacher:
         shard_rank: int = 0,
         shard_count: int = 1,
         all_gather: AllGather | None = None,
+        bucket_numel: int = 500_000_000,
     ):
         if shard_count > 1 and all_gather is None:
             raise ValueError("a sharded EMA teacher needs an all_gather function over its shard group")
@@ -111,6 +114,7 @@ class EMATeacher:
             self.flats.append(flat)
             self.masters.append(master)
         self._sources: SourceFn | None = None
+        self.buckets = _buckets([g.numel for g in self.groups], bucket_numel)
 
     # ------------------------------------------------------------------------------- sources
     def bind_sources(self, sources: SourceFn) -> None:
@@ -159,13 +163,28 @@ class EMATeacher:
         return decay
 
     def publish(self) -> None:
-        """Refresh the compute-dtype forward weights from the fp32 masters (all-gather when sharded)."""
-        for flat, master in zip(self.flats, self.masters):
-            shard = master.to(flat.dtype)
-            if self.shard_count == 1:
-                flat.copy_(shard)
-            else:
-                self.all_gather(flat, shard)
+        """Refresh the compute-dtype forward weights from the fp32 masters (all-gather when sharded).
+
+        A bucket of several groups is gathered as one vector of this rank's slices back to back; row
+        ``r`` of the result, viewed as (shards, slices), holds rank ``r``'s slices, which are rows ``r``
+        of the groups viewed the same way."""
+        if self.shard_count == 1:
+            for flat, master in zip(self.flats, self.masters):
+                flat.copy_(master)
+            return
+        for bucket in self.buckets:
+            if len(bucket) == 1:
+                flat = self.flats[bucket[0]]
+                self.all_gather(flat, self.masters[bucket[0]].to(flat.dtype))
+                continue
+            shard = torch.cat([self.masters[i] for i in bucket]).to(self.flats[bucket[0]].dtype)
+            rows = shard.new_empty(self.shard_count * shard.numel())
+            self.all_gather(rows, shard)
+            rows, start = rows.view(self.shard_count, -1), 0
+            for i in bucket:
+                size = self.masters[i].numel()
+                self.flats[i].view(self.shard_count, size).copy_(rows[:, start : start + size])
+                start += size
 
     # --------------------------------------------------------------------------- checkpoints
     def master_bytes(self) -> int:
@@ -199,6 +218,20 @@ class EMATeacher:
             for name, value in state["copied"].items():
                 params[name].copy_(value)
         self.publish()
+
+
+def _buckets(numels: list[int], limit: int) -> list[list[int]]:
+    """Consecutive group indices, each run holding at most ``limit`` elements (a larger group alone)."""
+    out: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(numels):
+        if out and total + n <= limit:
+            out[-1].append(i)
+            total += n
+        else:
+            out.append([i])
+            total = n
+    return out
 
 
 def ema_schedule(cfg) -> EMASchedule:

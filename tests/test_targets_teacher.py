@@ -1,12 +1,14 @@
 """Targets against a hand computation; the teacher sees the unmasked input and gets no gradient;
 the EMA after k updates equals the closed form; sharded EMA equals unsharded."""
+import threading
+
 import pytest
 import torch
 
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2
-from d2v2scale.teacher import EMASchedule, EMATeacher, build_teacher
+from d2v2scale.teacher import EMASchedule, EMATeacher, FlatGroup, build_teacher
 
 
 def _model(preset, *overrides):
@@ -89,7 +91,10 @@ def test_teacher_tracks_the_right_parts():
     _, img, t_img = _model("tiny_image")
     _, aud, t_aud = _model("tiny_audio")
     _, txt, t_txt = _model("tiny_text")
-    names = lambda t: {n for n, _ in t.module.named_parameters()}
+
+    def names(t):
+        return {n for n, _ in t.module.named_parameters()}
+
     assert names(t_img) == {n for n, _ in img.named_parameters() if not n.startswith("decoder.")}
     assert not any(n.startswith(("decoder.", "encoder.local_encoder.", "encoder.project_features.")) for n in names(t_aud))
     assert "encoder.alibi_scale" in names(t_aud)
@@ -134,7 +139,8 @@ def test_sharded_ema_equals_unsharded():
     def gather(out, _shard):
         out.copy_(torch.cat([s.masters[0] for s in shards]))
 
-    shards += [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), shard_rank=r, shard_count=2, all_gather=gather) for r in range(2)]
+    shards += [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), shard_rank=r, shard_count=2, all_gather=gather)
+               for r in range(2)]
     assert sum(s.masters[0].numel() for s in shards) >= full.masters[0].numel()
     for step in range(1, 6):
         with torch.no_grad():
@@ -145,8 +151,48 @@ def test_sharded_ema_equals_unsharded():
             s.update(step, student)
     for s in shards:
         s.publish()  # both masters are final now
-        for (n, a), (_, b) in zip(full.module.named_parameters(), s.module.named_parameters()):
+        for a, b in zip(full.module.parameters(), s.module.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bucketed_refresh_equals_unsharded_with_one_gather_per_bucket():
+    """ZeRO-3-like layout (one padded group per parameter) over 3 shards, each shard on its own
+    thread with a barrier-based all_gather: buckets of several groups, and a group larger than the
+    bucket on its own, must give exactly the unsharded EMA, with fewer collectives than groups."""
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 40), torch.nn.Linear(40, 1))
+    names = [n for n, _ in student.named_parameters()]
+    count = 3
+    groups = [FlatGroup((n,), (0,), -(-p.numel() // count) * count) for n, p in student.named_parameters()]
+    full = EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10))
+    slots, barrier, calls = [None] * count, threading.Barrier(count), []
+
+    def gather_for(rank):
+        def gather(out, shard):
+            slots[rank] = shard.clone()
+            barrier.wait()
+            out.copy_(torch.cat(slots))
+            calls.append(rank)
+            barrier.wait()
+        return gather
+
+    shards = [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), groups=groups, shard_rank=r, shard_count=count,
+                         all_gather=gather_for(r), bucket_numel=90) for r in range(count)]
+    assert shards[0].buckets == [[0, 1], [2], [3, 4, 5]]  # padded numels 36+6 | 201 (> 90) alone | 42+42+3
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    full.update(1, student)
+    threads = [threading.Thread(target=s.update, args=(1, student)) for s in shards]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == count * len(shards[0].buckets) < count * len(groups)
+    for s in shards:
+        for n in names:
+            torch.testing.assert_close(dict(s.module.named_parameters())[n], dict(full.module.named_parameters())[n],
+                                       rtol=0, atol=0)
 
 
 def _copy(module):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
+from .prefetch import StepPrefetcher
 from .schedule import RankSchedule
 
 
@@ -59,22 +60,36 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
 
 
 class StepLoader:
-    """``loader.step(n)`` → this rank's ``grad_accum`` micro-batches of step ``n``."""
+    """``loader.step(n)`` → this rank's ``grad_accum`` micro-batches of step ``n``, on ``device`` in
+    ``dtype``, read ahead ``prefetch_steps`` steps on a background thread (see :mod:`.prefetch`)."""
 
-    def __init__(self, cfg: Config, schedule: RankSchedule, device: torch.device = torch.device("cpu"),
-                 verbose: bool = True):
+    def __init__(self, cfg: Config, schedule: RankSchedule, device: torch.device, dtype: torch.dtype,
+                 verbose: bool = True, prefetch_steps: int = 0):
         self.source = build_source(cfg, schedule.micro_batch, device, verbose)
-        self.schedule = schedule
+        self.schedule, self.device, self.dtype = schedule, device, dtype
+        self._skipped: frozenset[str] = frozenset()
+        init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None  # device is per thread
+        self._prefetcher = StepPrefetcher(self._load, prefetch_steps, cfg.train.max_updates, thread_init=init)
 
     def step(self, step: int) -> list[MicroBatch]:
+        batches, self._skipped = self._prefetcher.get(step)
+        return batches
+
+    def skipped_files(self) -> frozenset[str]:
+        """Data files this rank found unusable up to the last step handed out (not the read-ahead)."""
+        return self._skipped
+
+    def close(self) -> None:
+        self._prefetcher.close()
+
+    def _load(self, step: int) -> tuple[list[MicroBatch], frozenset[str]]:
         if getattr(self.source, "by_batch", False):
-            out = []
-            for batch_id in self.schedule.batch_ids(step):
-                source, lengths, ids = self.source.batch_by_id(batch_id)
-                out.append(MicroBatch(source, ids, lengths))
-            return out
-        out = []
-        for positions in self.schedule.positions(step):
-            source, lengths = self.source.batch(positions)
-            out.append(MicroBatch(source, positions, lengths))
-        return out
+            raw = [self.source.batch_by_id(b) for b in self.schedule.batch_ids(step)]
+            batches = [MicroBatch(source, ids, lengths) for source, lengths, ids in raw]
+        else:
+            batches = []
+            for positions in self.schedule.positions(step):
+                source, lengths = self.source.batch(positions)
+                batches.append(MicroBatch(source, positions, lengths))
+        skipped = frozenset(self.source.skipped_files()) if hasattr(self.source, "skipped_files") else frozenset()
+        return [mb.to(self.device, self.dtype) for mb in batches], skipped

@@ -42,7 +42,6 @@ class TokenBlocks:
         self.num_blocks = len(self.tokens) // block_size
         if self.num_blocks == 0:
             raise DataError(f"data.path '{prefix}' has {len(self.tokens)} tokens, fewer than one block of {block_size}")
-        self.skipped = 0
 
     def __len__(self) -> int:
         return self.num_blocks

@@ -3,7 +3,7 @@
 The student's optimizer already splits its fp32 master weights over the DP ranks. Giving the
 teacher the *same* layout means each rank's EMA slice sits next to the student's fp32 slice it
 averages: the update is one local ``lerp`` per group, and only the refresh of the compute-dtype
-teacher weights communicates (an all-gather over DP). Per ZeRO stage:
+teacher weights communicates (all-gathers over DP, groups coalesced into buckets). Per ZeRO stage:
 
 - stage 1/2: one flat group per optimizer param group, exactly DeepSpeed's ``bit16_groups_flat``
   layout; the student's slice is ``single_partition_of_fp32_groups[i]``. The param groups that
@@ -63,16 +63,19 @@ def _stage0_masters(engine) -> dict[str, torch.Tensor]:
 
 
 def build_sharded_teacher(
-    engine, teacher_module: nn.Module, schedule: EMASchedule, dims: ParallelDims, compute_dtype: torch.dtype
+    engine, teacher_module: nn.Module, schedule: EMASchedule, dims: ParallelDims, compute_dtype: torch.dtype,
+    bucket_numel: int = 500_000_000,
 ) -> EMATeacher:
     """The EMA teacher of ``engine``'s student, sharded over ``dims``' DP group.
 
     ``teacher_module`` must be the student's teacher copy taken *before* ``deepspeed.initialize``
-    (ZeRO-3 empties the module's parameters) and after tensor parallelism was applied."""
+    (ZeRO-3 empties the module's parameters) and after tensor parallelism was applied.
+    ``bucket_numel`` bounds the elements one refresh all-gather moves (the JSON's
+    ``zero_optimization.allgather_bucket_size``, DeepSpeed's default 5e8)."""
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     stage = engine.zero_optimization_stage()
     common = dict(compute_dtype=compute_dtype, shard_rank=dims.dp_rank, shard_count=dims.dp,
-                  all_gather=_all_gather_fn(dims.dp_group) if dims.dp > 1 else None)
+                  all_gather=_all_gather_fn(dims.dp_group) if dims.dp > 1 else None, bucket_numel=bucket_numel)
     if stage in (1, 2):
         groups, indices = _zero12_groups(engine, tracked)
         teacher = EMATeacher(teacher_module, schedule, groups=groups, **common)

@@ -63,11 +63,13 @@ def plan_batch(ds: dict, cfg: Config, dp: int) -> BatchPlan:
     micro = _int_or_auto(ds, "train_micro_batch_size_per_gpu")
     gas = _int_or_auto(ds, "gradient_accumulation_steps")
     if tbs is not None and tbs != g:
-        raise ConfigError(f"ds_config train_batch_size={tbs} disagrees with train.global_batch={g}; allowed values: \"auto\" or {g}")
+        raise ConfigError(f"ds_config train_batch_size={tbs} disagrees with train.global_batch={g}; "
+                          f"allowed values: \"auto\" or {g}")
     tokens = cfg.data.max_tokens if cfg.model.modality == "audio" else None
     if tokens is not None:
         if micro is not None:
-            raise ConfigError("ds_config train_micro_batch_size_per_gpu must be \"auto\" when data.max_tokens sets the audio micro-batch")
+            raise ConfigError("ds_config train_micro_batch_size_per_gpu must be \"auto\" when data.max_tokens "
+                              "sets the audio micro-batch")
         micro, unit = tokens, "audio samples"
     else:
         unit = "samples"
@@ -77,7 +79,8 @@ def plan_batch(ds: dict, cfg: Config, dp: int) -> BatchPlan:
         micro, rem = divmod(g, gas * dp)
         if rem or micro == 0:
             raise ConfigError(f"batch math does not add up: train.global_batch={g} is not divisible by "
-                              f"gradient_accumulation_steps={gas} × data-parallel size {dp}; allowed: a global batch divisible by {gas * dp}")
+                              f"gradient_accumulation_steps={gas} × data-parallel size {dp}; "
+                              f"allowed: a global batch divisible by {gas * dp}")
     elif gas is None:
         gas, rem = divmod(g, micro * dp)
         if rem or gas == 0:

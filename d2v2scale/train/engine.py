@@ -86,7 +86,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     phase = tr.timer.phase
     t0 = time.perf_counter()
     with phase("data"):
-        batches: list[MicroBatch] = [mb.to(tr.device, tr.dtype) for mb in tr.loader.step(step)]
+        batches: list[MicroBatch] = tr.loader.step(step)  # on the device; read ahead while the last step ran
     data_time = time.perf_counter() - t0
 
     masks = [model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths) for mb in batches]
@@ -149,9 +149,10 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
         model=model, model_parameters=param_groups(model, wd, tracked), config=ds_config,
         mpu=dims.mpu if dims.world_size > 1 else None,
     )
-    teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype)
+    bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", 500_000_000))
+    teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype, bucket)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
-    loader = StepLoader(cfg, schedule, device, verbose=dims.rank == 0)
+    loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps)
     return Trainer(cfg, plan, dims, engine, teacher, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype))
 
 
@@ -216,4 +217,5 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     finally:
         stop.uninstall()
         bar.close()
+        tr.loader.close()
     return rows

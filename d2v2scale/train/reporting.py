@@ -19,14 +19,11 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def skipped_samples(tr) -> int:
     """Unusable data files seen by any rank so far (each file counted once)."""
-    source = tr.loader.source
-    if not hasattr(source, "skipped_files"):
-        return int(getattr(source, "skipped", 0))
-    files = source.skipped_files()
+    files = tr.loader.skipped_files()
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, files)
-        files = set().union(*gathered)
+        files = frozenset().union(*gathered)
     return len(files)
 
 

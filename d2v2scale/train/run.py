@@ -26,7 +26,7 @@ RESUMABLE = (
     "preset", "train.max_updates", "train.log_every", "train.save_every", "train.keep_last",
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
     "train.batch_scaling",
-    "data.num_workers", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
+    "data.num_workers", "data.prefetch_steps", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
 )
 _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown")
 
