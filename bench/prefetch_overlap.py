@@ -56,8 +56,9 @@ def main() -> None:
         schedule = RankSchedule(args.batch, args.batch, 1, 0, 1)
         loaders = {k: StepLoader(cfg, schedule, torch.device("cpu"), torch.float32, verbose=False, prefetch_steps=k)
                    for k in (0, 1)}
+        loaders[0].step(0)  # warm-up
         t0 = time.perf_counter()
-        for step in range(3):
+        for step in range(1, 4):
             loaders[0].step(step)
         load = (time.perf_counter() - t0) / 3
         a = torch.randn(384, 384) / 20
