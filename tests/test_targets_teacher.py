@@ -165,7 +165,7 @@ def test_bucketed_refresh_equals_unsharded_with_one_gather_per_bucket():
     count = 3
     groups = [FlatGroup((n,), (0,), -(-p.numel() // count) * count) for n, p in student.named_parameters()]
     full = EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10))
-    slots, barrier, calls = [None] * count, threading.Barrier(count), []
+    slots, barrier, calls = [None] * count, threading.Barrier(count, timeout=60), []  # a failing shard cannot hang the test
 
     def gather_for(rank):
         def gather(out, shard):
