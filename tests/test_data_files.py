@@ -98,17 +98,22 @@ def test_token_blocks(tmp_path):
         TokenBlocks(tmp_path / "tok", 64, 100, seed=0)
 
 
-@pytest.mark.slow
-def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path):
-    from test_deepspeed_training import _launch, _torchrun
+def _pretrain(launcher: list[str], preset: str, run_dir, *overrides: str) -> list[dict]:
+    """``launchers/pretrain.py`` with ``ds_configs/cpu_tiny.json``; the metrics rows the run wrote."""
+    from test_deepspeed_training import LAUNCH, _launch
     from d2v2scale.train.metrics import read_metrics
 
+    _launch(launcher, *LAUNCH, "--preset", preset, "--run_dir", str(run_dir), *overrides)
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path):
+    from test_deepspeed_training import _torchrun
+
     make_jpegs(tmp_path / "jpegs", 90, corrupt=10)
-    run_dir = tmp_path / "run"
-    _launch(_torchrun(2), "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_image",
-            "--run_dir", str(run_dir), "data.kind=images", f"data.path={tmp_path / 'jpegs'}", "train.max_updates=8",
-            "train.log_every=4")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = _pretrain(_torchrun(2), "tiny_image", tmp_path / "run", "data.kind=images",
+                     f"data.path={tmp_path / 'jpegs'}", "train.max_updates=8", "train.log_every=4")
     # 8 bad files are screened out at start; the 2 with valid markers around garbage fail to decode
     # and are met within these 256 samples (3 epochs of 83 files)
     assert rows[-1]["step"] == 8 and rows[-1]["skipped_samples"] == 10
@@ -116,16 +121,10 @@ def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_text_trains_on_a_token_file(tmp_path):
-    from test_deepspeed_training import _launch
-    from d2v2scale.train.metrics import read_metrics
-
     (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
     build(tmp_path / "tok", [tmp_path / "a.txt"], byte_tokenizer)
-    run_dir = tmp_path / "run"
-    _launch([sys.executable], "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_text",
-            "--run_dir", str(run_dir), "data.kind=text", f"data.path={tmp_path / 'tok'}", "train.max_updates=6",
-            "train.log_every=3")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = _pretrain([sys.executable], "tiny_text", tmp_path / "run", "data.kind=text",
+                     f"data.path={tmp_path / 'tok'}", "train.max_updates=6", "train.log_every=3")
     assert rows[-1]["step"] == 6 and rows[-1]["loss"] < rows[0]["loss"] * 2
 
 
@@ -166,15 +165,11 @@ def test_audio_index_batches_and_crops(audio_dir):
 @pytest.mark.slow
 def test_tiny_audio_trains_on_wav_and_flac_files(tmp_path):
     from data_fixtures import make_audio
-    from test_deepspeed_training import _launch, _torchrun
-    from d2v2scale.train.metrics import read_metrics
+    from test_deepspeed_training import _torchrun
 
     make_audio(tmp_path / "audio", 24, corrupt=3)
-    run_dir = tmp_path / "run"
-    _launch(_torchrun(2), "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_audio",
-            "--run_dir", str(run_dir), "data.kind=audio", f"data.path={tmp_path / 'audio'}", "data.max_tokens=24000",
-            "data.min_sample_size=4000", "data.max_sample_size=12000", "train.global_batch=48000",
-            "train.max_updates=6", "train.log_every=3")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = _pretrain(_torchrun(2), "tiny_audio", tmp_path / "run", "data.kind=audio", f"data.path={tmp_path / 'audio'}",
+                     "data.max_tokens=24000", "data.min_sample_size=4000", "data.max_sample_size=12000",
+                     "train.global_batch=48000", "train.max_updates=6", "train.log_every=3")
     assert rows[-1]["step"] == 6 and rows[-1]["skipped_samples"] == 3
     assert all(isinstance(r["loss"], float) for r in rows)
