@@ -58,6 +58,7 @@ def default_groups(module: nn.Module, names: Sequence[str], shard_count: int) ->
     return [FlatGroup(tuple(names), tuple(offsets), -(-max(total, 1) // shard_count) * shard_count)]
 
 
+BUCKET_NUMEL = 500_000_000  # elements per refresh all-gather: DeepSpeed's allgather_bucket_size default
 AllGather = Callable[[torch.Tensor, torch.Tensor], None]  # (output_flat, input_shard)
 SourceFn = Callable[[], list[torch.Tensor]]  # this rank's fp32 student values, one tensor per group
 
@@ -75,7 +76,7 @@ class EMATeacher:
         shard_rank: int = 0,
         shard_count: int = 1,
         all_gather: AllGather | None = None,
-        bucket_numel: int = 500_000_000,
+        bucket_numel: int = BUCKET_NUMEL,
     ):
         if shard_count > 1 and all_gather is None:
             raise ValueError("a sharded EMA teacher needs an all_gather function over its shard group")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..teacher import EMASchedule, EMATeacher, FlatGroup, default_groups
+from ..teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_groups
 from .dims import ParallelDims
 
 
@@ -64,7 +64,7 @@ def _stage0_masters(engine) -> dict[str, torch.Tensor]:
 
 def build_sharded_teacher(
     engine, teacher_module: nn.Module, schedule: EMASchedule, dims: ParallelDims, compute_dtype: torch.dtype,
-    bucket_numel: int = 500_000_000,
+    bucket_numel: int = BUCKET_NUMEL,
 ) -> EMATeacher:
     """The EMA teacher of ``engine``'s student, sharded over ``dims``' DP group.
 

@@ -34,7 +34,7 @@ from ..model import Data2Vec2
 from ..model.counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
-from ..teacher import EMATeacher, ema_schedule
+from ..teacher import BUCKET_NUMEL, EMATeacher, ema_schedule
 from . import checkpoint
 from .ds_config import BatchPlan
 from .faults import NonFiniteTraining, Preempted, StopFlag, all_finite, injected_nan_steps, params_finite
@@ -149,7 +149,7 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
         model=model, model_parameters=param_groups(model, wd, tracked), config=ds_config,
         mpu=dims.mpu if dims.world_size > 1 else None,
     )
-    bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", 500_000_000))
+    bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", BUCKET_NUMEL))
     teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype, bucket)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps)
