@@ -69,6 +69,7 @@ class ModelConfig:
     vocab_size: int = 50265
     max_positions: int = 512
     pad_idx: int = 1
+    embed_dropout: float = 0.1  # after the token + position embedding (fairseq modalities.text.dropout)
 
 
 @dataclass
@@ -291,12 +292,18 @@ def parse_override(text: str) -> tuple[str, str | None, Any]:
     return parts[0], parts[1], value
 
 
-def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated :class:`Config` from a preset (name or YAML path) and command-line overrides."""
+def load_config(
+    preset: str, overrides: list[str] | tuple[str, ...] = (), values: dict[str, Any] | None = None
+) -> Config:
+    """Build a validated :class:`Config` from a preset (name or YAML path), then ``values``
+    (``{"model.depth": 3}``, e.g. read from a checkpoint), then command-line overrides."""
     name, data = _read_preset(preset)
     cfg = Config(preset=name)
     for section, value in data.items():
         _apply(cfg, str(section), None, value, f"preset '{preset}'")
+    for dotted, value in (values or {}).items():
+        section, _, key = dotted.partition(".")
+        _apply(cfg, section, key or None, value, "checkpoint config")
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, section, key, value, "command line")
@@ -348,7 +355,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 < mk.mask_prob < 1.0, f"masking.mask_prob={mk.mask_prob} is not allowed; allowed values: 0 < mask_prob < 1")
     _check(mk.mask_length >= 1, f"masking.mask_length={mk.mask_length} is not allowed; allowed values: integers >= 1")
     _check(mk.mask_prob_adjust >= 0, f"masking.mask_prob_adjust={mk.mask_prob_adjust} is not allowed; allowed values: >= 0")
-    for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout", "layerdrop"):
+    for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout",
+                "layerdrop", "embed_dropout"):
         v = getattr(m, key)
         _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
     _check(0.0 <= d.input_dropout < 1.0,

@@ -3,72 +3,161 @@
     python -m d2v2scale.convert from-fairseq IN.pt OUT.pt [--preset NAME|path.yaml] [--trust_checkpoint] [key=value ...]
     python -m d2v2scale.convert to-fairseq IN OUT.pt
 
-``from-fairseq`` reads a ``Data2VecMultiModel`` state_dict (a released ``.pt`` wraps it under
-``model``; a bare dict or one under ``state_dict`` works too), maps the keys, derives the model's
-shape from the tensors (width, depths, decoder, patch grid) on top of the modality's base preset
-(or ``--preset``) and the ``key=value`` overrides, and checks every tensor against the model it
-builds — unknown keys, missing keys and shape mismatches are reported by name. The output is a
+``from-fairseq`` reads a ``Data2VecMultiModel`` checkpoint (released files hold the state_dict
+under ``model`` and the configuration under ``cfg``; a bare state_dict works too). The model
+configuration comes from the checkpoint's ``cfg.model``, field by field (fields d2v2scale cannot
+honour are refused by name); without one, the architecture is derived from the tensor shapes
+and what shapes cannot tell (the head count, the CNN strides) must come from ``key=value`` or
+``--preset``. Every tensor is then checked against the model that config builds. The output is a
 d2v2scale weights file: ``{"format", "config", "student", "teacher"}``.
 
 ``to-fairseq`` takes such a file or a training checkpoint directory (``RUN/checkpoints/<tag>``,
-tp=1, ZeRO stage 0–2) and writes the fairseq state_dict with the teacher under ``_ema``.
+tp=1, ZeRO stage 0–2) and writes ``{"model": state_dict, "cfg": {"model": ...}}``: the student in
+fairseq's names, the teacher under ``_ema`` in the layout fairseq's EMA restore expects, and the
+``Data2VecMultiConfig`` values that rebuild the model.
 
 Released fairseq checkpoints embed omegaconf objects, so ``torch.load`` can only read them with
 ``weights_only=False``, which executes pickled code from the file: that needs the explicit
-``--trust_checkpoint`` opt-in, for files from a source you trust.
+``--trust_checkpoint`` opt-in, for files from a source you trust (and ``pip install omegaconf``).
 """
 from __future__ import annotations
 
-import argparse
+import pickle
 import sys
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .cli import OneLineParser, fail
 from .config import Config, ConfigError, config_from_dict, load_config
 from .interop.fairseq import KeyMappingError, detect_modality, from_fairseq, to_fairseq
+from .interop.fairseq_config import config_values, to_fairseq_config
 
 FORMAT = "d2v2scale-weights-v1"
 BASE_PRESET = {"image": "vit_b", "audio": "audio_base", "text": "text_base"}
 
 
-def read_fairseq(path: str, trust: bool) -> dict:
+def _existing_file(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{path} is not a file")
+    with open(p, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(p) and head[:1] != b"\x80":
+        raise ConfigError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
+    return p
+
+
+def _plain(obj: Any) -> Any:
+    """omegaconf containers and enums → dicts, lists and strings (no omegaconf import needed)."""
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "name") and type(obj).__module__ != "builtins" and not isinstance(obj, (str, int, float)):
+        return obj.name  # an Enum such as fairseq's Modality
+    return obj
+
+
+def load_torch_file(path: str, trust: bool = False) -> Any:
+    """``torch.load`` with one-line errors; pickled objects only with ``trust``."""
+    p = _existing_file(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch reports disallowed globals with several exception types
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():
+            raise ConfigError(f"{path} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
         if not trust:
-            raise ConfigError(f"{path} cannot be read as plain tensors ({type(e).__name__}); released fairseq files "
-                              "embed omegaconf objects — rerun with --trust_checkpoint if you trust the file") from None
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(blob, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(blob.get(key), dict):
-                return blob[key]
-    return blob
+            raise ConfigError(f"{path} holds pickled Python objects (released fairseq files embed omegaconf configs); "
+                              "rerun with --trust_checkpoint if you trust the file") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ConfigError(f"{path} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"{path} needs the Python package '{e.name}' to be read (pip install {e.name})") from None
+    except Exception as e:  # noqa: BLE001 - unpickling arbitrary objects fails in arbitrary ways
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def derive_overrides(student: dict[str, torch.Tensor], modality: str) -> list[str]:
-    """Shape values readable from the tensors themselves."""
-    out = [f"model.modality={modality}"]
-    out.append(f"model.embed_dim={student['blocks.0.norm1.weight'].shape[0]}")
-    out.append(f"model.depth={len({k.split('.')[1] for k in student if k.startswith('blocks.')})}")
-    prenet = {k.split(".")[3] for k in student if k.startswith("encoder.context_encoder.blocks.")}
-    out.append(f"model.prenet_depth={len(prenet)}")
-    decoder_convs = sorted(k for k in student if k.startswith("decoder.blocks.") and k.endswith(".0.weight"))
-    if decoder_convs:
-        w = student[decoder_convs[0]]
-        out += [f"decoder.dim={w.shape[0]}", f"decoder.layers={len(decoder_convs)}", f"decoder.kernel={w.shape[-1]}",
-                f"decoder.groups={student['blocks.0.norm1.weight'].shape[0] // w.shape[1]}"]
+def read_fairseq(path: str, trust: bool) -> tuple[dict, dict | None]:
+    """(state_dict, ``cfg.model`` as a plain dict or None) of a fairseq checkpoint."""
+    blob = load_torch_file(path, trust)
+    if not isinstance(blob, dict):
+        raise ConfigError(f"{path} holds a {type(blob).__name__}, not a checkpoint dict")
+    state = next((blob[k] for k in ("model", "state_dict") if isinstance(blob.get(k), dict)), blob)
+    cfg = blob.get("cfg")
+    cfg_model = _plain(cfg["model"]) if cfg is not None and hasattr(cfg, "get") and cfg.get("model") else None
+    return state, cfg_model
+
+
+def _count(keys, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+
+
+def derive_values(student: dict[str, torch.Tensor], teacher: dict | None, modality: str) -> dict[str, Any]:
+    """The config values the tensors themselves determine."""
+    dim = student["blocks.0.norm1.weight"].shape[0]
+    out: dict[str, Any] = {"model.modality": modality, "model.embed_dim": dim, "model.depth": _count(student, "blocks."),
+                           "model.prenet_depth": _count(student, "encoder.context_encoder.blocks.")}
+    convs = sorted(k for k in student if k.startswith("decoder.blocks.") and k.endswith(".0.weight"))
+    w = student[convs[0]]
+    out.update({"decoder.dim": w.shape[0], "decoder.layers": len(convs), "decoder.kernel": w.shape[-1],
+                "decoder.groups": dim // w.shape[1]})
+    proj = sorted(k for k in student if k.startswith("decoder.proj.") and k.endswith(".weight"))
+    out["decoder.projection_layers"] = len(proj)
+    if len(proj) > 1:
+        out["decoder.projection_ratio"] = student[proj[0]].shape[0] / w.shape[0]
     if modality == "image":
         patch = student["encoder.local_encoder.proj.weight"]
         grid = int(round(student["encoder.fixed_positional_encoder.positions"].shape[1] ** 0.5))
-        out += [f"model.patch_size={patch.shape[-1]}", f"model.in_chans={patch.shape[1]}",
-                f"model.img_size={grid * patch.shape[-1]}"]
-        if "encoder.extra_tokens" in student:
-            out.append(f"model.num_extra_tokens={student['encoder.extra_tokens'].shape[1]}")
+        out.update({"model.patch_size": patch.shape[-1], "model.in_chans": patch.shape[1],
+                    "model.img_size": grid * patch.shape[-1],
+                    "model.num_extra_tokens": student["encoder.extra_tokens"].shape[1] if "encoder.extra_tokens" in student else 0})
+    if modality == "audio":
+        pos = sorted(k for k in student if k.startswith("encoder.relative_positional_encoder.") and k.endswith("weight"))
+        k = student[pos[0]].shape[-1]
+        out.update({"model.conv_pos_depth": len(pos), "model.conv_pos_groups": dim // student[pos[0]].shape[1],
+                    "model.conv_pos_width": k * len(pos), "model.use_alibi": "encoder.alibi_scale" in student})
     if modality == "text":
-        out.append(f"model.vocab_size={student['encoder.local_encoder.embed_tokens.weight'].shape[0]}")
+        out["model.vocab_size"] = student["encoder.local_encoder.embed_tokens.weight"].shape[0]
+    if teacher is not None:
+        out["teacher.ema_encoder_only"] = not any(key.startswith("encoder.") for key in teacher)
+        out["teacher.ema_local_encoder"] = any(key.startswith("encoder.local_encoder.") for key in teacher)
     return out
+
+
+def _given(key: str, overrides: list[str]) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
+def _values_without_config(student: dict, teacher: dict | None, modality: str, preset: str | None,
+                           overrides: list[str]) -> dict[str, Any]:
+    """Shape-derived values, with a precise message for what shapes cannot give."""
+    values = derive_values(student, teacher, modality)
+    base = load_config(preset or BASE_PRESET[modality])
+    if not preset and not _given("model.num_heads", overrides):
+        raise ConfigError("the checkpoint has no cfg.model and model.num_heads is not recoverable from tensors; "
+                          "pass model.num_heads=N or --preset NAME")
+    if modality == "audio" and not _given("model.conv_feature_layers", overrides):
+        convs = sorted((k for k in student if k.startswith("encoder.local_encoder.conv_layers.") and k.endswith(".0.weight")),
+                       key=lambda k: int(k.split(".")[3]))
+        if not preset or len(base.model.conv_feature_layers) != len(convs):
+            raise ConfigError("the checkpoint has no cfg.model and the CNN strides are not recoverable from tensors; "
+                              f"pass model.conv_feature_layers=[[dim,kernel,stride],...] ({len(convs)} layers) "
+                              "or --preset NAME with the same CNN")
+        values["model.conv_feature_layers"] = [[student[k].shape[0], student[k].shape[-1], spec[2]]
+                                               for k, spec in zip(convs, base.model.conv_feature_layers)]
+    if modality == "text":
+        rows = student["encoder.local_encoder.embed_positions.weight"].shape[0]
+        values["model.max_positions"] = rows - base.model.pad_idx - 1
+    # not in the weights; the base preset's value, capped by the depth (override to change)
+    values["model.average_top_k_layers"] = min(base.model.average_top_k_layers, values["model.depth"])
+    return values
 
 
 def check_against_model(cfg: Config, student: dict, teacher: dict | None) -> None:
@@ -84,36 +173,56 @@ def check_against_model(cfg: Config, student: dict, teacher: dict | None) -> Non
         missing = sorted(set(expected) - set(sd))
         unknown = sorted(set(sd) - set(expected))
         if missing or unknown:
-            raise KeyMappingError(f"{name}: missing keys {missing[:5]}, unknown keys {unknown[:5]}")
+            raise KeyMappingError(f"{name}: missing keys {missing[:5]}, unknown keys {unknown[:5]} "
+                                  "(the config does not describe these weights)")
         wrong = [f"{k}: {tuple(v.shape)} vs model {expected[k]}" for k, v in sd.items() if tuple(v.shape) != expected[k]]
         if wrong:
             raise KeyMappingError(f"{name}: shape mismatches (set the config to match): {'; '.join(wrong[:5])}")
 
 
-def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: list[str], trust: bool) -> Config:
-    state = read_fairseq(path, trust)
+def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: list[str], trust: bool) -> tuple[Config, bool]:
+    """Write a d2v2scale weights file; returns (config, whether it came from the checkpoint)."""
+    state, cfg_model = read_fairseq(path, trust)
     modality = detect_modality(state)
-    student, teacher = from_fairseq(state, modality)
-    derived = derive_overrides(student, modality)
-    depth = int(next(o for o in derived if o.startswith("model.depth=")).split("=")[1])
-    base_k = load_config(preset or BASE_PRESET[modality]).model.average_top_k_layers
-    derived.append(f"model.average_top_k_layers={min(base_k, depth)}")  # not in the weights; override to change
-    cfg = load_config(preset or BASE_PRESET[modality], derived + list(overrides))
+    if cfg_model is not None:
+        values = config_values(cfg_model, modality)
+        student, teacher = from_fairseq(state, modality, values["teacher.ema_encoder_only"])
+        if modality == "text":  # fairseq takes it from the task's dictionary, not from cfg.model
+            values["model.vocab_size"] = student["encoder.local_encoder.embed_tokens.weight"].shape[0]
+    else:
+        student, teacher = from_fairseq(state, modality)
+        values = _values_without_config(student, teacher, modality, preset, overrides)
+    cfg = load_config(preset or BASE_PRESET[modality], overrides, values)
     check_against_model(cfg, student, teacher)
-    torch.save({"format": FORMAT, "config": cfg.to_dict(), "student": student, "teacher": teacher}, out)
-    return cfg
+    _save(out, {"format": FORMAT, "config": cfg.to_dict(), "student": student, "teacher": teacher})
+    return cfg, cfg_model is not None
+
+
+def _save(path: str, obj: Any) -> None:
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"cannot write {path} ({str(e).splitlines()[0]})") from None
 
 
 def read_weights(path: str) -> tuple[Config, dict, dict | None]:
     """A d2v2scale weights file, or a training checkpoint directory (tp=1; ZeRO stage 0–2)."""
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path} does not exist")
     if p.is_file():
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-        if blob.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a d2v2scale weights file (format {blob.get('format')!r})")
+        blob = load_torch_file(path)
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            kind = "a fairseq checkpoint (convert it first: python -m d2v2scale.convert from-fairseq)" \
+                if isinstance(blob, dict) and ("model" in blob or any(str(k).startswith("blocks.") for k in blob)) \
+                else "not a d2v2scale weights file"
+            raise ConfigError(f"{path} is {kind}")
         return config_from_dict(blob["config"]), blob["student"], blob["teacher"]
     from .train import checkpoint
 
+    if not (p / checkpoint.RUN_FILE).is_file():
+        raise ConfigError(f"{path} is a directory but not a training checkpoint (no {checkpoint.RUN_FILE}); "
+                          "give RUN/checkpoints/<tag> or a weights file")
     info = checkpoint.read_run_info(p)
     if info["layout"]["tp"] != 1 or info["layout"]["zero_stage"] == 3:
         raise ConfigError(f"{path}: layout {info['layout']}; export supports tp=1 and ZeRO stage 0-2 "
@@ -140,7 +249,7 @@ def _assemble_teacher(shards: list[dict], student: dict) -> dict:
     return out
 
 
-def convert_to_fairseq(path: str, out: str) -> None:
+def convert_to_fairseq(path: str, out: str) -> Config:
     cfg, student, teacher = read_weights(path)
     if teacher is not None:
         from .model import Data2Vec2
@@ -148,33 +257,40 @@ def convert_to_fairseq(path: str, out: str) -> None:
         with torch.device("meta"):
             names = set(Data2Vec2(cfg).teacher_copy().state_dict())
         teacher = {k: v for k, v in teacher.items() if k in names}
-    torch.save(to_fairseq(student, teacher, cfg.model.modality), out)
+    state = to_fairseq(student, teacher, cfg.model.modality, cfg.teacher.ema_encoder_only)
+    _save(out, {"model": state, "cfg": {"model": to_fairseq_config(cfg)}})
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="direction", required=True)
-    a = sub.add_parser("from-fairseq")
-    a.add_argument("input")
-    a.add_argument("output")
-    a.add_argument("--preset", default=None)
-    a.add_argument("--trust_checkpoint", action="store_true")
-    a.add_argument("overrides", nargs="*")
-    b = sub.add_parser("to-fairseq")
-    b.add_argument("input")
-    b.add_argument("output")
+    p = OneLineParser(prog="convert", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="direction", required=True, parser_class=OneLineParser)
+    a = sub.add_parser("from-fairseq", help="fairseq Data2VecMultiModel checkpoint → d2v2scale weights file",
+                       description="example: python -m d2v2scale.convert from-fairseq base_libri.pt d2v.pt --trust_checkpoint")
+    a.add_argument("input", help="fairseq .pt (state_dict under 'model', config under 'cfg'; or a bare state_dict)")
+    a.add_argument("output", help="d2v2scale weights file to write")
+    a.add_argument("--preset", default=None, help="preset for settings not in the checkpoint (default: the modality's base)")
+    a.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow unpickling Python objects (omegaconf configs) from a file you trust")
+    a.add_argument("overrides", nargs="*", help="section.key=value, applied last (e.g. model.num_heads=12)")
+    b = sub.add_parser("to-fairseq", help="d2v2scale weights file or RUN/checkpoints/<tag> → fairseq checkpoint",
+                       description="example: python -m d2v2scale.convert to-fairseq runs/x/checkpoints/latest_tag out.pt")
+    b.add_argument("input", help="d2v2scale weights file or a training checkpoint directory (tp=1, ZeRO 0-2)")
+    b.add_argument("output", help="fairseq .pt to write")
     args = p.parse_args(argv)
     try:
         if args.direction == "from-fairseq":
-            cfg = convert_from_fairseq(args.input, args.output, args.preset, args.overrides, args.trust_checkpoint)
+            cfg, from_ckpt = convert_from_fairseq(args.input, args.output, args.preset, args.overrides,
+                                                  args.trust_checkpoint)
+            source = "the checkpoint's cfg.model" if from_ckpt else f"tensor shapes + preset {cfg.preset}"
             print(f"converted {args.input} ({cfg.model.modality}, {cfg.model.depth} blocks, width "
-                  f"{cfg.model.embed_dim}) → {args.output}")
+                  f"{cfg.model.embed_dim}, {cfg.model.num_heads} heads; config from {source}) → {args.output}")
         else:
             convert_to_fairseq(args.input, args.output)
-            print(f"exported {args.input} → {args.output} (fairseq Data2VecMultiModel keys, teacher under _ema)")
-    except (ConfigError, KeyMappingError, FileNotFoundError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
+            print(f"exported {args.input} → {args.output} (fairseq Data2VecMultiModel: 'model' with the teacher "
+                  "under _ema, 'cfg.model')")
+    except (ConfigError, KeyMappingError) as e:
+        return fail("convert", e)
     return 0
 
 

@@ -2,10 +2,16 @@
 
 Our module tree mirrors fairseq's, so the mapping is a table of renames: the modality encoder
 lives under ``encoder.`` instead of ``modality_encoders.<MOD>.``, its decoder under ``decoder.``,
-and the shared ``blocks.`` keep their names. Where fairseq wraps a layer in ``TransposeLast``
-containers (the audio CNN's LayerNorm, the feature projection, the conv positional encoder) the
-Sequential indices differ; those few patterns are listed per modality. fairseq nests the EMA
-teacher's weights under the key ``_ema``; we return them separately.
+and the shared ``blocks.`` keep their names. Where fairseq wraps layers in ``TransposeLast``
+containers the Sequential indices differ; those few patterns are listed per modality (the audio
+conv positional encoder is ``Sequential(TransposeLast(), *blocks, TransposeLast())``, so our block
+``i`` is fairseq's ``i + 1``).
+
+fairseq nests the EMA teacher's parameters under the key ``_ema``. Where they live follows the
+model config: with ``ema_encoder_only`` (the text recipe) the teacher *is* ``model.blocks``, so
+its keys are ``0.norm1.weight``; otherwise it is a whole model copy (``blocks.0.norm1.weight``,
+modality encoder without the decoder, and without the local encoder unless ``ema_local_encoder``).
+We hand the teacher back separately, always in our full names (``blocks.0.norm1.weight``).
 """
 from __future__ import annotations
 
@@ -14,19 +20,22 @@ import re
 import torch
 
 # (fairseq key, d2v2scale key) templates, most specific first; one table serves both directions.
-# {i}: a layer index, {p}: weight|bias, {rest}: anything; {M} is the modality's fairseq name.
+# {i}: a layer index, {i+1}: the same index plus one, {p}: weight|bias, {rest}: anything;
+# {M} is the modality's fairseq name.
 _AUDIO = [
     ("modality_encoders.AUDIO.local_encoder.conv_layers.{i}.2.1.{p}", "encoder.local_encoder.conv_layers.{i}.2.{p}"),
     ("modality_encoders.AUDIO.project_features.1.{p}", "encoder.project_features.0.{p}"),
     ("modality_encoders.AUDIO.project_features.2.{p}", "encoder.project_features.1.{p}"),
-    ("modality_encoders.AUDIO.relative_positional_encoder.1.{i}.0.{p}", "encoder.relative_positional_encoder.{i}.0.{p}"),
+    ("modality_encoders.AUDIO.relative_positional_encoder.{i+1}.0.{p}", "encoder.relative_positional_encoder.{i}.0.{p}"),
 ]
 _COMMON = [
     ("modality_encoders.{M}.decoder.{rest}", "decoder.{rest}"),
     ("blocks.{rest}", "blocks.{rest}"),
     ("modality_encoders.{M}.{rest}", "encoder.{rest}"),
 ]
-_PLACEHOLDERS = {"i": r"\d+", "p": "weight|bias", "rest": ".*"}
+# The teacher when it is ``model.blocks`` alone (``ema_encoder_only``).
+_BLOCKS_ONLY = [("{i}.{rest}", "blocks.{i}.{rest}")]
+_PLACEHOLDERS = {"i": ("i", r"\d+"), "i+1": ("next", r"\d+"), "p": ("p", "weight|bias"), "rest": ("rest", ".+")}
 MODALITY_NAMES = {"image": "IMAGE", "audio": "AUDIO", "text": "TEXT"}
 
 
@@ -38,27 +47,44 @@ class KeyMappingError(KeyError):
 
 
 def _compile(template: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
-    regex = "".join(re.escape(part) if k % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})"
+    parts = re.split(r"\{([\w+]+)\}", template)  # literal, name, literal, name, ...
+    regex = "".join(re.escape(part) if k % 2 == 0 else "(?P<{}>{})".format(*_PLACEHOLDERS[part])
                     for k, part in enumerate(parts))
     return re.compile(f"^{regex}$")
 
 
-def _tables(modality: str) -> tuple[list, list]:
-    """(fairseq → d2v2scale, d2v2scale → fairseq) lists of (compiled pattern, output template)."""
+def _fill(template: str, groups: dict[str, str]) -> str:
+    if "next" in groups:
+        groups = {**groups, "i": str(int(groups["next"]) - 1)}
+    elif "i" in groups:
+        groups = {**groups, "next": str(int(groups["i"]) + 1)}
+    return re.sub(r"\{([\w+]+)\}", lambda m: groups[_PLACEHOLDERS[m.group(1)][0]], template)
+
+
+def _table(pairs: list[tuple[str, str]], to_ours: bool) -> list[tuple[re.Pattern, str]]:
+    return [(_compile(a), b) if to_ours else (_compile(b), a) for a, b in pairs]
+
+
+def _pairs(modality: str, blocks_only: bool = False) -> list[tuple[str, str]]:
     if modality not in MODALITY_NAMES:
         raise KeyMappingError(f"modality '{modality}' has no fairseq key mapping; supported: {', '.join(MODALITY_NAMES)}")
+    if blocks_only:
+        return _BLOCKS_ONLY
     name = MODALITY_NAMES[modality]
-    pairs = (_AUDIO if modality == "audio" else []) + [(a.replace("{M}", name), b) for a, b in _COMMON]
-    return [(_compile(a), b) for a, b in pairs], [(_compile(b), a) for a, b in pairs]
+    return (_AUDIO if modality == "audio" else []) + [(a.replace("{M}", name), b) for a, b in _COMMON]
 
 
-def _rename(key: str, table: list, side: str) -> str:
-    for pattern, template in table:
-        match = pattern.match(key)
-        if match:
-            return template.format(**match.groupdict())
-    raise KeyMappingError(f"unknown {side} key '{key}'")
+def _rename_all(state: dict, table: list, side: str, where: str) -> dict:
+    out = {}
+    for key, value in state.items():
+        for pattern, template in table:
+            match = pattern.match(key)
+            if match:
+                out[_fill(template, match.groupdict())] = value
+                break
+        else:
+            raise KeyMappingError(f"unknown {side} key '{key}'{where}")
+    return out
 
 
 def detect_modality(state_dict: dict) -> str:
@@ -66,28 +92,44 @@ def detect_modality(state_dict: dict) -> str:
     found = {name for name, tag in MODALITY_NAMES.items()
              if any(k.startswith(f"modality_encoders.{tag}.") for k in state_dict)}
     if len(found) != 1:
-        raise KeyMappingError(f"expected the keys of exactly one modality encoder, found {sorted(found) or 'none'}; "
-                              f"supported: {', '.join(MODALITY_NAMES)}")
+        raise KeyMappingError(f"expected the keys of exactly one modality encoder (modality_encoders.IMAGE|AUDIO|TEXT.*), "
+                              f"found {sorted(found) or 'none'}; is this a data2vec 2.0 (Data2VecMultiModel) checkpoint?")
     return found.pop()
 
 
+def ema_is_blocks_only(ema: dict) -> bool:
+    """Whether a fairseq ``_ema`` dict has the ``ema_encoder_only`` layout (keys ``0.norm1.weight``)."""
+    return bool(ema) and all(k.split(".", 1)[0].isdigit() for k in ema)
+
+
 def from_fairseq(
-    state_dict: dict[str, torch.Tensor], modality: str
+    state_dict: dict[str, torch.Tensor], modality: str, ema_encoder_only: bool | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """fairseq state_dict → (student state_dict, teacher state_dict or None) in d2v2scale names."""
-    table, _ = _tables(modality)
-    student = {_rename(k, table, "fairseq"): v for k, v in state_dict.items() if k != "_ema"}
+    """fairseq state_dict → (student, teacher or None) in d2v2scale names.
+
+    ``ema_encoder_only`` is the checkpoint's config value; None reads the layout from the keys."""
+    student = _rename_all({k: v for k, v in state_dict.items() if k != "_ema"},
+                          _table(_pairs(modality), to_ours=True), "fairseq", "")
     ema = state_dict.get("_ema")
-    teacher = {_rename(k, table, "fairseq"): v for k, v in ema.items()} if ema is not None else None
+    if ema is None:
+        return student, None
+    blocks_only = ema_is_blocks_only(ema)
+    if ema_encoder_only is not None and ema and blocks_only != ema_encoder_only:
+        layout = "model.blocks keys ('0.norm1.weight')" if blocks_only else "whole-model keys ('blocks.0.norm1.weight')"
+        raise KeyMappingError(f"_ema holds {layout} but the checkpoint's config says ema_encoder_only={ema_encoder_only}")
+    where = " in _ema" + (" (ema_encoder_only layout: the teacher is model.blocks)" if blocks_only else "")
+    teacher = _rename_all(ema, _table(_pairs(modality, blocks_only), to_ours=True), "fairseq", where)
     return student, teacher
 
 
 def to_fairseq(
-    student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None, modality: str
+    student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None, modality: str,
+    ema_encoder_only: bool = False,
 ) -> dict[str, object]:
-    """The reverse of :func:`from_fairseq`: fairseq names, teacher nested under ``_ema``."""
-    _, table = _tables(modality)
-    out: dict[str, object] = {_rename(k, table, "d2v2scale"): v for k, v in student.items()}
+    """The reverse of :func:`from_fairseq`: fairseq names, teacher nested under ``_ema`` in the
+    layout fairseq's ``EMAModule.restore`` expects for this ``ema_encoder_only``."""
+    out: dict[str, object] = _rename_all(student, _table(_pairs(modality), to_ours=False), "d2v2scale", "")
     if teacher is not None:
-        out["_ema"] = {_rename(k, table, "d2v2scale"): v for k, v in teacher.items()}
+        table = _table(_pairs(modality, ema_encoder_only), to_ours=False)
+        out["_ema"] = _rename_all(teacher, table, "d2v2scale", " in the teacher")
     return out

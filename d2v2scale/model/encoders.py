@@ -257,7 +257,7 @@ class TextLocalEncoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_idx)
         self.embed_positions = nn.Embedding(cfg.max_positions + cfg.pad_idx + 1, cfg.embed_dim, padding_idx=cfg.pad_idx)
         self.layernorm_embedding = nn.LayerNorm(cfg.embed_dim, eps=1e-5)
-        self.dropout = nn.Dropout(cfg.encoder_dropout)
+        self.dropout = nn.Dropout(cfg.embed_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         not_pad = tokens.ne(self.pad_idx)
