@@ -25,10 +25,12 @@ setup(
         "numpy",
         "nvidia-ml-py",
         "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dali-cuda13": ["nvidia-dali-cuda130"],
+        "fairseq": ["omegaconf"],  # reading released fairseq checkpoints (--trust_checkpoint)
         "test": ["pytest", "scikit-learn", "pillow", "soundfile"],
     },
 )

@@ -48,7 +48,7 @@ def load_student(run_dir: Path) -> tuple[Data2Vec2, Data2Vec2]:
 
 @torch.no_grad()
 def features(model: Data2Vec2, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model.extract_features(images[i : i + 256]).mean(1) for i in range(0, len(images), 256)])
+    return torch.cat([model.extract_features(images[i : i + 256])[0].mean(1) for i in range(0, len(images), 256)])
 
 
 def probe(train_x, train_y, test_x, test_y) -> float:

@@ -1,22 +1,38 @@
-"""Student-encoder features of a converted or trained checkpoint (no masking), for fine-tuning work.
+"""Student-encoder features of real files, for downstream work.
 
-    python -m d2v2scale.features WEIGHTS INPUTS.npy OUT.npy [--pool mean|none] [--batch 32]
+    python -m d2v2scale.features WEIGHTS INPUTS OUT [--layer N|-1|mean] [--pool mean|none] [--batch 16]
 
-``WEIGHTS`` is a d2v2scale weights file (``python -m d2v2scale.convert``) or a training
-checkpoint directory; ``INPUTS.npy`` holds model-ready inputs: normalised images (N, C, H, W),
-waveforms (N, S) or token ids (N, T). The output is (N, D) mean-pooled or (N, T, D) features of
-the last block, extra tokens removed. In Python: ``load_student(path).extract_features(x)``.
+``WEIGHTS``: a d2v2scale weights file (``python -m d2v2scale.convert``) or a training checkpoint
+directory. ``INPUTS``, by the model's modality:
+
+- image: a folder (searched recursively) or a list file of .jpg/.jpeg/.png — evaluation transform
+  (shorter side to size/0.875, center crop, ImageNet normalisation);
+- audio: a folder of .wav/.flac, a fairseq ``.tsv`` manifest or a list file — decoded as in
+  training (:func:`d2v2scale.data.audio.load_audio`: 16 kHz mono, normalised per utterance);
+- text: a ``.txt`` file with one item per line as space-separated token ids;
+- any modality: a ``.npy`` array of model-ready inputs (N, C, H, W) | (N, S) | (N, T).
+
+Items are sorted by length and batched, padding is masked out of attention and out of mean
+pooling, and nothing builds an autograd graph. Files that fail to decode are skipped with one
+line each. ``OUT.npz`` holds ``names``, ``lengths`` (positions per item) and ``features``: (N, D)
+with ``--pool mean``, (sum of lengths, D) with ``--pool none`` (item i is the i-th run of
+``lengths[i]`` rows). ``OUT.npy`` holds the stacked (N, D) or (N, T, D) array when every item has
+the same length. In Python: ``load_student(path).extract_features(x, lengths, layer)``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .cli import OneLineParser, fail
+from .config import Config, ConfigError
 from .convert import read_weights
+from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, list_files
 from .model import Data2Vec2
 
 
@@ -27,34 +43,181 @@ def load_student(path: str) -> Data2Vec2:
     return model.eval()
 
 
-@torch.no_grad()
-def extract(model: Data2Vec2, inputs: torch.Tensor, pool: str = "mean", batch: int = 32) -> torch.Tensor:
-    outs = []
-    for i in range(0, len(inputs), batch):
-        feats = model.extract_features(inputs[i : i + batch])
-        outs.append(feats.mean(1) if pool == "mean" else feats)
-    return torch.cat(outs)
+@dataclass
+class Item:
+    name: str
+    length: int  # for sorting into batches (samples, tokens or pixels)
+    load: Callable[[], torch.Tensor]
+
+
+def _npy_items(path: Path) -> list[Item]:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} is not a readable .npy array ({e})") from None
+    x = torch.from_numpy(array)
+    x = x.float() if x.is_floating_point() else x.long()
+    return [Item(f"{path.name}[{i}]", x[i].numel(), lambda i=i: x[i]) for i in range(len(x))]
+
+
+def _image_items(path: Path, size: int) -> list[Item]:
+    from .data.images import eval_transform
+
+    return [Item(str(p), 0, lambda p=p: eval_transform(p, size)) for p in _files(path, IMAGE_SUFFIXES, "image")]
+
+
+def _audio_items(path: Path) -> list[Item]:
+    from .data.audio import header_length, index_manifest, load_audio
+
+    if path.suffix == ".tsv":
+        entries = index_manifest(path)
+    else:
+        entries = []
+        for p in _files(path, AUDIO_SUFFIXES, "audio"):
+            try:
+                frames = header_length(p)[0]
+            except Exception:  # noqa: BLE001 - a bad header is reported when the file is loaded
+                frames = 0
+            entries.append((p, frames))
+    return [Item(str(p), n, lambda p=p: torch.from_numpy(load_audio(p))) for p, n in entries]
+
+
+def _text_items(path: Path) -> list[Item]:
+    items = []
+    for k, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                ids = torch.tensor([int(t) for t in line.split()], dtype=torch.int64)
+            except ValueError:
+                raise DataError(f"{path}:{k + 1}: expected space-separated integer token ids") from None
+            items.append(Item(f"{path.name}:{k + 1}", len(ids), lambda ids=ids: ids))
+    return items
+
+
+def _files(path: Path, suffixes: tuple[str, ...], kind: str) -> list[Path]:
+    files = list_files(path, suffixes)
+    files = [p for p in files if p.suffix.lower() in suffixes]
+    if not files:
+        raise DataError(f"{path} holds no {kind} files ({', '.join(suffixes)}); this model's modality is {kind}")
+    return files
+
+
+def find_items(path: str, cfg: Config) -> list[Item]:
+    """The inputs under ``path`` for a model of ``cfg``'s modality."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path} does not exist")
+    modality = cfg.model.modality
+    if p.suffix == ".npy":
+        items = _npy_items(p)
+    elif modality == "image":
+        items = _image_items(p, cfg.model.img_size)
+    elif modality == "audio":
+        items = _audio_items(p)
+    elif p.is_file() and p.suffix == ".txt":
+        items = _text_items(p)
+    else:
+        raise DataError(f"{path}: a text model reads a .txt file of token ids (one item per line) or a .npy array")
+    if not items:
+        raise DataError(f"{path} holds no inputs")
+    return items
+
+
+def _pad(xs: list[torch.Tensor], pad_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(x) for x in xs])
+    out = xs[0].new_full((len(xs), int(lengths.max())), pad_value)
+    for i, x in enumerate(xs):
+        out[i, : len(x)] = x
+    return out, lengths
+
+
+@torch.inference_mode()
+def extract(model: Data2Vec2, items: list[Item], layer: int | str = -1, pool: str = "mean", batch: int = 16,
+            device: str = "cpu", progress: bool = True) -> tuple[list[str], list[torch.Tensor], list[str]]:
+    """(names, per-item features (T, D) or (D,), skipped names) in input order."""
+    from tqdm import tqdm
+
+    model = model.to(device)
+    order = sorted(range(len(items)), key=lambda i: items[i].length)
+    results: dict[int, torch.Tensor] = {}
+    skipped = []
+    bar = tqdm(total=len(items), desc="features", unit="item", disable=not progress or None, file=sys.stderr)
+    for start in range(0, len(order), batch):
+        loaded = []
+        for i in order[start : start + batch]:
+            try:
+                loaded.append((i, items[i].load()))
+            except (DataError, OSError, ValueError) as e:
+                bar.write(f"[d2v2scale] skipping {items[i].name}: {e}", file=sys.stderr)
+                skipped.append(items[i].name)
+        if loaded:
+            idx, xs = zip(*loaded)
+            if xs[0].dim() == 1:  # waveforms or token ids: pad and pass the lengths
+                source, lengths = _pad(list(xs), model.cfg.model.pad_idx if model.modality == "text" else 0.0)
+                feats, valid = model.extract_features(source.to(device), lengths.to(device), layer)
+            else:
+                feats, valid = model.extract_features(torch.stack(xs).to(device), None, layer)
+            if valid is None:
+                valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+            for j, i in enumerate(idx):
+                f = feats[j, valid[j]].float().cpu()
+                results[i] = f.mean(0) if pool == "mean" else f
+        bar.update(len(order[start : start + batch]))
+    bar.close()
+    kept = sorted(results)
+    return [items[i].name for i in kept], [results[i] for i in kept], skipped
+
+
+def save(path: str, names: list[str], feats: list[torch.Tensor], pool: str) -> None:
+    lengths = np.array([1 if pool == "mean" else len(f) for f in feats], dtype=np.int64)
+    if path.endswith(".npy"):
+        if len({tuple(f.shape) for f in feats}) != 1:
+            raise DataError(f"{path}: items have different lengths; write .npz (or use --pool mean)")
+        np.save(path, torch.stack(feats).numpy())
+        return
+    stacked = torch.stack(feats) if pool == "mean" else torch.cat(feats)
+    np.savez(path, names=np.array(names), lengths=lengths, features=stacked.numpy())
+
+
+def _layer(text: str) -> int | str:
+    if text == "mean":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--layer {text!r}: allowed values: a block index (e.g. -1 for the last) or 'mean'") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("weights")
-    p.add_argument("inputs")
-    p.add_argument("output")
-    p.add_argument("--pool", choices=("mean", "none"), default="mean")
-    p.add_argument("--batch", type=int, default=32)
+    p = OneLineParser(prog="features", description=__doc__.splitlines()[0],
+                      epilog="example: python -m d2v2scale.features d2v.pt dev-clean.tsv feats.npz --layer -1 --pool mean")
+    p.add_argument("weights", help="d2v2scale weights file or RUN/checkpoints/<tag>")
+    p.add_argument("inputs", help="image folder/list | audio folder, .tsv manifest or list | .txt token ids | .npy")
+    p.add_argument("output", help="OUT.npz (names, lengths, features) or OUT.npy (stacked)")
+    p.add_argument("--layer", default="-1", help="shared block index (negative from the last) or 'mean' (default -1)")
+    p.add_argument("--pool", choices=("mean", "none"), default="mean", help="mean over valid positions, or none")
+    p.add_argument("--batch", type=int, default=16, help="items per forward, after sorting by length (default 16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     args = p.parse_args(argv)
+    if not args.output.endswith((".npz", ".npy")):
+        return fail("features", ConfigError(f"OUT {args.output!r} must end in .npz or .npy"))
+    if args.batch < 1:
+        return fail("features", ConfigError(f"--batch {args.batch}: allowed values: integers >= 1"))
     try:
+        layer = _layer(args.layer)
         model = load_student(args.weights)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"features: error: {e}", file=sys.stderr)
-        return 2
-    x = torch.from_numpy(np.load(args.inputs))
-    if x.is_floating_point():
-        x = x.float()
-    feats = extract(model, x, args.pool, args.batch)
-    np.save(args.output, feats.numpy())
-    print(f"{tuple(feats.shape)} features → {args.output}")
+        depth = len(model.blocks)
+        if layer != "mean" and not -depth <= layer < depth:
+            raise ConfigError(f"--layer {layer}: this model has {depth} blocks; allowed values: "
+                              f"-{depth}..{depth - 1} or 'mean'")
+        items = find_items(args.inputs, model.cfg)
+        names, feats, skipped = extract(model, items, layer, args.pool, args.batch, args.device)
+        if not feats:
+            raise DataError(f"none of the {len(items)} inputs could be read")
+        save(args.output, names, feats, args.pool)
+    except (ConfigError, DataError) as e:
+        return fail("features", e)
+    print(f"{len(feats)} items ({len(skipped)} skipped), features of dimension {feats[0].shape[-1]} → {args.output}")
     return 0
 
 

@@ -44,7 +44,7 @@ def test_targets_features_and_loss_match_reference(fairseq_fixture):
 
     model.eval()
     with torch.no_grad():
-        feats = model.extract_features(source)
+        feats, _ = model.extract_features(source)
     torch.testing.assert_close(feats, fx["features_unmasked"], atol=1e-5, rtol=0)
 
     model.train()  # fixture was made in train mode with every dropout at 0 and noise std 0

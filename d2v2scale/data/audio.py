@@ -15,6 +15,7 @@ and its crop offsets, are functions of the step: no loader state beyond it.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import wave
 from dataclasses import dataclass
@@ -49,17 +50,33 @@ class Utterance:
     length: int  # samples at 16 kHz
 
 
+def index_manifest(path: Path) -> list[tuple[Path, int]]:
+    """(file, length in samples) of a fairseq/wav2vec ``.tsv`` manifest: the first line is the root
+    folder, then ``relative/path<TAB>num_samples``."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"manifest {path} cannot be read ({e})") from None
+    if not lines or not lines[0].strip():
+        raise DataError(f"manifest {path}: the first line must be the audio root folder")
+    base = Path(lines[0].strip())
+    out = []
+    for k, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[1].strip().isdigit():
+            raise DataError(f"manifest {path}:{k}: expected 'relative/path<TAB>num_samples', got {line[:80]!r}")
+        out.append((base / fields[0], int(fields[1])))
+    return out
+
+
 def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance], list[tuple[Path, str]]]:
     """Usable utterances and (path, reason) for every skipped file."""
     root = Path(path)
     entries: list[tuple[Path, int | None, int | None]] = []
     if root.suffix == ".tsv":
-        lines = root.read_text().splitlines()
-        base = Path(lines[0].strip())
-        for line in lines[1:]:
-            if line.strip():
-                rel, n = line.split("\t")[:2]
-                entries.append((base / rel, int(n), None))
+        entries = [(p, n, None) for p, n in index_manifest(root)]
     else:
         entries = [(p, None, None) for p in list_files(root, AUDIO_SUFFIXES)]
     usable, skipped = [], []
@@ -115,6 +132,47 @@ def _decoder_pipeline(max_batch: int, threads: int):
     p = pipe()
     p.build()
     return p
+
+
+def normalize(wav: np.ndarray) -> np.ndarray:
+    """Per-utterance zero mean, unit variance (fairseq ``normalize: true``, i.e. ``F.layer_norm``)."""
+    wav = wav.astype(np.float32, copy=False)
+    return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _single_decoder():
+    return _decoder_pipeline(1, 1)
+
+
+def decode_audio(data: np.ndarray) -> np.ndarray:
+    """Encoded WAV/FLAC bytes → 16 kHz mono float32 (DALI, or soundfile without DALI)."""
+    try:
+        pipe = _single_decoder()
+    except ImportError:
+        import io
+
+        import soundfile
+
+        return _to_mono_16k(*soundfile.read(io.BytesIO(data.tobytes()), dtype="float32"))
+    try:
+        pipe.feed_input("encoded", [data])
+        return np.array(pipe.run()[0][0], dtype=np.float32).reshape(-1)
+    except Exception as e:  # noqa: BLE001 - DALI reports decoder failures with several exception types
+        _single_decoder.cache_clear()  # a pipeline that raised is no longer usable
+        raise DataError(f"failed to decode ({type(e).__name__})") from None
+
+
+def load_audio(path: str | Path) -> np.ndarray:
+    """An audio file as the model's input: 16 kHz mono float32, normalised as in training."""
+    path = Path(path)
+    reason = screen(path)
+    if reason is not None:
+        raise DataError(f"{path}: {reason}")
+    wav = decode_audio(np.fromfile(path, dtype=np.uint8))
+    if wav.size == 0:
+        raise DataError(f"{path}: no audio samples")
+    return normalize(wav)
 
 
 class AudioSource:
@@ -190,7 +248,7 @@ class AudioSource:
         offsets = counter_rng.uniform(counter_rng.combine(self.seed, ids).reshape(-1), 1, _STREAM_CROP)[:, 0]
         crops = []
         for w, u in zip((waves[j] for j in keep), offsets.tolist()):
-            w = (w - w.mean()) / np.sqrt(w.var() + 1e-5)  # per-utterance normalisation, as F.layer_norm
+            w = normalize(w)
             if len(w) > self.max_size:
                 start = int(u * (len(w) - self.max_size + 1))
                 w = w[start : start + self.max_size]

@@ -96,6 +96,28 @@ def _pil_decode(data: np.ndarray, params: np.ndarray, size: int) -> torch.Tensor
     return (t - mean) / std
 
 
+EVAL_CROP = 0.875  # center crop fraction of the resized image (224 of 256), as MAE/BEiT evaluation
+
+
+def eval_transform(path, size: int) -> torch.Tensor:
+    """An image file as the model sees it at evaluation: shorter side resized to size/0.875
+    (bicubic, antialiased), center ``size``² crop, ImageNet normalisation, (3, size, size) fp32."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
+    short = round(size / EVAL_CROP)
+    h, w = t.shape[-2:]
+    new = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    t = F.interpolate(t, size=new, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 255)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    t = t[:, top : top + size, left : left + size]
+    mean = torch.tensor(MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(STD).view(3, 1, 1) * 255
+    return (t - mean) / std
+
+
 def _decodes(data: np.ndarray) -> bool:
     import io
 

@@ -272,10 +272,22 @@ class Data2Vec2(nn.Module):
         return (pred - target) ** 2 * self.loss_scale
 
     # ------------------------------------------------------------------------------- features
-    def extract_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Student features for the unmasked input (last block output, extra tokens removed)."""
+    def extract_features(
+        self, source: torch.Tensor, lengths: torch.Tensor | None = None, layer: int | str = -1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Student features of the unmasked input and the (B, T) valid-position mask (None when
+        nothing is padded). ``layer``: a shared block's index (negative counts from the last) or
+        ``"mean"`` over all shared blocks; extra tokens are removed. Padding is hidden from
+        attention, so a padded sample's features equal those it gets alone. Builds a graph (for
+        fine-tuning); wrap in ``torch.inference_mode()`` to extract."""
+        depth = len(self.blocks)
+        if layer != "mean" and not (isinstance(layer, int) and -depth <= layer < depth):
+            raise ValueError(f"layer={layer!r}: allowed values: -{depth}..{depth - 1} or 'mean'")
         local, valid = self.encoder.local_features(source, lengths)
         x, bias = self.encoder(local, valid, None)
-        for blk in self.blocks:
+        outputs = []
+        for blk in self.blocks[: depth if layer == "mean" else layer % depth + 1]:
             x, _ = blk(x, bias)
-        return x[:, self.num_extra :]
+            outputs.append(x[:, self.num_extra :])
+        feats = torch.stack(outputs).mean(0) if layer == "mean" else outputs[-1]
+        return feats, valid
