@@ -2,6 +2,7 @@
 every key, shape and config field of the official module tree, parity through the public
 converter, and one-line errors."""
 import json
+from enum import Enum
 
 import pytest
 import torch
@@ -233,3 +234,27 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
             code = e.code
         assert code == 2, argv
         assert message in _one_error_line(capsys), argv
+
+
+class Modality(Enum):  # fairseq's examples.data2vec.data.modality.Modality
+    AUDIO = "AUDIO"
+    IMAGE = "IMAGE"
+    TEXT = "TEXT"
+
+
+def test_released_omegaconf_checkpoint_with_trust(tmp_path, capsys):
+    """A released file: cfg is an omegaconf DictConfig (with fairseq's Modality enum) inside the pickle."""
+    from omegaconf import OmegaConf
+
+    path, state, cfg_model = _official_checkpoint(tmp_path, "audio")
+    with_enums = json.loads(json.dumps(cfg_model))
+    with_enums["modalities"]["audio"]["type"] = Modality.AUDIO
+    torch.save({"model": state, "cfg": OmegaConf.create({"model": with_enums, "task": {"_name": "audio_pretraining"}})},
+               path)
+    assert convert_main(["from-fairseq", str(path), str(tmp_path / "o.pt")]) == 2
+    assert "--trust_checkpoint" in _one_error_line(capsys)
+    assert convert_main(["from-fairseq", str(path), str(tmp_path / "o.pt"), "--trust_checkpoint"]) == 0
+    assert convert_main(["to-fairseq", str(tmp_path / "o.pt"), str(tmp_path / "back.pt")]) == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert back["cfg"]["model"] == cfg_model
+    assert all(torch.equal(back["model"][k], v) for k, v in state.items() if k != "_ema")
