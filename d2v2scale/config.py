@@ -42,6 +42,7 @@ class ModelConfig:
     prenet_dropout: float = 0.0
     layerdrop: float = 0.0
     clone_batch: int = 1  # M: masked views per sample
+    activation_checkpointing: int = 0  # student blocks: 0 off, 1 every block, k every k-th block
     average_top_k_layers: int = 12
     instance_norm_target_layer: bool = True
     layer_norm_target_layer: bool = False
@@ -338,6 +339,9 @@ def validate(cfg: Config) -> None:
     for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
         _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} is not allowed; allowed values: integers >= 1")
     _check(m.prenet_depth >= 0, f"model.prenet_depth={m.prenet_depth} is not allowed; allowed values: integers >= 0")
+    _check(m.activation_checkpointing >= 0,
+           f"model.activation_checkpointing={m.activation_checkpointing} is not allowed; "
+           "allowed values: 0 (off), 1 (every block), k (every k-th block)")
     _check(p.tp >= 1, f"parallel.tp={p.tp} is not allowed; allowed values: integers >= 1")
     _check(
         m.embed_dim % m.num_heads == 0,

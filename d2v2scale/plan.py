@@ -12,7 +12,8 @@ Memory per GPU (bytes), for Ψ student parameters held by this TP rank (sharded 
 - teacher: fp32 EMA masters 4Ψ_T/dp (sharded) + compute copy 2Ψ_T (bf16);
 - activations of one micro-batch (B items × M clones): per student block
   ``t·r·h·(10 + 24/tp)`` bytes (Korthikanti et al. with memory-efficient attention; ``r`` = B·M
-  rows of ``t`` kept tokens), or only the block inputs ``2·t·r·h`` with activation checkpointing;
+  rows of ``t`` kept tokens), or only the block inputs ``2·t·r·h`` for blocks under activation
+  checkpointing (``model.activation_checkpointing``) plus one block's recompute;
   plus the decoder, the loss tensors (fp32 targets and predictions of all B·M·T positions), the
   teacher's K stored layer outputs and, for audio, the CNN and the full-length conv positions;
 - DeepSpeed's gradient-reduction bucket (``reduce_bucket_size``, default 5e8 elements).
@@ -87,7 +88,12 @@ def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
             "teacher_fp32_masters": 4 * psi_t / d, "teacher_compute_copy": teacher_compute}
 
 
-def activation_bytes(cfg: Config, lay: Layout, checkpointing: bool) -> dict[str, float]:
+def _checkpointed_blocks(count: int, every: int) -> int:
+    return 0 if every == 0 else -(-count // every)  # blocks 0, k, 2k, ... (model.blocks.checkpointed)
+
+
+def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[str, float]:
+    """``checkpoint_every``: ``model.activation_checkpointing`` (0 off, 1 every block, k every k-th)."""
     m, dec = cfg.model, cfg.decoder
     bytes_el = 2 if lay.bf16 else 4
     rows = lay.micro_items * m.clone_batch
@@ -95,13 +101,18 @@ def activation_bytes(cfg: Config, lay: Layout, checkpointing: bool) -> dict[str,
     kept = int(lay.positions * (1 - cfg.masking.mask_prob)) + m.num_extra_tokens
     blocks = m.depth + m.prenet_depth
     per_block = kept * rows * h * (10 + 24 / lay.tp) * bytes_el / 2
-    student = blocks * 2 * kept * rows * h * bytes_el / 2 + per_block if checkpointing else blocks * per_block
+    ck = _checkpointed_blocks(m.depth, checkpoint_every) + _checkpointed_blocks(m.prenet_depth, checkpoint_every)
+    student = ck * kept * rows * h * bytes_el + (blocks - ck) * per_block  # a checkpointed block keeps its input
     positions = rows * lay.positions
     decoder = dec.layers * 4 * positions * dec.dim * bytes_el + positions * h * bytes_el
+    if dec.projection_layers > 1:  # Linear → GELU → ... keeps the hidden pre- and post-activation
+        decoder += (dec.projection_layers - 1) * 2 * positions * int(dec.dim * dec.projection_ratio) * bytes_el
     loss = positions * h * (4 + 4 + 4)  # fp32 prediction copy, gathered targets, squared error
     teacher = (m.average_top_k_layers * lay.micro_items * t_full * h * bytes_el
                + 2 * lay.micro_items * t_full * h * 4)  # stored FFN outputs, fp32 targets + one layer in fp32
     out = {"student_blocks": student, "decoder": decoder, "loss_tensors": loss, "teacher_transient": teacher}
+    if ck:  # a block's recompute happens in backward, after the decoder and loss tensors are freed
+        out["block_recompute"] = max(0.0, per_block - decoder - loss - teacher)
     if m.modality == "audio":
         cnn, length = 0.0, lay.input_len
         for c_out, k, s in m.conv_feature_layers:
@@ -137,7 +148,7 @@ def plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, tp: in
     totals = {}
     acts = {}
     for ac in (False, True):
-        acts[ac] = activation_bytes(cfg, lay, ac)
+        acts[ac] = activation_bytes(cfg, lay, int(ac))
         totals[ac] = sum(states.values()) + sum(acts[ac].values()) + (bucket if lay.zero in (1, 2) else 0)
     kept = int(positions * (1 - cfg.masking.mask_prob))
     flops = step_flops(cfg, StepShape(items, positions, kept), input_len) * bp.grad_accum * dp

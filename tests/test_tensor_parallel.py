@@ -33,6 +33,13 @@ def test_dropout_streams(tp_results):
     assert a["dropout_block_out"] == b["dropout_block_out"]
 
 
+def test_activation_checkpointing_replays_tp_dropout(tp_results):
+    """Recomputing a TP block in backward draws the same dropout masks, inside and outside the
+    sharded regions, so output and gradients are bit-identical to the un-checkpointed block."""
+    for rank in tp_results:
+        assert rank["checkpoint_replay"] == {"out": 0.0, "dx": 0.0, "fc1_grad": 0.0}, rank["checkpoint_replay"]
+
+
 def test_tp2_block_equals_unsharded_block(tp_results):
     # fp32, two partial sums added by an all-reduce instead of one matmul: ~1 ulp of O(1) values
     for rank in tp_results:

@@ -19,7 +19,8 @@ so DeepSpeed's gradient-norm code counts replicated parameters once.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -219,12 +220,29 @@ class TPRegionRNG(_Shared):
             self._set(saved)
 
 
+    def checkpoint_contexts(self) -> tuple[ContextManager, ContextManager]:
+        """Activation checkpointing's (forward, recompute) contexts: the recompute replays this
+        stream from where the block's forward found it, so dropout masks in TP regions match."""
+        at_forward = self.state.clone()
+
+        @contextmanager
+        def replay():
+            current, self.state = self.state, at_forward.clone()
+            try:
+                yield
+            finally:
+                self.state = current
+
+        return nullcontext(), replay()
+
+
 # ------------------------------------------------------------------------------ parallelize
 def _parallelize_block(block: Block, dims: ParallelDims, rng: TPRegionRNG) -> None:
     attn: Attention = block.attn
     heads = attn.qkv.out_features // (3 * attn.head_dim)
     if heads % dims.tp:
         raise ValueError(f"parallel.tp={dims.tp} must divide the attention heads ({heads})")
+    block.checkpoint_contexts = rng.checkpoint_contexts
     attn.qkv = column_from(attn.qkv, dims, groups=3)
     attn.proj = row_from(attn.proj, dims)
     attn.region_rng = rng.fork

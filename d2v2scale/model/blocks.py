@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -60,8 +61,16 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(h))
 
 
+def _no_contexts() -> tuple[nullcontext, nullcontext]:
+    return nullcontext(), nullcontext()
+
+
 class Block(nn.Module):
     """Post-LN block: ``r = LN1(x + attn(x)); t = MLP(r); out = LN2(r + drop(t))``; returns (out, t)."""
+
+    # (forward, recompute) context managers for activation checkpointing; tensor parallelism swaps
+    # in ones that replay its dropout RNG stream during the recompute.
+    checkpoint_contexts = staticmethod(_no_contexts)
 
     def __init__(
         self,
@@ -87,21 +96,36 @@ class Block(nn.Module):
         return self.norm2(r + self.post_mlp_dropout(t)), t
 
 
+def run_block(block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, checkpointed: bool):
+    """``block(x, attn_bias)``, keeping only its input for backward when ``checkpointed`` (the
+    forward is recomputed then); under no_grad (the teacher) there is nothing to save anyway."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, x, attn_bias, use_reentrant=False, context_fn=block.checkpoint_contexts)
+    return block(x, attn_bias)
+
+
+def checkpointed(index: int, every: int) -> bool:
+    """Whether block ``index`` is checkpointed under ``model.activation_checkpointing=every``
+    (0: none, 1: every block, k: blocks 0, k, 2k, ...)."""
+    return every > 0 and index % every == 0
+
+
 class BlockEncoder(nn.Module):
     """The modality "prenet" (fairseq ``BlockEncoder``, post-LN): input LayerNorm, dropout, blocks."""
 
-    def __init__(self, blocks: nn.ModuleList, norm: nn.Module | None, dropout: float):
+    def __init__(self, blocks: nn.ModuleList, norm: nn.Module | None, dropout: float, checkpoint_every: int = 0):
         super().__init__()
         self.blocks = blocks
         self.norm = norm
         self.dropout = nn.Dropout(dropout)
+        self.checkpoint_every = checkpoint_every
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
         x = self.dropout(x)
-        for blk in self.blocks:
-            x, _ = blk(x, attn_bias)
+        for i, blk in enumerate(self.blocks):
+            x, _ = run_block(blk, x, attn_bias, checkpointed(i, self.checkpoint_every))
         return x
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import Config
 from . import counter_rng
-from .blocks import make_blocks
+from .blocks import checkpointed, make_blocks, run_block
 from .decoder import Decoder1d, Decoder2d
 from .encoders import build_encoder
 from .masking import MaskGenerator, MaskInfo
@@ -222,9 +222,10 @@ class Data2Vec2(nn.Module):
             targets = self.targets_from(layers, valid)
         with phase("student"):
             x, bias = self.encoder(local, valid, mask, self.clones)
-            for blk, keep in zip(self.blocks, self._layer_keep(layerdrop_key)):
+            every = self.cfg.model.activation_checkpointing
+            for i, (blk, keep) in enumerate(zip(self.blocks, self._layer_keep(layerdrop_key))):
                 if keep:
-                    x, _ = blk(x, bias)
+                    x, _ = run_block(blk, x, bias, checkpointed(i, every))
         with phase("decoder_loss"):
             cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
             pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))

@@ -82,7 +82,7 @@ class FixedPositions(nn.Module):
 def _context_encoder(cfg, with_norm: bool) -> BlockEncoder:
     norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if with_norm else None
     drop = cfg.prenet_dropout if cfg.prenet_depth > 0 else 0.0
-    return BlockEncoder(make_blocks(cfg, cfg.prenet_depth), norm, drop)
+    return BlockEncoder(make_blocks(cfg, cfg.prenet_depth), norm, drop, cfg.activation_checkpointing)
 
 
 class ImageEncoder(nn.Module):

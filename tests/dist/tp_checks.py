@@ -22,7 +22,7 @@ from d2v2scale.distributed.tensor_parallel import (  # noqa: E402
     TPRegionRNG, copy_to_tp, gather_from_tp, parallelize, reduce_from_tp, scatter_to_tp,
 )
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
-from d2v2scale.model.blocks import Block  # noqa: E402
+from d2v2scale.model.blocks import Block, run_block  # noqa: E402
 from d2v2scale.teacher import build_teacher  # noqa: E402
 
 
@@ -72,6 +72,23 @@ def rng_check(dims):
     y, _ = block(torch.randn(2, 5, 32))
     return {"outside_before": outside_before.tolist(), "inside": inside.tolist(),
             "outside_after": outside_after.tolist(), "dropout_block_out": y.flatten()[:16].tolist()}
+
+
+def checkpoint_replay(dims):
+    """A TP block with dropout everywhere, under activation checkpointing vs without: the recompute
+    must replay both the default and the TP-region dropout streams (max abs differences)."""
+    out = []
+    for checkpointed in (False, True):
+        torch.manual_seed(8)
+        tracker = TPRegionRNG(100 + dims.tp_rank, torch.device("cpu"))
+        block = parallelize(Block(32, 4, attention_dropout=0.5, activation_dropout=0.5, encoder_dropout=0.2,
+                                  post_mlp_dropout=0.2), dims, tracker).train()
+        torch.manual_seed(9)
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        y, _ = run_block(block, x, None, checkpointed)
+        y.square().sum().backward()
+        out.append((y.detach(), x.grad, block.mlp.fc1.weight.grad))
+    return {name: (a - b).abs().max().item() for name, a, b in zip(("out", "dx", "fc1_grad"), out[0], out[1])}
 
 
 def shard_of(name: str, full: torch.Tensor, local: torch.Tensor, dims) -> torch.Tensor:
@@ -156,7 +173,8 @@ def main():
     dist.init_process_group("gloo")
     dims = ParallelDims(tp=dist.get_world_size(), world_size=dist.get_world_size(), rank=dist.get_rank())
     dims.build_groups()
-    results = {"mappings": mappings(dims), "block": block_check(dims), "rng": rng_check(dims)}
+    results = {"mappings": mappings(dims), "block": block_check(dims), "rng": rng_check(dims),
+               "checkpoint_replay": checkpoint_replay(dims)}
     for preset in ("tiny_image", "tiny_audio"):
         results[preset] = step_check(dims, preset)
     gathered = [None] * dims.world_size
