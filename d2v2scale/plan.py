@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 
 from .config import Config, ConfigError, load_config
+from .planning.comm import ParamCounts, StepShape as CommShape, step_collectives
 from .profiling.flops import PEAK_FLOPS, StepShape, step_flops
 from .train.ds_config import load_ds_config, plan_batch, scale_batch_for_world
 
@@ -43,8 +44,8 @@ class Layout:
     input_len: int  # audio samples per item (0 otherwise)
 
 
-def _param_counts(cfg: Config, tp: int) -> tuple[int, int, int]:
-    """(student parameters per TP rank, all student parameters, teacher-tracked parameters per TP rank)."""
+def param_counts(cfg: Config, tp: int) -> ParamCounts:
+    """Element counts one TP rank holds (block matrices / tp, the rest replicated), from a meta model."""
     import torch
 
     from .model import Data2Vec2
@@ -55,13 +56,19 @@ def _param_counts(cfg: Config, tp: int) -> tuple[int, int, int]:
     sharded_suffixes = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                         "attn.proj.weight", "mlp.fc2.weight")
 
-    def per_rank(module):
-        total = 0
-        for name, p in module.named_parameters():
-            total += p.numel() // tp if name.endswith(sharded_suffixes) else p.numel()
-        return total
+    def local(name: str, p) -> int:
+        return p.numel() // tp if name.endswith(sharded_suffixes) else p.numel()
 
-    return per_rank(model), sum(p.numel() for p in model.parameters()), per_rank(teacher)
+    sizes = tuple(local(n, p) for n, p in model.named_parameters())
+    trainable = sum(local(n, p) for n, p in model.named_parameters() if p.requires_grad)
+    tracked = sum(local(n, p) for n, p in teacher.named_parameters() if p.requires_grad)
+    return ParamCounts(trainable, sum(sizes), tracked, sizes)
+
+
+def _param_counts(cfg: Config, tp: int) -> tuple[int, int, int]:
+    """(student parameters per TP rank, all student parameters, teacher-tracked parameters per TP rank)."""
+    local, full = param_counts(cfg, tp), param_counts(cfg, 1)
+    return local.total, full.total, local.teacher
 
 
 def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
