@@ -1,170 +1,74 @@
-"""Plan a cluster run without a GPU: per-GPU memory, whether it fits, projected step and run time.
+"""Plan a cluster run without a GPU: per-GPU memory, communication, predicted step and run time,
+and a search over layouts.
 
-    python -m d2v2scale.plan --preset vit_h --ds_config ds_configs/vit_h.json --nodes 32 \\
-        --gpus_per_node 8 --gpu a100-40gb [--tp 1] [--mfu 0.35] [--micro_batch N]
+    python -m d2v2scale.plan --preset vit_h --ds_config ds_configs/vit_h.json --nodes 32 [--tp 2] [--micro_batch N]
+    python -m d2v2scale.plan --search --preset vit_h --ds_config ds_configs/vit_h.json --nodes 64
+    python -m d2v2scale.plan --paper
 
-Memory per GPU (bytes), for Ψ student parameters held by this TP rank (sharded block matrices
-/ tp + replicated rest) and Ψ_T teacher-tracked ones:
-
-- model states, mixed precision with Adam: weights 2Ψ, gradients 2Ψ (ZeRO-2/3: /dp), fp32
-  master + two moments 12Ψ (ZeRO-1/2/3: /dp); fp32 training: 4Ψ + 4Ψ + 8Ψ (+ a 4Ψ/dp fp32 copy
-  at ZeRO-1/2);
-- teacher: fp32 EMA masters 4Ψ_T/dp (sharded) + compute copy 2Ψ_T (bf16);
-- activations of one micro-batch (B items × M clones): per student block
-  ``t·r·h·(10 + 24/tp)`` bytes (Korthikanti et al. with memory-efficient attention; ``r`` = B·M
-  rows of ``t`` kept tokens), or only the block inputs ``2·t·r·h`` for blocks under activation
-  checkpointing (``model.activation_checkpointing``) plus one block's recompute;
-  plus the decoder, the loss tensors (fp32 targets and predictions of all B·M·T positions), the
-  teacher's K stored layer outputs and, for audio, the CNN and the full-length conv positions;
-- DeepSpeed's gradient-reduction bucket (``reduce_bucket_size``, default 5e8 elements).
+Memory: :mod:`d2v2scale.planning.memory`. Bytes each collective moves:
+:mod:`d2v2scale.planning.comm` (checked against real steps). Their time on a cluster profile:
+:mod:`d2v2scale.planning.cluster`. Compute efficiency and the step-time model:
+:mod:`d2v2scale.planning.timing`. Layout search: :mod:`d2v2scale.planning.search`.
 """
 from __future__ import annotations
 
-import argparse
+import copy
+import json
 import sys
 from dataclasses import dataclass
 
+from .cli import OneLineParser, fail
 from .config import Config, ConfigError, load_config
+from .planning.cluster import ClusterProfile, load_profile
 from .planning.comm import ParamCounts, StepShape as CommShape, step_collectives
-from .profiling.flops import PEAK_FLOPS, StepShape, step_flops
-from .train.ds_config import load_ds_config, plan_batch, scale_batch_for_world
+from .planning.memory import GPU_MEMORY_GB, Layout, activation_bytes, model_state_bytes, param_counts
+from .planning.timing import Efficiency, StepTime, load_calibration, step_time
+from .profiling.flops import PEAK_FLOPS, StepShape, forward_flops
+from .train.ds_config import BatchPlan, load_ds_config, plan_batch, scale_batch_for_world
 
-GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141, "v100-32gb": 32}
-GIB = 1024**3
+__all__ = ["GPU_MEMORY_GB", "Layout", "activation_bytes", "model_state_bytes", "param_counts", "plan", "main"]
+USABLE = 0.9  # of GPU memory: allocator fragmentation, CUDA context, NCCL buffers
 
 
 @dataclass
-class Layout:
-    tp: int
-    dp: int
-    zero: int
-    bf16: bool
-    micro_items: int  # samples (images, text blocks, audio crops) per micro-batch per rank
-    positions: int  # T per item (patches / frames / tokens)
-    input_len: int  # audio samples per item (0 otherwise)
+class Plan:
+    cfg: Config
+    ds: dict
+    profile: ClusterProfile
+    batch: BatchPlan
+    layout: Layout
+    params: ParamCounts
+    params_all: int
+    states: dict
+    activations: dict  # checkpoint_every (0 / the configured or 1) → components
+    bucket: float
+    capacity: float
+    flops_per_step: float  # model FLOPs, all GPUs
+    flops_per_micro_gpu: float  # model FLOPs of one micro-batch on one GPU
+    time: StepTime
+    scaling_note: str | None
 
+    @property
+    def checkpoint_every(self) -> int:
+        return self.cfg.model.activation_checkpointing
 
-def param_counts(cfg: Config, tp: int) -> ParamCounts:
-    """Element counts one TP rank holds (block matrices / tp, the rest replicated), from a meta model."""
-    import torch
+    def total_bytes(self, every: int | None = None) -> float:
+        every = self.checkpoint_every if every is None else every
+        bucket = self.bucket if self.layout.zero in (1, 2) else 0.0
+        return sum(self.states.values()) + sum(self.activations[every].values()) + bucket
 
-    from .model import Data2Vec2
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes() <= USABLE * self.capacity
 
-    with torch.device("meta"):
-        model = Data2Vec2(cfg)
-        teacher = model.teacher_copy()
-    sharded_suffixes = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                        "attn.proj.weight", "mlp.fc2.weight")
+    @property
+    def run_h(self) -> float:
+        return self.time.total_s * self.cfg.train.max_updates / 3600
 
-    def local(name: str, p) -> int:
-        return p.numel() // tp if name.endswith(sharded_suffixes) else p.numel()
-
-    sizes = tuple(local(n, p) for n, p in model.named_parameters())
-    trainable = sum(local(n, p) for n, p in model.named_parameters() if p.requires_grad)
-    tracked = sum(local(n, p) for n, p in teacher.named_parameters() if p.requires_grad)
-    return ParamCounts(trainable, sum(sizes), tracked, sizes)
-
-
-def _param_counts(cfg: Config, tp: int) -> tuple[int, int, int]:
-    """(student parameters per TP rank, all student parameters, teacher-tracked parameters per TP rank)."""
-    local, full = param_counts(cfg, tp), param_counts(cfg, 1)
-    return local.total, full.total, local.teacher
-
-
-def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
-    d = lay.dp
-    if lay.bf16:
-        weights, grads, optim = 2 * psi, 2 * psi, 12 * psi
-        if lay.zero >= 2:
-            grads /= d
-        if lay.zero >= 1:
-            optim /= d
-        if lay.zero == 3:
-            weights /= d
-        teacher_compute = 2 * psi_t
-    else:
-        weights, grads, optim = 4 * psi, 4 * psi, 8 * psi
-        if lay.zero >= 2:
-            grads /= d
-        if lay.zero >= 1:
-            optim = optim / d + (4 * psi / d if lay.zero in (1, 2) else 0)
-        if lay.zero == 3:
-            weights /= d
-        teacher_compute = 4 * psi_t
-    return {"weights": weights, "gradients": grads, "optimizer_states": optim,
-            "teacher_fp32_masters": 4 * psi_t / d, "teacher_compute_copy": teacher_compute}
-
-
-def _checkpointed_blocks(count: int, every: int) -> int:
-    return 0 if every == 0 else -(-count // every)  # blocks 0, k, 2k, ... (model.blocks.checkpointed)
-
-
-def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[str, float]:
-    """``checkpoint_every``: ``model.activation_checkpointing`` (0 off, 1 every block, k every k-th)."""
-    m, dec = cfg.model, cfg.decoder
-    bytes_el = 2 if lay.bf16 else 4
-    rows = lay.micro_items * m.clone_batch
-    h, t_full = m.embed_dim, lay.positions + m.num_extra_tokens
-    kept = int(lay.positions * (1 - cfg.masking.mask_prob)) + m.num_extra_tokens
-    blocks = m.depth + m.prenet_depth
-    per_block = kept * rows * h * (10 + 24 / lay.tp) * bytes_el / 2
-    ck = _checkpointed_blocks(m.depth, checkpoint_every) + _checkpointed_blocks(m.prenet_depth, checkpoint_every)
-    student = ck * kept * rows * h * bytes_el + (blocks - ck) * per_block  # a checkpointed block keeps its input
-    positions = rows * lay.positions
-    decoder = dec.layers * 4 * positions * dec.dim * bytes_el + positions * h * bytes_el
-    if dec.projection_layers > 1:  # Linear → GELU → ... keeps the hidden pre- and post-activation
-        decoder += (dec.projection_layers - 1) * 2 * positions * int(dec.dim * dec.projection_ratio) * bytes_el
-    loss = positions * h * (4 + 4 + 4)  # fp32 prediction copy, gathered targets, squared error
-    teacher = (m.average_top_k_layers * lay.micro_items * t_full * h * bytes_el
-               + 2 * lay.micro_items * t_full * h * 4)  # stored FFN outputs, fp32 targets + one layer in fp32
-    out = {"student_blocks": student, "decoder": decoder, "loss_tensors": loss, "teacher_transient": teacher}
-    if ck:  # a block's recompute happens in backward, after the decoder and loss tensors are freed
-        out["block_recompute"] = max(0.0, per_block - decoder - loss - teacher)
-    if m.modality == "audio":
-        cnn, length = 0.0, lay.input_len
-        for c_out, k, s in m.conv_feature_layers:
-            length = (length - k) // s + 1
-            cnn += c_out * length * (bytes_el + 4 + 4 + bytes_el)  # conv out, fp32 LN in/out, GELU
-        conv_pos = m.conv_pos_depth * 4 * positions * h * bytes_el
-        alibi = rows * m.num_heads / lay.tp * kept * kept * 4 if m.use_alibi else 0
-        out.update({"audio_cnn": lay.micro_items * cnn, "conv_positions": conv_pos, "alibi_bias": alibi})
-    return out
-
-
-def plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, tp: int, mfu: float) -> dict:
-    world = nodes * gpus_per_node
-    if world % tp:
-        raise ConfigError(f"--tp {tp} must divide the {world} GPUs")
-    dp = world // tp
-    scale_batch_for_world(ds, cfg, dp)
-    bp = plan_batch(ds, cfg, dp)
-    m = cfg.model
-    if m.modality == "audio":
-        input_len = cfg.data.max_sample_size
-        items = max(1, bp.micro_batch // input_len)
-        positions = int(m.conv_feature_layers and _frames(m, input_len))
-    else:
-        input_len, items = 0, bp.micro_batch
-        positions = (m.img_size // m.patch_size) ** 2 if m.modality == "image" else (cfg.data.sample_length or m.max_positions)
-    lay = Layout(tp, dp, ds.get("zero_optimization", {}).get("stage", 0), ds.get("bf16", {}).get("enabled", False),
-                 items, positions, input_len)
-    psi, psi_total, psi_t = _param_counts(cfg, tp)
-    states = model_state_bytes(psi, psi_t, lay)
-    bucket = float(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8)) * (2 if lay.bf16 else 4)
-    capacity = GPU_MEMORY_GB[gpu] * 1e9
-    totals = {}
-    acts = {}
-    for ac in (False, True):
-        acts[ac] = activation_bytes(cfg, lay, int(ac))
-        totals[ac] = sum(states.values()) + sum(acts[ac].values()) + (bucket if lay.zero in (1, 2) else 0)
-    kept = int(positions * (1 - cfg.masking.mask_prob))
-    flops = step_flops(cfg, StepShape(items, positions, kept), input_len) * bp.grad_accum * dp
-    peak = PEAK_FLOPS[gpu.split("-")[0]]
-    step_s = flops / (world * peak * mfu)
-    return {"world": world, "tp": tp, "dp": dp, "batch": bp, "layout": lay, "params": (psi_total, psi, psi_t),
-            "states": states, "activations": acts, "bucket": bucket, "totals": totals, "capacity": capacity,
-            "flops_per_step": flops, "step_s": step_s, "run_h": step_s * cfg.train.max_updates / 3600, "mfu": mfu,
-            "gpu": gpu}
+    @property
+    def mfu(self) -> float:
+        world = self.layout.tp * self.layout.dp
+        return self.flops_per_step / (self.time.total_s * world * PEAK_FLOPS[self.profile.gpu])
 
 
 def _frames(m, samples: int) -> int:
@@ -173,65 +77,169 @@ def _frames(m, samples: int) -> int:
     return samples
 
 
-def render(cfg: Config, r: dict) -> str:
+def _per_gpu_flops(cfg: Config, shape: StepShape, input_len: int, tp: int) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs incl. the recompute of checkpointed blocks) of one micro-batch on
+    one GPU: block work is split over the TP group, the local encoder and decoder are replicated."""
+    f = forward_flops(cfg, shape, input_len)
+    model = f["teacher"] / tp + 3.0 * (f["local_encoder"] + f["student"] / tp + f["decoder"])
+    m, every = cfg.model, cfg.model.activation_checkpointing
+    blocks = m.depth + m.prenet_depth
+    checkpointed = 0 if every == 0 else -(-m.depth // every) + -(-m.prenet_depth // every)
+    return model, model + f["student"] / tp * checkpointed / max(blocks, 1)
+
+
+def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
+         efficiency: Efficiency | None = None) -> Plan:
+    """Memory, communication and time of ``cfg``/``ds`` on ``nodes`` nodes of ``profile``. Mutates
+    ``cfg``/``ds`` only under ``train.batch_scaling=linear`` (pass copies to keep them)."""
+    world = nodes * profile.gpus_per_node
+    if tp < 1 or world % tp:
+        raise ConfigError(f"--tp {tp} must divide the {world} GPUs")
+    dp = world // tp
+    note = scale_batch_for_world(ds, cfg, dp)
+    bp = plan_batch(ds, cfg, dp)
+    m = cfg.model
+    if m.modality == "audio":
+        input_len = cfg.data.max_sample_size
+        items = max(1, bp.micro_batch // input_len)
+        positions = _frames(m, input_len)
+    else:
+        input_len, items = 0, bp.micro_batch
+        positions = (m.img_size // m.patch_size) ** 2 if m.modality == "image" else (cfg.data.sample_length or m.max_positions)
+    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
+    lay = Layout(tp, dp, zero, bool(ds.get("bf16", {}).get("enabled", False)), items, positions, input_len)
+    params = param_counts(cfg, tp)
+    states = model_state_bytes(params.total, params.teacher, lay)
+    bucket = float(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8)) * (2 if lay.bf16 else 4)
+    acts = {every: activation_bytes(cfg, lay, every) for every in {0, max(1, m.activation_checkpointing)}}
+    acts[m.activation_checkpointing] = activation_bytes(cfg, lay, m.activation_checkpointing)
+    kept = int(positions * (1 - cfg.masking.mask_prob))
+    model_f, hw_f = _per_gpu_flops(cfg, StepShape(items, positions, kept), input_len, tp)
+    collectives = step_collectives(cfg, ds, CommShape(items, positions, kept, bp.grad_accum), params, tp, dp)
+    efficiency = efficiency or Efficiency()
+    t = step_time(model_f, bp.grad_accum, PEAK_FLOPS[profile.gpu], efficiency, collectives, profile, tp, dp)
+    t.compute_s *= hw_f / model_f  # the recompute costs time, not model FLOPs
+    flops_step = model_f * tp * bp.grad_accum * dp
+    return Plan(cfg, ds, profile, bp, lay, params, param_counts(cfg, 1).total, states, acts, bucket,
+                GPU_MEMORY_GB[profile.gpu] * 1e9, flops_step, model_f, t, note)
+
+
+def render(p: Plan) -> str:
     gb = 1e9
-    lay, (psi_total, psi, psi_t) = r["layout"], r["params"]
+    cfg, lay, t = p.cfg, p.layout, p.time
     lines = [
-        f"{cfg.preset} on {r['world']} × {r['gpu']} (tp={r['tp']}, dp={r['dp']}, ZeRO-{lay.zero}, "
-        f"{'bf16' if lay.bf16 else 'fp32'}): {r['batch'].describe()}",
-        f"  parameters: {psi_total / 1e6:.1f} M student, {psi / 1e6:.1f} M per TP rank, "
-        f"{psi_t / 1e6:.1f} M teacher-tracked per TP rank",
+        f"{cfg.preset} on {lay.tp * lay.dp} × {p.profile.gpu} ({p.profile.name}; tp={lay.tp}, dp={lay.dp}, "
+        f"ZeRO-{lay.zero}, {'bf16' if lay.bf16 else 'fp32'}, activation checkpointing "
+        f"{cfg.model.activation_checkpointing}): {p.batch.describe()}",
+        f"  parameters: {p.params_all / 1e6:.1f} M student, {p.params.total / 1e6:.1f} M per TP rank, "
+        f"{p.params.teacher / 1e6:.1f} M teacher-tracked per TP rank",
         f"  micro-batch: {lay.micro_items} items × M={cfg.model.clone_batch} masks, T={lay.positions}, "
         f"kept {int(lay.positions * (1 - cfg.masking.mask_prob))}",
         "  per-GPU memory (GB):",
     ]
-    for k, v in r["states"].items():
-        lines.append(f"    {k:<24}{v / gb:8.2f}")
+    lines += [f"    {k:<24}{v / gb:8.2f}" for k, v in p.states.items()]
     if lay.zero in (1, 2):
-        lines.append(f"    {'zero_reduce_bucket':<24}{r['bucket'] / gb:8.2f}")
-    for ac in (False, True):
-        label = "activations (checkpointed)" if ac else "activations"
-        acts = r["activations"][ac]
+        lines.append(f"    {'zero_reduce_bucket':<24}{p.bucket / gb:8.2f}")
+    for every, acts in sorted(p.activations.items()):
+        label = f"activations (ckpt {every})" if every else "activations"
         lines.append(f"    {label:<24}{sum(acts.values()) / gb:8.2f}   "
                      + ", ".join(f"{k} {v / gb:.2f}" for k, v in acts.items()))
-    for ac in (False, True):
-        total = r["totals"][ac]
-        verdict = "fits" if total <= 0.9 * r["capacity"] else "DOES NOT FIT"
-        lines.append(f"    total {'with' if ac else 'without'} activation checkpointing: {total / gb:.2f} of "
-                     f"{r['capacity'] / gb:.0f} → {verdict} (90 % usable)")
-    lines.append(f"  model FLOPs per step {r['flops_per_step']:.3e}; at MFU {r['mfu']:.1%}: {r['step_s']:.2f} s/step, "
-                 f"{cfg.train.max_updates:,} steps = {r['run_h']:.1f} h")
+    for every in sorted(p.activations):
+        total = p.total_bytes(every)
+        verdict = "fits" if total <= USABLE * p.capacity else "DOES NOT FIT"
+        mark = "  ← configured" if every == cfg.model.activation_checkpointing else ""
+        lines.append(f"    total with model.activation_checkpointing={every}: {total / gb:.2f} of "
+                     f"{p.capacity / gb:.0f} → {verdict} ({USABLE:.0%} usable){mark}")
+    lines.append("  communication per step (bytes per rank, time on the profile):")
+    for c, secs in t.collectives:
+        hidden = f", overlaps {c.hidden_by}" if c.hidden_by else ""
+        lines.append(f"    {c.what:<62} {c.kind:>14}@{c.group:<5} {c.total / gb:8.3f} GB {secs * 1e3:8.2f} ms{hidden}")
+    lines.append(f"  step: compute {t.compute_s:.3f} s at {t.efficiency:.1%} of peak "
+                 f"(micro-batch {p.flops_per_micro_gpu:.2e} FLOPs/GPU), communication {t.comm_s:.3f} s "
+                 f"of which {t.exposed_comm_s:.3f} s exposed → {t.total_s:.3f} s/step ({t.dominant}-bound), "
+                 f"MFU {p.mfu:.1%}")
+    lines.append(f"  {cfg.train.max_updates:,} steps = {p.run_h:.1f} h")
+    if p.scaling_note:
+        lines.append(f"  {p.scaling_note}")
     return "\n".join(lines)
 
 
+def _micro_override(cfg: Config, ds: dict, micro: int | None) -> None:
+    if micro is None:
+        return
+    if cfg.model.modality == "audio":
+        cfg.data.max_tokens = micro
+    else:
+        ds["train_micro_batch_size_per_gpu"] = micro
+
+
+def batch_math_hint(cfg: Config, ds: dict, nodes: int, gpus: int, tp: int) -> str:
+    """The concrete ways out when a global batch cannot be split over this many GPUs."""
+    from .planning.search import ways_out
+
+    return ways_out(cfg, ds, nodes, gpus, tp)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", required=True)
-    p.add_argument("--ds_config", required=True)
-    p.add_argument("--nodes", type=int, default=32)
-    p.add_argument("--gpus_per_node", type=int, default=8)
-    p.add_argument("--gpu", default="a100-40gb", choices=sorted(GPU_MEMORY_GB))
-    p.add_argument("--tp", type=int, default=None, help="default: the preset's parallel.tp")
-    p.add_argument("--mfu", type=float, default=0.125,
-                   help="assumed model FLOPs utilisation; the default is what the paper's ViT-H/14 run implies "
-                        "(100 epochs in 66.1 h on 64 A100s ≈ 12.5 %%); calibrate with a --profile run on the target GPUs")
+    p = OneLineParser(prog="plan", description=__doc__.splitlines()[0],
+                      epilog="example: python -m d2v2scale.plan --search --preset vit_h "
+                             "--ds_config ds_configs/vit_h.json --nodes 32")
+    p.add_argument("--preset", help="preset name or YAML (required unless --paper)")
+    p.add_argument("--ds_config", help="DeepSpeed JSON (required unless --paper)")
+    p.add_argument("--nodes", type=int, default=32, help="nodes (default 32)")
+    p.add_argument("--gpus_per_node", type=int, default=None, help="default: the cluster profile's")
+    p.add_argument("--cluster", default=None, help="cluster profile name or JSON file (default: DGX A100 40GB, 8x HDR200)")
+    p.add_argument("--calibration", default=None, help="calibration.json from bench/gpu_check.py (replaces the "
+                                                       "default efficiency curve)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the preset's parallel.tp)")
     p.add_argument("--micro_batch", type=int, default=None,
-                   help="override the JSON's train_micro_batch_size_per_gpu (audio: data.max_tokens)")
-    p.add_argument("overrides", nargs="*")
+                   help="override train_micro_batch_size_per_gpu (audio: data.max_tokens, in samples)")
+    p.add_argument("--search", action="store_true", help="enumerate TP, micro-batch, ZeRO stage, activation "
+                                                         "checkpointing and batch scaling; print the best layouts")
+    p.add_argument("--top", type=int, default=5, help="with --search: how many layouts to print (default 5)")
+    p.add_argument("--shell", action="store_true", help="with --search: print the choice as shell assignments "
+                                                        "on stdout (the explanation goes to stderr); for slurm/")
+    p.add_argument("--write_ds_config", default=None, help="with --search: write the chosen DeepSpeed JSON here")
+    p.add_argument("--paper", action="store_true", help="the paper's own runs, predicted vs published wall time")
+    p.add_argument("overrides", nargs="*", help="section.key=value (e.g. model.activation_checkpointing=1)")
     args = p.parse_args(argv)
     try:
+        profile = load_profile(args.cluster)
+        if args.gpus_per_node:
+            profile = ClusterProfile(**{**profile.__dict__, "gpus_per_node": args.gpus_per_node})
+        efficiency = load_calibration(args.calibration, profile.gpu)
+        if args.paper:
+            from .planning.search import paper_table
+
+            print(paper_table(profile, efficiency))
+            return 0
+        if not args.preset or not args.ds_config:
+            raise ConfigError("--preset and --ds_config are required (or --paper)")
         cfg = load_config(args.preset, args.overrides)
         ds = load_ds_config(args.ds_config)
-        if args.micro_batch is not None:
-            if cfg.model.modality == "audio":
-                cfg.data.max_tokens = args.micro_batch
-            else:
-                ds["train_micro_batch_size_per_gpu"] = args.micro_batch
-        r = plan(cfg, ds, args.nodes, args.gpus_per_node, args.gpu, args.tp or cfg.parallel.tp, args.mfu)
-    except ConfigError as e:
-        print(f"plan: error: {e}", file=sys.stderr)
-        return 2
-    print(render(cfg, r))
+        _micro_override(cfg, ds, args.micro_batch)
+        if args.search:
+            from .planning.search import report, search
+
+            ranked, rejected = search(cfg, ds, args.nodes, profile, efficiency, pinned_tp=args.tp)
+            text, shell, chosen_ds = report(ranked, rejected, args.nodes, profile, args.top)
+            if args.write_ds_config:
+                with open(args.write_ds_config, "w") as f:
+                    json.dump(chosen_ds, f, indent=2)
+            print(text, file=sys.stderr if args.shell else sys.stdout)
+            if args.shell:
+                print(shell)
+            return 0
+        tp = args.tp or cfg.parallel.tp
+        try:
+            result = plan(copy.deepcopy(cfg), copy.deepcopy(ds), args.nodes, tp, profile, efficiency)
+        except ConfigError as e:
+            if "batch math" not in str(e):
+                raise
+            raise ConfigError(f"{e}. {batch_math_hint(cfg, ds, args.nodes, profile.gpus_per_node, tp)}") from None
+    except (ConfigError, OSError) as e:
+        return fail("plan", e)
+    print(render(result))
     return 0
 
 

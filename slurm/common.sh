@@ -11,8 +11,12 @@
 #   PRESET, DS_CONFIG        what to train (set by the calling script, may be overridden)
 #   DATA_PATH                dataset folder / manifest / token prefix (data.path)
 #   RUN_DIR                  run directory (default runs/<job name>-<job id>; survives requeue)
-#   TP                       tensor-parallel degree (default 1)
+#   TP                       tensor-parallel degree; unset: the planner chooses the layout (below)
 #   SCALE_BATCH              none | linear: grow global batch and LR when the GPUs cannot split it
+#   AUTO_PLAN                1 (default when TP is unset): `python -m d2v2scale.plan --search` picks TP,
+#                            micro-batch, ZeRO stage, activation checkpointing and batch scaling for
+#                            this node count, prints what it chose and why, and writes the tuned
+#                            DeepSpeed JSON to RUN_DIR/ds_config.plan.json; 0: use TP/DS_CONFIG as given
 #   EXTRA                    more section.key=value overrides, space separated
 #   STAGE_DATA               1: copy DATA_PATH to node-local $STAGE_DIR first (default 0)
 #   STAGE_DIR                node-local scratch (default ${TMPDIR:-/tmp}/d2v2scale-$SLURM_JOB_ID)
@@ -24,8 +28,10 @@ set -euo pipefail
 
 : "${PRESET:?PRESET must be set}"
 : "${DS_CONFIG:?DS_CONFIG must be set}"
+if [[ -z "${TP:-}" ]]; then AUTO_PLAN="${AUTO_PLAN:-1}"; else AUTO_PLAN="${AUTO_PLAN:-0}"; fi
 TP="${TP:-1}"
 SCALE_BATCH="${SCALE_BATCH:-none}"
+PLAN_OVERRIDES=""
 EXTRA="${EXTRA:-}"
 STAGE_DATA="${STAGE_DATA:-0}"
 ROOT="${SLURM_SUBMIT_DIR:-$(pwd)}"
@@ -39,16 +45,27 @@ GPUS_PER_NODE="${GPUS_PER_NODE%%(*}"  # Slurm may report "8(x32)"
 JOB_ID="${SLURM_JOB_ID:-dryrun}"
 RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-$PRESET}-${JOB_ID}}"
 
-overrides=("parallel.tp=${TP}" "train.batch_scaling=${SCALE_BATCH}")
-if [[ -n "${DATA_PATH:-}" ]]; then overrides+=("data.path=${DATA_PATH}"); fi
 read -r -a extra_overrides <<< "$EXTRA"
+if [[ "$AUTO_PLAN" == "1" ]]; then
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then plan_ds="$(mktemp -t d2v2scale-plan-XXXXXX.json)"; else
+        mkdir -p "$RUN_DIR"; plan_ds="$RUN_DIR/ds_config.plan.json"; fi
+    echo "# planning ${PRESET} for ${NODES} nodes x ${GPUS_PER_NODE} GPUs (python -m d2v2scale.plan --search):"
+    plan_shell="$("$PYTHON" -m d2v2scale.plan --search --shell --preset "$PRESET" --ds_config "$DS_CONFIG" \
+        --nodes "$NODES" --gpus_per_node "$GPUS_PER_NODE" --write_ds_config "$plan_ds" "${extra_overrides[@]}")"
+    eval "$plan_shell"  # sets TP, SCALE_BATCH, PLAN_OVERRIDES
+    DS_CONFIG="$plan_ds"
+fi
+overrides=("parallel.tp=${TP}" "train.batch_scaling=${SCALE_BATCH}")
+read -r -a plan_overrides <<< "$PLAN_OVERRIDES"
+overrides+=("${plan_overrides[@]}")
+if [[ -n "${DATA_PATH:-}" ]]; then overrides+=("data.path=${DATA_PATH}"); fi
 overrides+=("${extra_overrides[@]}")
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     echo "# d2v2scale dry run: ${PRESET} on ${NODES} nodes x ${GPUS_PER_NODE} GPUs (tp=${TP}, batch scaling ${SCALE_BATCH})"
     WORLD_SIZE=$((NODES * GPUS_PER_NODE)) RANK=0 "$PYTHON" launchers/pretrain.py --dry_run \
         --ds_config "$DS_CONFIG" --preset "$PRESET" --run_dir "$RUN_DIR" "${overrides[@]}"
-    echo "# memory plan:"
+    echo "# memory, communication and step time of this layout:"
     "$PYTHON" -m d2v2scale.plan --preset "$PRESET" --ds_config "$DS_CONFIG" --nodes "$NODES" \
         --gpus_per_node "$GPUS_PER_NODE" --tp "$TP" "${overrides[@]}"
     echo "# command:"

@@ -23,9 +23,61 @@ def test_planner_runs(capsys, preset, nodes, extra):
     assert "fits" in out and "s/step" in out
 
 
-def test_planner_reports_impossible_batch_math(capsys):
+def test_planner_reports_impossible_batch_math_with_the_ways_out(capsys):
     assert plan_main(["--preset", "vit_h", "--ds_config", "ds_configs/vit_h.json", "--nodes", "64"]) == 2
-    assert "batch math" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch math" in err
+    # 512 GPUs, batch 256: TP 2 leaves 256 data-parallel ranks of one image; the linear rule gives 4096 (×16 lr)
+    assert "--tp 2 (parallel.tp=2) with train_micro_batch_size_per_gpu=1" in err
+    assert "train.batch_scaling=linear (global batch 256 → 4096, peak lr 0.0004 → 0.0064" in err
+
+
+def test_paper_runs_within_35_percent(capsys):
+    """Default cluster profile and efficiency curve against the published wall-clock times."""
+    assert plan_main(["--paper"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("ViT-H", "speech"))]
+    assert len(rows) == 2
+    for row in rows:
+        predicted, paper, ratio = (float(v) for v in row.split()[-4:-1])
+        assert ratio == pytest.approx(predicted / paper, abs=0.01)
+        assert 0.65 <= ratio <= 1.35, row
+
+
+def test_collective_time_is_the_ring_formula():
+    from d2v2scale.planning.cluster import DGX_A100_40GB as p
+
+    # all-reduce of 1 GB over 16 ranks on 2 nodes: latency 10 + 12·log2(2) µs, 2·15/16 GB at 185 GB/s
+    expected = 22e-6 + 1e9 * 2 * 15 / 16 / 185e9
+    assert p.collective_s("all_reduce", 1e9, 16, spans_nodes=True) == pytest.approx(expected)
+    # all-gather inside a node: 7/8 of the gathered bytes at 230 GB/s
+    assert p.collective_s("all_gather", 8e8, 8, spans_nodes=False) == pytest.approx(10e-6 + 8e8 * 7 / 8 / 230e9)
+    assert p.collective_s("all_reduce", 1e9, 1, spans_nodes=False) == 0.0
+
+
+def test_calibration_file_replaces_the_curve(tmp_path):
+    import json
+
+    from d2v2scale.planning.timing import Efficiency, load_calibration
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"gpu": "a100-40gb", "points": [{"flops_per_micro_batch": 1e12, "efficiency": 0.1},
+                                                               {"flops_per_micro_batch": 1e14, "efficiency": 0.3}]}))
+    eff = load_calibration(str(path), "a100-40gb")
+    assert eff(1e13) == pytest.approx(0.2)  # halfway in log(F)
+    assert eff(1e15) == pytest.approx(0.3) and eff(5e11) == pytest.approx(0.05)
+    assert Efficiency()(5.6e13) == pytest.approx(0.25)  # the default curve at its half point
+    with pytest.raises(Exception, match="measured on h200"):
+        path.write_text(json.dumps({"gpu": "h200", "points": [{"flops_per_micro_batch": 1, "efficiency": 0.1}]}))
+        load_calibration(str(path), "a100-40gb")
+
+
+def test_search_prefers_the_pinned_batch_and_reports_the_choice(capsys):
+    assert plan_main(["--search", "--preset", "vit_h", "--ds_config", "ds_configs/vit_h.json", "--nodes", "32",
+                      "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if "chosen #1" in line)
+    assert "keeps the preset's global batch" in chosen and "train.batch_scaling=none" in chosen
+    assert "sbatch variables: TP=" in out
 
 
 @pytest.mark.slow

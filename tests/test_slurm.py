@@ -85,15 +85,26 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert steps.index(preempt_step + 1) == preempt_step  # the resumed run continued right after it
 
 
-def test_dry_run_prints_batch_math_plan_and_command():
-    env = dict(os.environ, DRY_RUN="1", NODES="32", PYTHON=sys.executable)
-    out = subprocess.run(["bash", "slurm/vit_h.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "micro-batch 1 × grad-accum 1 × data-parallel 256" in out.stdout
-    assert "fits" in out.stdout and "h\n" in out.stdout and "srun " in out.stdout
-    env.update(NODES="64")
+@pytest.mark.parametrize("script", ["vit_h.sbatch", "libri_light_large.sbatch"])
+def test_dry_run_plans_every_node_count(script):
+    """With only NODES set, the planner chooses the layout: each count from 8 to 64 nodes plans,
+    prints the choice, its memory and predicted step time, and the launcher's batch math agrees."""
+    for nodes in (8, 16, 32, 48, 64):
+        env = {k: v for k, v in os.environ.items() if k not in ("TP", "SCALE_BATCH", "AUTO_PLAN", "EXTRA")}
+        env.update(DRY_RUN="1", NODES=str(nodes), PYTHON=sys.executable)
+        out = subprocess.run(["bash", f"slurm/{script}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, (nodes, out.stderr[-2000:])
+        chosen = next(line for line in out.stderr.splitlines() if "chosen #1" in line)
+        tp = int(chosen.split("tp=")[1].split(",")[0])
+        assert "s/step" in out.stderr and "GB per GPU" in out.stderr
+        assert f"on {nodes * 8} × a100-40gb" in out.stdout and f"tp={tp}," in out.stdout and "fits" in out.stdout
+        assert f"parallel.tp={tp}" in out.stdout.splitlines()[-1] and "srun " in out.stdout
+
+
+def test_dry_run_with_a_pinned_layout_is_not_replanned():
+    env = dict(os.environ, DRY_RUN="1", NODES="64", TP="1", SCALE_BATCH="none", PYTHON=sys.executable)
     bad = subprocess.run(["bash", "slurm/vit_h.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "batch math" in bad.stderr
+    assert bad.returncode != 0 and "batch math" in bad.stderr and "chosen" not in bad.stderr
     env.update(SCALE_BATCH="linear")
     scaled = subprocess.run(["bash", "slurm/vit_h.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert scaled.returncode == 0 and "linear rule" in scaled.stdout

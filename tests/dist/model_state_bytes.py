@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed, shutdown  # noqa: E402
-from d2v2scale.plan import Layout, _param_counts, model_state_bytes  # noqa: E402
+from d2v2scale.plan import Layout, model_state_bytes, param_counts  # noqa: E402
 from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
@@ -33,7 +33,8 @@ def main():
         "teacher_fp32_masters": nbytes(tr.teacher.masters),
         "teacher_compute_copy": nbytes(tr.teacher.flats),
     }
-    psi, _, psi_t = _param_counts(cfg, 1)
+    counts = param_counts(cfg, 1)
+    psi, psi_t = counts.total, counts.teacher
     lay = Layout(1, dims.dp, ds["zero_optimization"]["stage"], ds.get("bf16", {}).get("enabled", False), 1, 1, 0)
     model = {k: v for k, v in model_state_bytes(psi, psi_t, lay).items() if k in measured}
     Path(out).write_text(json.dumps({"measured": measured, "model": model}))

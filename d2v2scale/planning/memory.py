@@ -1,0 +1,134 @@
+"""Per-GPU memory of a training layout: model states per ZeRO stage, the sharded teacher,
+activations (with and without activation checkpointing), DeepSpeed's reduction bucket.
+
+In bytes, for Ψ student parameters held by this TP rank (sharded block matrices / tp +
+replicated rest) and Ψ_T teacher-tracked ones:
+
+- model states, mixed precision with Adam: weights 2Ψ, gradients 2Ψ (ZeRO-2/3: /dp), fp32
+  master + two moments 12Ψ (ZeRO-1/2/3: /dp); fp32 training: 4Ψ + 4Ψ + 8Ψ (+ a 4Ψ/dp fp32 copy
+  at ZeRO-1/2);
+- teacher: fp32 EMA masters 4Ψ_T/dp (sharded) + compute copy 2Ψ_T (bf16);
+- activations of one micro-batch (B items × M clones): per student block
+  ``t·r·h·(10 + 24/tp)`` bytes (Korthikanti et al. with memory-efficient attention; ``r`` = B·M
+  rows of ``t`` kept tokens), or only the block inputs ``2·t·r·h`` for blocks under activation
+  checkpointing (``model.activation_checkpointing``) plus one block's recompute;
+  plus the decoder, the loss tensors (fp32 targets and predictions of all B·M·T positions), the
+  teacher's K stored layer outputs and, for audio, the CNN and the full-length conv positions;
+- DeepSpeed's gradient-reduction bucket (``reduce_bucket_size``, default 5e8 elements).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+
+from ..config import Config
+from .comm import ParamCounts
+
+GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141, "v100-32gb": 32}
+
+
+@dataclass
+class Layout:
+    tp: int
+    dp: int
+    zero: int
+    bf16: bool
+    micro_items: int  # samples (images, text blocks, audio crops) per micro-batch per rank
+    positions: int  # T per item (patches / frames / tokens)
+    input_len: int  # audio samples per item (0 otherwise)
+
+
+def param_counts(cfg: Config, tp: int) -> ParamCounts:
+    """Element counts one TP rank holds (block matrices / tp, the rest replicated), from a meta model."""
+    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.decoder), dataclasses.asdict(cfg.teacher)])
+    return _param_counts(key, tp)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(key: str, tp: int) -> ParamCounts:
+    import torch
+
+    from ..config import config_from_dict
+
+    model_cfg, decoder_cfg, teacher_cfg = json.loads(key)
+    cfg = config_from_dict({"model": model_cfg, "decoder": decoder_cfg, "teacher": teacher_cfg})
+
+    from ..model import Data2Vec2
+
+    with torch.device("meta"):
+        model = Data2Vec2(cfg)
+        teacher = model.teacher_copy()
+    sharded_suffixes = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                        "attn.proj.weight", "mlp.fc2.weight")
+
+    def local(name: str, p) -> int:
+        return p.numel() // tp if name.endswith(sharded_suffixes) else p.numel()
+
+    sizes = tuple(local(n, p) for n, p in model.named_parameters())
+    trainable = sum(local(n, p) for n, p in model.named_parameters() if p.requires_grad)
+    tracked = sum(local(n, p) for n, p in teacher.named_parameters() if p.requires_grad)
+    return ParamCounts(trainable, sum(sizes), tracked, sizes)
+
+
+def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
+    d = lay.dp
+    if lay.bf16:
+        weights, grads, optim = 2 * psi, 2 * psi, 12 * psi
+        if lay.zero >= 2:
+            grads /= d
+        if lay.zero >= 1:
+            optim /= d
+        if lay.zero == 3:
+            weights /= d
+        teacher_compute = 2 * psi_t
+    else:
+        weights, grads, optim = 4 * psi, 4 * psi, 8 * psi
+        if lay.zero >= 2:
+            grads /= d
+        if lay.zero >= 1:
+            optim = optim / d + (4 * psi / d if lay.zero in (1, 2) else 0)
+        if lay.zero == 3:
+            weights /= d
+        teacher_compute = 4 * psi_t
+    return {"weights": weights, "gradients": grads, "optimizer_states": optim,
+            "teacher_fp32_masters": 4 * psi_t / d, "teacher_compute_copy": teacher_compute}
+
+
+def _checkpointed_blocks(count: int, every: int) -> int:
+    return 0 if every == 0 else -(-count // every)  # blocks 0, k, 2k, ... (model.blocks.checkpointed)
+
+
+def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[str, float]:
+    """``checkpoint_every``: ``model.activation_checkpointing`` (0 off, 1 every block, k every k-th)."""
+    m, dec = cfg.model, cfg.decoder
+    bytes_el = 2 if lay.bf16 else 4
+    rows = lay.micro_items * m.clone_batch
+    h, t_full = m.embed_dim, lay.positions + m.num_extra_tokens
+    kept = int(lay.positions * (1 - cfg.masking.mask_prob)) + m.num_extra_tokens
+    blocks = m.depth + m.prenet_depth
+    per_block = kept * rows * h * (10 + 24 / lay.tp) * bytes_el / 2
+    ck = _checkpointed_blocks(m.depth, checkpoint_every) + _checkpointed_blocks(m.prenet_depth, checkpoint_every)
+    student = ck * kept * rows * h * bytes_el + (blocks - ck) * per_block  # a checkpointed block keeps its input
+    positions = rows * lay.positions
+    decoder = dec.layers * 4 * positions * dec.dim * bytes_el + positions * h * bytes_el
+    if dec.projection_layers > 1:  # Linear → GELU → ... keeps the hidden pre- and post-activation
+        decoder += (dec.projection_layers - 1) * 2 * positions * int(dec.dim * dec.projection_ratio) * bytes_el
+    loss = positions * h * (4 + 4 + 4)  # fp32 prediction copy, gathered targets, squared error
+    teacher = (m.average_top_k_layers * lay.micro_items * t_full * h * bytes_el
+               + 2 * lay.micro_items * t_full * h * 4)  # stored FFN outputs, fp32 targets + one layer in fp32
+    out = {"student_blocks": student, "decoder": decoder, "loss_tensors": loss, "teacher_transient": teacher}
+    if ck:  # a block's recompute happens in backward, after the decoder and loss tensors are freed
+        out["block_recompute"] = max(0.0, per_block - decoder - loss - teacher)
+    if m.modality == "audio":
+        cnn, length = 0.0, lay.input_len
+        for c_out, k, s in m.conv_feature_layers:
+            length = (length - k) // s + 1
+            cnn += c_out * length * (bytes_el + 4 + 4 + bytes_el)  # conv out, fp32 LN in/out, GELU
+        conv_pos = m.conv_pos_depth * 4 * positions * h * bytes_el
+        alibi = rows * m.num_heads / lay.tp * kept * kept * 4 if m.use_alibi else 0
+        out.update({"audio_cnn": lay.micro_items * cnn, "conv_positions": conv_pos, "alibi_bias": alibi})
+    return out
+
+
