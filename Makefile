@@ -2,6 +2,7 @@
 #   make venv   create/refresh .venv (torch first, then DeepSpeed without compiled ops, then this package)
 #   make test   run the test suite on CPU
 #   make demo   short real pretraining: 2 CPU processes via the deepspeed launcher, tiny_image on digits
+#   make gpu-check  on a CUDA machine: the gpu-marked tests + planner calibration (bench/gpu_check.py)
 #   make clean  remove caches and build artefacts (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: venv test demo clean distclean
+.PHONY: venv test demo gpu-check clean distclean
 
 venv: $(STAMP)
 
@@ -40,6 +41,8 @@ demo: venv
 		--ds_config ds_configs/cpu_tiny.json --preset tiny_image --run_dir $(DEMO_RUN) --profile
 	@echo "run directory: $(DEMO_RUN) (config.yaml, ds_config.json, metrics.jsonl, checkpoints/, report/report.md)"
 
+gpu-check: venv
+	$(PY) bench/gpu_check.py --out calibration.json
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info

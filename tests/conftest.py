@@ -34,3 +34,15 @@ def fixture_config():
             "masking.mask_prob=0.8", "masking.mask_prob_adjust=0.07", "masking.mask_length=3",
         ],
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are the only ones that may skip, and only where CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run python bench/gpu_check.py on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,144 @@
+"""GPU acceptance and planner calibration, in one command on any CUDA machine (≤ 10 min, one GPU).
+
+    python bench/gpu_check.py [--out calibration.json] [--presets vit_l,vit_h,audio_large] [--micro 1,2,4,8]
+    make gpu-check
+
+1. Runs the tests marked ``gpu`` (tests/gpu): bf16 CUDA step vs the fp32 CPU step, DALI ``mixed``
+   decode vs CPU decode, CUDA-event timers, NVML sampling, bit-exact CUDA RNG resume, NCCL
+   collectives over every visible GPU.
+2. Times the single-GPU training step (bf16 autocast, fused AdamW, EMA update) of each preset at
+   micro-batches 1–8. Full-depth models may not fit one GPU, so each is timed at two cut depths
+   and scaled back analytically: per-block time = (t(4) − t(2)) / 2, full = t(2) + per-block ×
+   (all blocks − 2). Efficiency = the full model's FLOPs / (full time × peak).
+3. Writes ``calibration.json`` for ``python -m d2v2scale.plan --calibration`` and prints the table.
+
+Without CUDA it prints one line and exits 0. Exit 1 when a ``gpu`` test fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from d2v2scale.config import load_config  # noqa: E402
+from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
+from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
+from d2v2scale.profiling.flops import PEAK_FLOPS, StepShape, step_flops  # noqa: E402
+from d2v2scale.teacher import build_teacher  # noqa: E402
+
+CUT_DEPTHS = (2, 4)
+DEVICE = "cuda"
+
+
+def gpu_key() -> str:
+    """The planner's name for this GPU (plan --gpu / cluster profile ``gpu``)."""
+    props = torch.cuda.get_device_properties(0)
+    name, gb = props.name.upper(), props.total_memory / 1e9
+    for tag, key in (("A100", "a100-80gb" if gb > 50 else "a100-40gb"), ("H200", "h200"), ("H100", "h100"),
+                     ("V100", "v100")):
+        if tag in name:
+            return key
+    raise SystemExit(f"gpu_check: unknown GPU {props.name!r}; add its bf16 peak to profiling/flops.py PEAK_FLOPS")
+
+
+def time_step(preset: str, micro: int, depth: int, steps: int = 5) -> float:
+    """Seconds of one forward + backward + AdamW + EMA step at a cut depth (CUDA events)."""
+    full = load_config(preset)
+    cfg = load_config(preset, [f"model.depth={depth}", "model.prenet_depth=0",
+                               f"model.average_top_k_layers={min(depth, full.model.average_top_k_layers)}"])
+    device = torch.device(DEVICE)
+    model = Data2Vec2(cfg).to(device).train()
+    teacher = build_teacher(model, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    source = synthetic_batch(cfg, micro, torch.Generator().manual_seed(0)).to(device)
+    mask = model.make_mask(0, 0, torch.arange(micro), source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(2 + steps):
+        if i == 2:
+            start.record()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = normalize_loss(model(source, teacher.module, mask))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        teacher.update(i + 1, model)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
+
+
+def calibrate(presets: list[str], micros: list[int], peak: float) -> list[dict]:
+    points = []
+    for preset in presets:
+        full = load_config(preset)
+        blocks = full.model.depth + full.model.prenet_depth
+        for micro in micros:
+            try:
+                t_lo, t_hi = (time_step(preset, micro, d) for d in CUT_DEPTHS)
+            except torch.OutOfMemoryError:
+                print(f"  {preset} micro {micro}: out of memory at depth {CUT_DEPTHS[-1]}, skipped", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            per_block = (t_hi - t_lo) / (CUT_DEPTHS[1] - CUT_DEPTHS[0])
+            step_s = t_lo + per_block * (blocks - CUT_DEPTHS[0])
+            source = synthetic_batch(full, micro, torch.Generator().manual_seed(0))
+            kept, t = _kept_positions(full, source)
+            flops = step_flops(full, StepShape(micro, t, kept), source.shape[-1])
+            points.append({"preset": preset, "micro_batch": micro, "flops_per_micro_batch": flops,
+                           "step_s": step_s, "efficiency": flops / (step_s * peak)})
+            print(f"  {preset:<12} micro {micro}: {step_s:.3f} s/step (blocks {t_lo:.3f}/{t_hi:.3f} s at depth "
+                  f"{CUT_DEPTHS}), {flops:.2e} FLOPs, efficiency {points[-1]['efficiency']:.1%}", flush=True)
+    return points
+
+
+def _kept_positions(cfg, source: torch.Tensor) -> tuple[int, int]:
+    m = cfg.model
+    if m.modality == "image":
+        t = (m.img_size // m.patch_size) ** 2
+    elif m.modality == "audio":
+        t = source.shape[-1]
+        for _, k, s in m.conv_feature_layers:
+            t = (t - k) // s + 1
+    else:
+        t = source.shape[-1]
+    return int(t * (1 - cfg.masking.mask_prob)), t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="calibration.json")
+    p.add_argument("--presets", default="vit_l,vit_h,audio_large")
+    p.add_argument("--micro", default="1,2,4,8")
+    p.add_argument("--skip_tests", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False here); nothing to check")
+        return 0
+    key = gpu_key()
+    print(f"gpu_check: {torch.cuda.get_device_name(0)} ({key}), {torch.cuda.device_count()} GPU(s), "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    tests_ok = True
+    if not args.skip_tests:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"], cwd=ROOT)
+        tests_ok = proc.returncode == 0
+    print("calibration (one GPU, bf16):", flush=True)
+    points = calibrate(args.presets.split(","), [int(m) for m in args.micro.split(",")], PEAK_FLOPS[key])
+    Path(args.out).write_text(json.dumps({"gpu": key, "device_name": torch.cuda.get_device_name(0),
+                                          "points": points}, indent=1))
+    print(f"wrote {args.out} ({len(points)} points): python -m d2v2scale.plan --calibration {args.out} ...")
+    print("| preset | micro-batch | s/step (full depth) | model TFLOP/step | efficiency |\n|---|---|---|---|---|")
+    for q in points:
+        print(f"| {q['preset']} | {q['micro_batch']} | {q['step_s']:.3f} | {q['flops_per_micro_batch'] / 1e12:.1f} "
+              f"| {q['efficiency']:.1%} |")
+    return 0 if tests_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

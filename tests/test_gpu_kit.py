@@ -1,0 +1,28 @@
+"""The GPU acceptance kit is present and honest on a machine without CUDA: the check says so in
+one line and exits 0, and every ``gpu`` test is collected and reported as skipped, never absent."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_tests_are_collected():
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "tests/gpu"],
+                         cwd=ROOT, capture_output=True, text=True)
+    collected = [line for line in out.stdout.splitlines() if "::" in line]
+    assert len(collected) >= 8, out.stdout  # bf16 ×3, DALI mixed, timers, NVML, RNG, NCCL
+
+
+def test_without_cuda_the_kit_says_so_and_skips():
+    if torch.cuda.is_available():  # on a GPU machine, bench/gpu_check.py itself is the test
+        return
+    check = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip().splitlines() == [
+        "gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False here); nothing to check"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests/gpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and " skipped" in run.stdout and "passed" not in run.stdout
+    assert "needs a CUDA GPU" in run.stdout
