@@ -123,6 +123,13 @@ def test_zero_stages_match_single_process(tmp_path):
         full = ref["teacher_bytes_per_rank"][0]
         for b in runs[stage]["teacher_bytes_per_rank"]:
             assert b <= full / 2 + 4096, (stage, b, full)  # up to one alignment pad per group
+    # activation checkpointing composes with ZeRO's sharding: recomputed blocks, same objective
+    _launch(_torchrun(2), script, str(tmp_path / "ckpt.json"), "tiny_image", "16", "1", "2,3", "1", *overrides,
+            "model.activation_checkpointing=1")
+    checkpointed = json.loads((tmp_path / "ckpt.json").read_text())
+    for stage in ("2", "3"):
+        for got, want in zip(checkpointed[stage]["losses"], ref["losses"]):
+            assert got == pytest.approx(want, rel=1e-5), (stage, got, want)
 
 
 def test_bf16_single_process(tmp_path):
