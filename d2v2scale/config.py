@@ -133,6 +133,7 @@ class TrainConfig:
     warn_pred_var: float = 0.01
     warn_layer_spread_ratio: float = 0.1
     batch_scaling: str = "none"  # none | linear: grow global batch + LR when the GPUs cannot split it
+    allow_long_warmup: bool = False  # permit an LR warm-up as long as (or longer than) the run
 
 
 @dataclass
@@ -330,6 +331,36 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
 
 
+def receptive_field(conv_layers: list) -> int:
+    """Input samples one output frame of the wav2vec CNN sees (400 for the standard 7-layer stack)."""
+    field, stride = 1, 1
+    for _, kernel, layer_stride in conv_layers:
+        field += (kernel - 1) * stride
+        stride *= layer_stride
+    return field
+
+
+def _check_audio_sizes(cfg: Config) -> None:
+    d = cfg.data
+    if not all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
+               for layer in cfg.model.conv_feature_layers):
+        raise ConfigError("model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] "
+                          "triples of positive integers")
+    rf = receptive_field(cfg.model.conv_feature_layers)
+    _check(d.min_sample_size >= rf, f"data.min_sample_size={d.min_sample_size} is below the CNN's receptive field "
+                                    f"of {rf} samples (one frame); allowed values: >= {rf}")
+    _check(d.max_sample_size >= d.min_sample_size, f"data.max_sample_size={d.max_sample_size} is below "
+                                                   f"data.min_sample_size={d.min_sample_size}; allowed values: "
+                                                   f">= {d.min_sample_size}")
+    if d.sample_length is not None:
+        _check(d.sample_length >= rf, f"data.sample_length={d.sample_length} is below the CNN's receptive field of "
+                                      f"{rf} samples; allowed values: >= {rf}")
+    if d.max_tokens is not None:
+        _check(d.max_tokens >= d.max_sample_size, f"data.max_sample_size={d.max_sample_size} exceeds data.max_tokens="
+                                                  f"{d.max_tokens}: one crop would not fit a micro-batch; allowed: "
+                                                  f"data.max_tokens >= {d.max_sample_size}")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible combinations with a message naming the key and the allowed values."""
     m, d, mk, t, p = cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.parallel
@@ -386,10 +417,14 @@ def validate(cfg: Config) -> None:
         _check(m.num_extra_tokens == 0, f"model.num_extra_tokens={m.num_extra_tokens}: allowed values for {m.modality}: 0")
         _check(m.cls_loss == 0, f"model.cls_loss={m.cls_loss}: allowed values for {m.modality}: 0 (CLS loss is image-only)")
     if m.modality == "audio":
-        _check(all(isinstance(layer, list) and len(layer) == 3 for layer in m.conv_feature_layers),
-               "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples")
         _check(m.embed_dim % m.conv_pos_groups == 0,
                f"model.conv_pos_groups={m.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
+    if m.modality == "audio":
+        _check_audio_sizes(cfg)
+    if m.modality == "text":
+        _check(m.vocab_size > m.pad_idx >= 0, f"model.vocab_size={m.vocab_size} must exceed model.pad_idx={m.pad_idx}; "
+                                               f"allowed values: integers > {m.pad_idx}")
+        _check(m.max_positions >= 1, f"model.max_positions={m.max_positions}; allowed values: integers >= 1")
     if cfg.mask_kind() == "block2d":
         _check(m.modality == "image", f"masking.kind=block2d is for images; allowed for {m.modality}: block1d, random")
     _check(t.ema_encoder_only or m.modality != "text",

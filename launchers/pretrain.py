@@ -32,6 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run_dir", default=None, help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", default=None, help="auto | checkpoint tag or path")
     p.add_argument("--profile", action="store_true", help="write a profiling report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --run_dir that holds a run: the old one is moved aside, never deleted")
     p.add_argument("--dry_run", action="store_true", help="validate and print the batch math, then exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -40,15 +42,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    from d2v2scale.train.run import AlreadyComplete, prepare, run
+
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        from d2v2scale.train.run import prepare, run
-
         setup = prepare(args)  # everything that can be wrong with the input fails here, before any process group
     except ConfigError as e:
         if rank == 0:
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except AlreadyComplete as e:
+        if rank == 0:
+            print(f"[d2v2scale] {e}")
+        return EXIT_OK
     if args.dry_run:
         from d2v2scale.train.ds_config import describe_optimization
 

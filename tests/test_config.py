@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing_dependency
+
 from d2v2scale.config import ConfigError, config_from_dict, load_config, preset_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +291,7 @@ def test_scheduler_params_match_installed_deepspeed():
     """Read WarmupCosineLR's signature from the installed DeepSpeed source without importing it."""
     spec = importlib.util.find_spec("deepspeed")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("deepspeed is not installed")
+        missing_dependency("deepspeed is not installed")
     src = Path(list(spec.submodule_search_locations)[0]) / "runtime" / "lr_schedules.py"
     tree = ast.parse(src.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "WarmupCosineLR")

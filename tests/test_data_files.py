@@ -13,7 +13,6 @@ from d2v2scale.data.text import TokenBlocks
 
 from data_fixtures import make_jpegs
 
-pytest.importorskip("nvidia.dali", reason="make test installs nvidia-dali-cuda130 (CPU pipelines)")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def test_screen_skips_empty_truncated_and_wrong_format(jpeg_dir):
     assert reasons[0] == "empty file" and "not a JPG" in reasons[1] and "truncated" in reasons[2]
 
 
-def test_image_batches_shape_normalisation_and_determinism(jpeg_dir):
+def test_image_batches_shape_normalisation_and_determinism(jpeg_dir, dali):
     src = ImageSource(str(jpeg_dir), 32, 3, seed=0, batch_size=8, device=torch.device("cpu"))
     x, _ = src.batch(torch.arange(8))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
@@ -45,7 +44,7 @@ def test_image_batches_shape_normalisation_and_determinism(jpeg_dir):
     assert not torch.equal(src.batch(torch.arange(8, 16))[0], x)
 
 
-def test_dali_matches_the_pil_fallback(jpeg_dir):
+def test_dali_matches_the_pil_fallback(jpeg_dir, dali):
     """Same crop windows and flips: the two decoders/resizers differ only in rounding and filters."""
     src = ImageSource(str(jpeg_dir), 32, 3, seed=0, batch_size=4, device=torch.device("cpu"))
     positions = torch.arange(4)
@@ -65,7 +64,7 @@ def test_every_file_once_per_epoch_across_dp_ranks():
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:]) == list(range(20))
 
 
-def test_decode_failure_is_skipped_and_counted(jpeg_dir):
+def test_decode_failure_is_skipped_and_counted(jpeg_dir, dali):
     src = ImageSource(str(jpeg_dir), 32, 3, seed=0, batch_size=25, device=torch.device("cpu"))
     x, _ = src.batch(torch.arange(25))  # one epoch: includes the file with garbage between valid markers
     assert x.shape == (25, 3, 32, 32) and torch.isfinite(x).all()
@@ -103,12 +102,12 @@ def _pretrain(launcher: list[str], preset: str, run_dir, *overrides: str) -> lis
     from test_deepspeed_training import LAUNCH, _launch
     from d2v2scale.train.metrics import read_metrics
 
-    _launch(launcher, *LAUNCH, "--preset", preset, "--run_dir", str(run_dir), *overrides)
+    _launch(launcher, *LAUNCH, "--preset", preset, "--run_dir", str(run_dir), *overrides, "train.allow_long_warmup=true")
     return read_metrics(run_dir / "metrics.jsonl")
 
 
 @pytest.mark.slow
-def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path):
+def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path, dali):
     from test_deepspeed_training import _torchrun
 
     make_jpegs(tmp_path / "jpegs", 90, corrupt=10)
@@ -137,7 +136,7 @@ def audio_dir(tmp_path_factory):
     return root
 
 
-def test_audio_index_batches_and_crops(audio_dir):
+def test_audio_index_batches_and_crops(audio_dir, dali):
     from d2v2scale.data.audio import AudioSource, header_length
 
     src = AudioSource(str(audio_dir), max_tokens=32000, min_size=4000, max_size=12000, seed=0, verbose=False)
@@ -163,7 +162,7 @@ def test_audio_index_batches_and_crops(audio_dir):
 
 
 @pytest.mark.slow
-def test_tiny_audio_trains_on_wav_and_flac_files(tmp_path):
+def test_tiny_audio_trains_on_wav_and_flac_files(tmp_path, dali):
     from data_fixtures import make_audio
     from test_deepspeed_training import _torchrun
 

@@ -52,7 +52,7 @@ def _check_run_dir(run_dir: Path, steps: int, world: int):
 
 
 LAUNCH = ["launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json"]
-SHORT = ["train.max_updates=4", "train.log_every=2", "train.save_every=4"]
+SHORT = ["train.max_updates=4", "train.log_every=2", "train.save_every=4", "train.allow_long_warmup=true"]
 
 
 def test_deepspeed_launcher_two_processes(tmp_path):

@@ -5,6 +5,8 @@ from concurrent.futures import wait
 import pytest
 import torch
 
+from conftest import import_or_missing
+
 from d2v2scale.config import load_config
 from d2v2scale.data.loader import StepLoader
 from d2v2scale.data.prefetch import StepPrefetcher
@@ -65,7 +67,7 @@ def test_a_failing_step_raises_when_that_step_is_requested():
 def test_step_loader_batches_and_skip_counts_do_not_depend_on_read_ahead(tmp_path):
     """Images through DALI with a file that only fails at decode time: the read-ahead loader hands
     out bit-identical tensors, and counts that file at the same step as the on-demand loader."""
-    pytest.importorskip("nvidia.dali", reason="make test installs nvidia-dali-cuda130 (CPU pipelines)")
+    import_or_missing("nvidia.dali", "nvidia.dali is not installed (make test installs nvidia-dali-cuda130)")
     make_jpegs(tmp_path, 24, corrupt=4)
     cfg = load_config("tiny_image", [f"data.path={tmp_path}", "data.kind=images", "train.max_updates=4"])
     schedule = RankSchedule(global_batch=8, micro_batch=4, grad_accum=2, dp_rank=0, dp_size=1)

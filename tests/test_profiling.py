@@ -22,7 +22,7 @@ def _png_size(path):
 def test_profile_run_writes_a_complete_report(tmp_path):
     run_dir = tmp_path / "run"
     _launch(_torchrun(2), "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_image",
-            "--run_dir", str(run_dir), "--profile", "train.max_updates=10", "train.log_every=2",
+            "--run_dir", str(run_dir), "--profile", "train.max_updates=10", "train.allow_long_warmup=true", "train.log_every=2",
             "profiling.trace_start=4", "profiling.trace_steps=2")
     report_dir = run_dir / "report"
     report = json.loads((report_dir / "report.json").read_text())

@@ -21,7 +21,7 @@ STEPS = 14
 
 
 def _args(preset, run_dir, *extra):
-    return [*LAUNCH, "--preset", preset, "--run_dir", str(run_dir), f"train.max_updates={STEPS}",
+    return [*LAUNCH, "--preset", preset, "--run_dir", str(run_dir), f"train.max_updates={STEPS}", "train.allow_long_warmup=true",
             "train.log_every=1", "train.save_every=2", *extra]
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing_dependency
+
 from d2v2scale.train.metrics import read_metrics
 
 from slurm_cluster import LocalSlurm, ensure_packages
@@ -22,7 +24,7 @@ TINY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-tas
 def slurm(tmp_path_factory):
     reason = ensure_packages()
     if reason:
-        pytest.skip(reason)
+        missing_dependency(reason)
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     cluster.start()
     yield cluster
@@ -46,16 +48,22 @@ def _log(path: Path) -> str:
 @pytest.mark.parametrize("script,preset", [("slurm/vit_h.sbatch", "tiny_image"),
                                            ("slurm/libri_light_large.sbatch", "tiny_audio")])
 def test_sbatch_tiny_run_completes(slurm, tmp_path, script, preset):
+    """Submitted as a user would from a fresh clone: the scripts' own #SBATCH --output=logs/%x-%j.out
+    (no override), which needs logs/ to exist before the job starts (the repository ships it)."""
     run_dir = tmp_path / "run"
-    out = tmp_path / "job.out"
-    job = slurm.submit(script, *TINY, f"--output={out}",
-                       env=_env(preset, run_dir, "train.max_updates=6 train.log_every=2 train.save_every=3"), cwd=ROOT)
+    job = slurm.submit(script, *TINY,
+                       env=_env(preset, run_dir, "train.max_updates=6 train.log_every=2 train.save_every=3 "
+                                                 "train.allow_long_warmup=true"), cwd=ROOT)
+    name = next(line.split("=", 1)[1].strip() for line in (ROOT / script).read_text().splitlines()
+                if line.startswith("#SBATCH --job-name="))
+    out = ROOT / "logs" / f"{name}-{job}.out"
     info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     assert info["JobState"] == "COMPLETED", _log(out)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["step"] == 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert "effective global batch" in _log(out) and "data-parallel 2" in _log(out)
+    out.unlink()
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
@@ -115,7 +123,7 @@ def test_shellcheck():
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "shellcheck"],
                        capture_output=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
     if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed and could not be installed")
+        missing_dependency("shellcheck is not installed and could not be installed")
     proc = subprocess.run(["shellcheck", "-x", "slurm/vit_h.sbatch", "slurm/libri_light_large.sbatch", "slurm/common.sh"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

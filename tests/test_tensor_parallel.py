@@ -64,7 +64,7 @@ def test_tp2_dp2_deepspeed_launcher_matches_tp1(tmp_path):
     """TP=2 × DP=2 on 4 processes (deepspeed launcher, ZeRO-1 and ZeRO-2) reproduces the TP=1 × DP=1
     loss and clipped-grad-norm sequence with the same global batch and micro-batch (1e-5 relative:
     see test_zero_stages_match_single_process)."""
-    common = ["--preset", "tiny_image", "train.max_updates=6", "train.log_every=1", "train.save_every=6",
+    common = ["--preset", "tiny_image", "train.max_updates=6", "train.allow_long_warmup=true", "train.log_every=1", "train.save_every=6",
               "model.mask_noise_std=0"]
     ref_dir = tmp_path / "ref"
     _launch([sys.executable], "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny_zero1_mb16.json",

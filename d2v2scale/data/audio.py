@@ -16,8 +16,8 @@ and its crop offsets, are functions of the step: no loader state beyond it.
 from __future__ import annotations
 
 import functools
+import struct
 import sys
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +31,41 @@ RATE = 16_000
 _STREAM_CROP = 12
 
 
+WAV_ENCODINGS = {1: "PCM", 3: "IEEE float", 0xFFFE: "extensible"}
+
+
+def wav_header(path: Path) -> tuple[int, int]:
+    """(frames, sample rate) of a RIFF/WAVE file: PCM or IEEE-float, any chunk order. The frame
+    count is capped by the bytes actually present (a truncated file or a header-only one)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError("not a RIFF/WAVE file")
+        block = rate = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError("no data chunk")
+            cid, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"fmt ":
+                body = f.read(length + (length & 1))
+                tag, channels, rate = struct.unpack("<HHI", body[:8])
+                block = struct.unpack("<H", body[12:14])[0]
+                if tag not in WAV_ENCODINGS or not channels or not block:
+                    raise ValueError(f"unsupported WAV encoding {tag}, {channels} channels")
+            elif cid == b"data":
+                if block is None:
+                    raise ValueError("data chunk before the fmt chunk")
+                return min(length, size - f.tell()) // block, rate
+            else:
+                f.seek(length + (length & 1), 1)
+
+
 def header_length(path: Path) -> tuple[int, int]:
     """(frames, sample rate) from a WAV or FLAC header, without decoding."""
     if path.suffix.lower() == ".wav":
-        with wave.open(str(path), "rb") as w:
-            return w.getnframes(), w.getframerate()
+        return wav_header(path)
     with open(path, "rb") as f:
         head = f.read(42)  # "fLaC" + metadata block header (4) + STREAMINFO (34)
     if len(head) < 42 or head[:4] != b"fLaC":
@@ -71,8 +101,10 @@ def index_manifest(path: Path) -> list[tuple[Path, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance], list[tuple[Path, str]]]:
-    """Usable utterances and (path, reason) for every skipped file."""
+    """Usable utterances and (path, reason) for every skipped file (memoised, like
+    :func:`~d2v2scale.data.files.build_index`)."""
     root = Path(path)
     entries: list[tuple[Path, int | None, int | None]] = []
     if root.suffix == ".tsv":
@@ -86,7 +118,7 @@ def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance
             try:
                 hdr_frames, rate = header_length(p)
                 frames = frames if frames is not None else hdr_frames
-            except (OSError, ValueError, EOFError, wave.Error) as e:
+            except (OSError, ValueError, EOFError, struct.error) as e:
                 reason = f"unreadable audio header ({e})"
         if reason is None and rate and frames == 0:
             reason = "no audio samples"
@@ -96,11 +128,12 @@ def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance
         length = int(frames * RATE // rate) if rate else int(frames)
         if length >= min_size:
             usable.append(Utterance(p, length))
+    if not usable:
+        example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DataError(f"data.path '{path}' has no usable audio of at least {min_size} samples "
+                        f"({len(entries)} listed, {len(skipped)} unusable{example})")
     if verbose:
         log_skipped(skipped)
-    if not usable:
-        raise DataError(f"data.path '{path}' has no usable audio of at least {min_size} samples "
-                        f"({len(entries)} listed, {len(skipped)} unusable)")
     return usable, skipped
 
 
@@ -172,6 +205,8 @@ def load_audio(path: str | Path) -> np.ndarray:
     wav = decode_audio(np.fromfile(path, dtype=np.uint8))
     if wav.size == 0:
         raise DataError(f"{path}: no audio samples")
+    if not np.isfinite(wav).all():
+        raise DataError(f"{path}: NaN or infinite samples")
     return normalize(wav)
 
 
@@ -210,38 +245,60 @@ class AudioSource:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         return self.batches[int(perm[k])]
 
-    def _decode(self, members: list[int]) -> list[np.ndarray]:
+    def mark_bad(self, i: int, reason: str) -> None:
+        """Never read utterance ``i`` again; one log line per file per run."""
+        if i not in self.bad:
+            self.bad.add(i)
+            if self.verbose:
+                print(f"[d2v2scale] skipping {self.utts[i].path}: {reason}", file=sys.stderr, flush=True)
+
+    def _decode(self, members: list[int]) -> list[np.ndarray | None]:
+        """Waveforms of ``members``; None for files known or found to be undecodable."""
+        todo = [i for i in members if i not in self.bad]
+        decoded = dict(zip(todo, self._decode_all(todo))) if todo else {}
+        return [decoded.get(i) for i in members]
+
+    def _decode_all(self, members: list[int]) -> list[np.ndarray | None]:
         data = [np.fromfile(self.utts[i].path, dtype=np.uint8) for i in members]
+        if self.pipe is not None:
+            try:
+                self.pipe.feed_input("encoded", data)
+                (out,) = self.pipe.run()
+                return [np.array(out[j]).reshape(-1) for j in range(len(members))]
+            except Exception:  # noqa: BLE001 - DALI reports decoder failures with several exception types
+                self.pipe = _decoder_pipeline(self.max_count, 1)  # a pipeline that raised is no longer usable
+        out = []
+        for i, d in zip(members, data):  # one at a time, to find the file that fails
+            try:
+                out.append(self._decode_one(d))
+            except Exception:  # noqa: BLE001
+                if self.pipe is not None:
+                    self.pipe = _decoder_pipeline(self.max_count, 1)
+                self.mark_bad(i, "failed to decode")
+                out.append(None)
+        return out
+
+    def _decode_one(self, data: np.ndarray) -> np.ndarray:
         if self.pipe is None:
             import io
 
             import soundfile
 
-            return [_to_mono_16k(*soundfile.read(io.BytesIO(d.tobytes()), dtype="float32")) for d in data]
-        try:
-            self.pipe.feed_input("encoded", data)
-            (out,) = self.pipe.run()
-            return [np.array(out[j]).reshape(-1) for j in range(len(members))]
-        except Exception:  # noqa: BLE001 - DALI reports decoder failures with several exception types
-            self.pipe = _decoder_pipeline(self.max_count, 1)
-            out = []
-            for i, d in zip(members, data):
-                try:
-                    self.pipe.feed_input("encoded", [d])
-                    out.append(np.array(self.pipe.run()[0][0]).reshape(-1))
-                except Exception:  # noqa: BLE001
-                    self.pipe = _decoder_pipeline(self.max_count, 1)
-                    self.bad.add(i)
-                    out.append(None)
-                    if self.verbose:
-                        print(f"[d2v2scale] skipping {self.utts[i].path}: failed to decode", file=sys.stderr, flush=True)
-            return out
+            return _to_mono_16k(*soundfile.read(io.BytesIO(data.tobytes()), dtype="float32"))
+        self.pipe.feed_input("encoded", [data])
+        return np.array(self.pipe.run()[0][0]).reshape(-1)
 
     def batch_by_id(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(waveforms (B, S) zero-padded, lengths (B,), sample ids (B,)) of one micro-batch."""
         members = self._batch_members(batch_id)
         waves = self._decode(members)
-        keep = [j for j, w in enumerate(waves) if w is not None and len(w) > 0]
+        for j, (i, w) in enumerate(zip(members, waves)):
+            reason = None if w is None else "decoded to no samples" if len(w) == 0 else \
+                None if np.isfinite(w).all() else "NaN or infinite samples"
+            if reason is not None:
+                waves[j] = None
+                self.mark_bad(i, reason)
+        keep = [j for j, w in enumerate(waves) if w is not None]
         if not keep:
             raise RuntimeError(f"every file of micro-batch {batch_id} failed to decode")
         ids = torch.tensor([batch_id * self.max_count + j for j in keep], dtype=torch.int64)

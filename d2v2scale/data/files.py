@@ -8,6 +8,7 @@ loaders at run time (see :mod:`d2v2scale.data.images`).
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +28,29 @@ class DataError(RuntimeError):
     """No usable data at the configured path; the message says where and why."""
 
 
+JPEG_TAIL = 64 * 1024  # bytes searched for the end-of-image marker (cameras append data after it)
+
+
 def screen(path: Path) -> str | None:
     """Why ``path`` is unusable, or None when it passes the cheap checks."""
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link"
+    if path.is_dir():
+        return "a directory, not a file"
     try:
         size = path.stat().st_size
         if size == 0:
             return "empty file"
         with open(path, "rb") as f:
             head = f.read(16)
-            f.seek(max(0, size - 2))
-            tail = f.read(2)
+            f.seek(max(0, size - JPEG_TAIL))
+            tail = f.read(JPEG_TAIL)
     except OSError as e:
         return f"unreadable ({e.strerror})"
     magic = _MAGIC.get(path.suffix.lower())
     if magic and not head.startswith(magic):
         return f"not a {path.suffix.lower()[1:].upper()} file (magic bytes {head[:4].hex()})"
-    if path.suffix.lower() in (".jpg", ".jpeg") and tail != b"\xff\xd9":
+    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
     return None
 
@@ -63,7 +71,9 @@ def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     (relative paths are taken relative to the list file)."""
     root = Path(root)
     if root.is_dir():
-        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        # every entry with a data suffix, so that directories named x.jpg and broken links are screened
+        # out with a log line instead of vanishing
+        return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes)
     if root.is_file():
         base = root.parent
         lines = [line.strip() for line in root.read_text().splitlines() if line.strip() and not line.startswith("#")]
@@ -77,7 +87,9 @@ def log_skipped(skipped: list[tuple[Path, str]]) -> None:
         print(f"[d2v2scale] skipping {path}: {reason}", file=sys.stderr, flush=True)
 
 
+@functools.lru_cache(maxsize=8)
 def build_index(root: str | Path, suffixes: tuple[str, ...], log: bool = True) -> FileIndex:
+    """The usable files under ``root`` (memoised: the start-up check and the loader share one scan)."""
     files = list_files(root, suffixes)
     usable, skipped = [], []
     for path in files:
@@ -86,9 +98,10 @@ def build_index(root: str | Path, suffixes: tuple[str, ...], log: bool = True) -
             usable.append(path)
         else:
             skipped.append((path, reason))
+    if not usable:
+        example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DataError(f"data.path '{root}' has no usable files with suffixes {', '.join(suffixes)} "
+                        f"({len(files)} found, {len(skipped)} skipped as unusable{example})")
     if log:
         log_skipped(skipped)
-    if not usable:
-        raise DataError(f"data.path '{root}' has no usable files with suffixes {', '.join(suffixes)} "
-                        f"({len(files)} found, {len(skipped)} skipped as unusable)")
     return FileIndex(usable, skipped)

@@ -183,7 +183,7 @@ class ImageSource:
             return self._run_dali(data, params), None
         except RuntimeError:
             # A file passed the screen but does not decode: find it, skip it from now on, retry.
-            newly = [i for i, d in zip(indices, data) if i not in self.bad and not _decodes(d)]
+            newly = sorted({i for i, d in zip(indices, data) if i not in self.bad and not _decodes(d)})
             if not newly:
                 raise
             for i in newly:

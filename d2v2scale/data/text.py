@@ -32,7 +32,12 @@ class TokenBlocks:
         if not bin_path.is_file() or not meta_path.is_file():
             raise DataError(f"data.path '{prefix}': expected {bin_path} and {meta_path} "
                             "(build them with python -m d2v2scale.data.build_tokens)")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta["dtype"], meta["num_tokens"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_path}: not a token-file description ({type(e).__name__}: {e}); expected "
+                            '{"dtype", "num_tokens", "vocab_size"} (python -m d2v2scale.data.build_tokens)') from None
         if meta["dtype"] not in DTYPES:
             raise DataError(f"{meta_path}: dtype {meta['dtype']!r}; allowed: {', '.join(DTYPES)}")
         if meta.get("vocab_size", 0) > vocab_size:

@@ -26,6 +26,26 @@ from ..teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_
 from .dims import ParallelDims
 
 
+# Every DeepSpeed internal the teacher and the fault checks read, by what holds it. A DeepSpeed
+# without one of them fails at start-up naming its version (never a silent fallback).
+DEEPSPEED_INTERNALS = {
+    "ZeRO-1/2 optimizer": ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups"),
+    "bf16 optimizer (ZeRO-0)": ("fp16_groups", "fp32_groups"),
+    "ZeRO-3 parameter": ("ds_tensor", "partition_numel"),
+}
+
+
+def require_internals(obj, holder: str) -> None:
+    """Raise naming the DeepSpeed version if ``obj`` lacks an attribute d2v2scale reads."""
+    missing = [name for name in DEEPSPEED_INTERNALS[holder] if not hasattr(obj, name)]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__}: the {holder} ({type(obj).__name__}) has no "
+                           f"{', '.join(missing)}, which d2v2scale reads to shard the EMA teacher; use DeepSpeed "
+                           "0.19.x (tested: 0.19.8)")
+
+
 def _all_gather_fn(group):
     def gather(out: torch.Tensor, shard: torch.Tensor) -> None:
         dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
@@ -39,6 +59,7 @@ def _names_by_id(module: nn.Module) -> dict[int, str]:
 
 def _zero12_groups(engine, tracked: set[str]) -> tuple[list[FlatGroup], list[int]]:
     opt, names = engine.optimizer, _names_by_id(engine.module)
+    require_internals(opt, "ZeRO-1/2 optimizer")
     groups, indices = [], []
     for i, (params, flat) in enumerate(zip(opt.bit16_groups, opt.bit16_groups_flat)):
         group_names = [names[id(p)] for p in params]
@@ -57,7 +78,8 @@ def _stage0_masters(engine) -> dict[str, torch.Tensor]:
     """name → full fp32 master: the module parameter itself (fp32) or the optimizer's copy (bf16)."""
     names = _names_by_id(engine.module)
     opt = engine.optimizer
-    if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+    if engine.bfloat16_enabled():
+        require_internals(opt, "bf16 optimizer (ZeRO-0)")
         return {names[id(lp)]: hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
     return {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
 
@@ -86,6 +108,8 @@ def build_sharded_teacher(
         from deepspeed.utils import safe_get_local_fp32_param
 
         params = [(n, p) for n, p in engine.module.named_parameters() if n in tracked]
+        for _, p in params[:1]:
+            require_internals(p, "ZeRO-3 parameter")
         groups = [FlatGroup((n,), (0,), p.partition_numel() * dims.dp) for n, p in params]
         teacher = EMATeacher(teacher_module, schedule, groups=groups, **common)
         teacher.bind_sources(lambda: [safe_get_local_fp32_param(p) for _, p in params])

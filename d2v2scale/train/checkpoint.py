@@ -19,6 +19,7 @@ The data position needs no saving beyond the step: every rank's samples are a pu
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -110,8 +111,50 @@ def read_run_info(tag_dir: Path) -> dict:
     return json.loads((tag_dir / RUN_FILE).read_text())
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); ``latest`` is untouched."""
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+def _why(error: BaseException, where: Path) -> str:
+    """One line for a failed write; torch.save reports ENOSPC as an iostream error, so ask the disk."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "No space left on device (ENOSPC)"
+    try:
+        if shutil.disk_usage(where).free < 1 << 20:
+            return "No space left on device (ENOSPC)"
+    except OSError:
+        pass
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return f"{type(error).__name__}: {text}"
+
+
+def check_free_space(ckpt_dir: Path, step: int, device: torch.device | str = "cpu") -> None:
+    """Refuse (on every rank alike) a save that the last checkpoint's size says cannot fit."""
+    latest = read_latest(ckpt_dir)
+    needed = _tree_bytes(ckpt_dir / latest) if latest and (ckpt_dir / latest).is_dir() else 0
+    free = shutil.disk_usage(ckpt_dir).free
+    if _any_rank(needed > 0 and free < 1.05 * needed, device):
+        raise CheckpointWriteError(
+            f"not enough space for the step-{step} checkpoint in {ckpt_dir}: {free / 1e9:.2f} GB free, the last one "
+            f"({latest}) took {needed / 1e9:.2f} GB; nothing written, latest stays {latest}")
+
+
 def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dict) -> Path:
-    """Write ``step``'s checkpoint atomically (collective: every rank calls it)."""
+    """Write ``step``'s checkpoint atomically (collective: every rank calls it). On a failed write
+    (disk full, ...) every rank raises :class:`CheckpointWriteError`, the partial tag is removed and
+    ``latest`` still names the previous complete checkpoint."""
     tag = tag_for(step)
     final, tmp = ckpt_dir / tag, ckpt_dir / f"{tag}.tmp"
     rank0 = tr.dims.rank == 0
@@ -119,13 +162,25 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
     _barrier()
-    tr.engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False)
-    state = {"teacher": tr.teacher.state_dict(), "rng": rng_state(tr.tp_rng), "step": step}
-    part = tmp / (rank_file(tr.dims.tp_rank, tr.dims.dp_rank) + ".part")
-    torch.save(state, part)
-    os.replace(part, tmp / rank_file(tr.dims.tp_rank, tr.dims.dp_rank))
-    if rank0:
-        (tmp / RUN_FILE).write_text(json.dumps({**run_info, "step": step}, indent=1))
+    check_free_space(ckpt_dir, step, tr.device)
+    failure: BaseException | None = None
+    try:
+        tr.engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        state = {"teacher": tr.teacher.state_dict(), "rng": rng_state(tr.tp_rng), "step": step}
+        part = tmp / (rank_file(tr.dims.tp_rank, tr.dims.dp_rank) + ".part")
+        torch.save(state, part)
+        os.replace(part, tmp / rank_file(tr.dims.tp_rank, tr.dims.dp_rank))
+        if rank0:
+            (tmp / RUN_FILE).write_text(json.dumps({**run_info, "step": step}, indent=1))
+    except (OSError, RuntimeError) as e:
+        failure = e
+    if _any_rank(failure is not None, tr.device):
+        reason = _why(failure, ckpt_dir) if failure is not None else "another rank failed to write its part"
+        _barrier()
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {tmp}: {reason}; removed the partial checkpoint, "
+                                   f"latest stays {read_latest(ckpt_dir)}")
     _crash_point("before_fsync", step)
     _fsync_tree(tmp)
     _barrier()

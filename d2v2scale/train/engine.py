@@ -115,7 +115,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
         tvar, pvar = tvar + out.target_var, pvar + out.pred_var
         layers = out.layer_target_var if layers is None else layers + out.layer_target_var
 
-    skipped = skipped or not getattr(engine, "_step_applied", True)
+    skipped = skipped or not engine.was_step_applied()
     if not skipped:
         with phase("ema"):
             tr.teacher.update(step + 1)
@@ -157,7 +157,7 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
-    if not all_finite(torch.tensor([0.0 if params_finite(tr.model) else float("nan")], device=tr.device), None):
+    if not all_finite(torch.tensor([0.0 if params_finite(tr.model, tr.engine.zero_optimization_stage() == 3) else float("nan")], device=tr.device), None):
         raise NonFiniteTraining(f"weights are not finite at step {step}; not saving a checkpoint. "
                                 f"Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
     checkpoint.save_checkpoint(tr, run_dir / "checkpoints", step, tr.cfg.train.keep_last,

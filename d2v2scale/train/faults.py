@@ -1,7 +1,7 @@
 """Pre-emption signals and non-finite steps.
 
 Slurm sends SIGTERM (or the ``--signal`` of the job, e.g. SIGUSR1) some time before it kills a
-job. The handler only raises a flag; the loop finishes the current step, all ranks agree on
+job; Ctrl-C (SIGINT) asks for the same, and a second Ctrl-C aborts without a checkpoint. The handler only raises a flag; the loop finishes the current step, all ranks agree on
 the flag (a one-element all-reduce per step, since the signal reaches ranks at different
 times), write a checkpoint and exit with :data:`EXIT_PREEMPTED` so the sbatch script requeues.
 
@@ -20,7 +20,8 @@ import torch
 from ..distributed.runtime import all_reduce
 
 EXIT_PREEMPTED = 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT) is a stop request like Slurm's; a second Ctrl-C aborts at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -46,6 +47,11 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("[d2v2scale] Ctrl-C: finishing this step and checkpointing (press it again to abort without one)",
+                  flush=True)
         self.received = signum
 
     def agreed(self, device: torch.device) -> bool:
@@ -60,10 +66,10 @@ def all_finite(value: torch.Tensor, group) -> bool:
     return not bool(all_reduce(bad, group, op="max").item())
 
 
-def params_finite(module: torch.nn.Module) -> bool:
-    """Local check of every weight (ZeRO-3: this rank's partition)."""
+def params_finite(module: torch.nn.Module, zero3: bool = False) -> bool:
+    """Local check of every weight (ZeRO-3: this rank's partition, ``ds_tensor``)."""
     for p in module.parameters():
-        data = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        data = p.ds_tensor if zero3 else p
         if data.numel() and not bool(torch.isfinite(data).all()):
             return False
     return True

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ PREEMPTED_MARKER = "PREEMPTED"
 # Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
 # resumed run is only the continuation of the original if the model, data and optimisation agree).
 RESUMABLE = (
-    "preset", "train.max_updates", "train.log_every", "train.save_every", "train.keep_last",
+    "preset", "train.max_updates", "train.allow_long_warmup", "train.log_every", "train.save_every", "train.keep_last",
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
     "train.batch_scaling",
     "data.num_workers", "data.prefetch_steps", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
@@ -96,6 +98,50 @@ def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> None:
                           "resume with the same tp, data-parallel size and ZeRO stage")
 
 
+def _preset_of_ds_config(path: str) -> str | None:
+    """The preset a shipped ds_config is named for (``vit_h_a100_40gb.json`` → ``vit_h``), if any."""
+    from ..config import preset_names
+
+    stem = Path(path).stem
+    matches = [p for p in preset_names() if stem == p or stem.startswith(p + "_")]
+    return max(matches, key=len) if matches else None
+
+
+class AlreadyComplete(Exception):
+    """``--resume auto`` on a run whose latest checkpoint is at ``train.max_updates``: nothing to do."""
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool, dry_run: bool) -> str | None:
+    """Refuse a run directory that cannot be written or that already holds another run; returns the
+    line to print when ``--overwrite`` moved an old run aside."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run_dir {run_dir} exists and is not a directory")
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    moved = None
+    if existing and resume is None:
+        if not overwrite:
+            latest = checkpoint.read_latest(run_dir / "checkpoints")
+            what = f"checkpoints up to {latest}" if latest else ", ".join(existing)
+            raise ConfigError(f"--run_dir {run_dir} already holds a run ({what}); pass --resume auto to continue it, "
+                              "a new --run_dir, or --overwrite to move the old one aside (nothing is deleted)")
+        if not dry_run and LaunchEnv.detect().rank == 0:
+            aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            moved = f"--overwrite: moved the previous run in {run_dir} to {aside}"
+    probe = run_dir if run_dir.is_dir() else next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not probe.is_dir():
+        raise ConfigError(f"--run_dir {run_dir}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--run_dir {run_dir} is not writable ({probe}: {e.strerror})") from None
+    return moved
+
+
 def prepare(args) -> Setup:
     """Parse and cross-check preset, overrides, DeepSpeed JSON, launch size and resume point; raise ConfigError."""
     cfg = load_config(args.preset, args.overrides)
@@ -117,24 +163,57 @@ def prepare(args) -> Setup:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
     if cfg.data.kind == "audio" and cfg.data.max_tokens is None:
         raise ConfigError("data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
-    if cfg.data.kind in NEEDS_PATH:
-        if not cfg.data.path:
-            raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
-        from ..data.text import token_files
+    if cfg.data.kind in NEEDS_PATH and not cfg.data.path:
+        raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
+    if cfg.data.kind in NEEDS_PATH and not getattr(args, "dry_run", False):
+        from ..data.files import DataError
+        from ..data.precheck import check_data
 
-        candidates = [Path(cfg.data.path)] + (list(token_files(cfg.data.path)[:1]) if cfg.data.kind == "text" else [])
-        if not getattr(args, "dry_run", False) and not any(p.exists() for p in candidates):
-            raise ConfigError(f"data.path={cfg.data.path} does not exist")
+        try:
+            check_data(cfg, verbose=env.rank == 0)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
     scaling_note = scale_batch_for_world(ds, cfg, env.world_size // tp)
     plan = plan_batch(ds, cfg, env.world_size // tp)
     resolved = resolve_ds_config(ds, cfg, plan)
+    warmup = resolved.get("scheduler", {}).get("params", {}).get("warmup_num_steps", 0)
+    if isinstance(warmup, int) and warmup >= cfg.train.max_updates and not cfg.train.allow_long_warmup:
+        raise ConfigError(f"the ds_config's scheduler warms up for {warmup} updates but the run has "
+                          f"train.max_updates={cfg.train.max_updates}: the learning rate would never reach its peak "
+                          "(a ds_config for another preset?); pass train.allow_long_warmup=true if intended")
+    foreign = _preset_of_ds_config(args.ds_config)
+    if foreign and foreign != cfg.preset:
+        scaling_note = "; ".join(n for n in (scaling_note, f"warning: {args.ds_config} is written for preset "
+                                             f"'{foreign}', this run is '{cfg.preset}'") if n)
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
+    dry_run = getattr(args, "dry_run", False)
+    moved = check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
     layout = {"tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
     resume_from = resolve_resume(args.resume, run_dir)
     if resume_from is not None:
         check_resume(resume_from, cfg, resolved, layout)
+        done = checkpoint.step_of(resume_from.name)
+        if done >= cfg.train.max_updates:
+            raise AlreadyComplete(f"{run_dir} is already complete at step {done} (train.max_updates="
+                                  f"{cfg.train.max_updates}); nothing to do")
+    notes = [n for n in (moved, scaling_note) if n]
     return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=bool(args.profile or cfg.profiling.enabled),
-                 notes=[scaling_note] if scaling_note else [])
+                 notes=notes)
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the JSON-lines rows of ``path`` past ``step`` (written by an attempt that died before
+    its next checkpoint, so this one writes them again); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    dropped = len([line for line in lines if line.strip()]) - len(kept)
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 def _write_run_files(setup: Setup) -> None:
@@ -165,6 +244,12 @@ def run(setup: Setup) -> int:
             tr.counters.update(checkpoint.read_run_info(setup.resume_from).get("counters", {}))
             if rank == 0:
                 print(f"[d2v2scale] resumed from {setup.resume_from} at step {start}", flush=True)
+        if rank == 0:
+            for name in ("metrics.jsonl", "diagnostics.jsonl"):
+                dropped = drop_rows_after(setup.run_dir / name, start)
+                if dropped:
+                    print(f"[d2v2scale] {name}: dropped {dropped} rows past step {start} written by the interrupted "
+                          "attempt (this run writes them again)", flush=True)
         run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.ds_config, "layout": setup.layout}
         profiler = None
         if setup.profile:
@@ -183,6 +268,15 @@ def run(setup: Setup) -> int:
         shutdown()
         return EXIT_PREEMPTED
     except NonFiniteTraining as e:
+        print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if rank == 0:
+            latest = checkpoint.read_latest(setup.run_dir / "checkpoints")
+            print(f"[d2v2scale] interrupted: stopped without a checkpoint (latest: {latest or 'none'})",
+                  file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except checkpoint.CheckpointWriteError as e:
         print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except Exception:  # noqa: BLE001 - the launcher's contract is an exit code

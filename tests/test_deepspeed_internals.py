@@ -1,0 +1,27 @@
+"""Every DeepSpeed internal d2v2scale touches, checked on real engines of the installed version;
+a DeepSpeed without one fails at start-up with its version named, never a silent fallback."""
+import json
+import sys
+
+import pytest
+
+from d2v2scale.distributed.sharded_teacher import DEEPSPEED_INTERNALS, require_internals
+
+from test_deepspeed_training import _launch
+
+
+def test_installed_deepspeed_has_every_internal_we_read(tmp_path):
+    _launch([sys.executable], "tests/dist/ds_internals.py", str(tmp_path / "out.json"))
+    checked = json.loads((tmp_path / "out.json").read_text())
+    assert {v["holder"] for v in checked.values()} == set(DEEPSPEED_INTERNALS)
+    assert all(v["step_applied"] for v in checked.values())
+
+
+def test_a_missing_internal_names_the_deepspeed_version():
+    import deepspeed
+
+    class Optimizer:  # a future DeepSpeed that renamed single_partition_of_fp32_groups
+        bit16_groups = bit16_groups_flat = []
+
+    with pytest.raises(RuntimeError, match=f"DeepSpeed {deepspeed.__version__}.*single_partition_of_fp32_groups"):
+        require_internals(Optimizer(), "ZeRO-1/2 optimizer")
