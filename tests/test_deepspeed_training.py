@@ -80,6 +80,32 @@ def test_deepspeed_launcher_two_processes(tmp_path):
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # the EMA moved away from the student
 
 
+def test_bf16_zero2_and_zero3_track_fp32(tmp_path):
+    """bf16 at ZeRO-2 and ZeRO-3 on 2 processes against the fp32 single-process run of the same
+    global batch. bf16 keeps 8 mantissa bits (relative rounding 2^-9 ≈ 2e-3 per stored value): the
+    weights, activations and gradients round at every op, so over 5 AdamW steps the loss may move
+    by ~1e-2 relative; 5e-2 leaves margin while a wrong normaliser or a skipped update moves it by
+    far more. Targets, the loss and the EMA masters stay fp32; the teacher computes in bf16."""
+    overrides = ["train.max_updates=5", "model.mask_noise_std=0"]
+    script = "tests/dist/zero_stages.py"
+    _launch(_torchrun(2), script, str(tmp_path / "bf16.json"), "tiny_image", "16", "1", "2,3", "1", *overrides,
+            "--bf16")
+    _launch([sys.executable], script, str(tmp_path / "ref.json"), "tiny_image", "16", "2", "1", "1", *overrides)
+    runs = json.loads((tmp_path / "bf16.json").read_text())
+    ref = json.loads((tmp_path / "ref.json").read_text())["1"]
+    for stage in ("2", "3"):
+        for got, want in zip(runs[stage]["losses"], ref["losses"]):
+            assert got[0] == pytest.approx(want[0], rel=5e-2), (stage, got, want)
+        # the fp32 EMA is exact; what the teacher computes with is its bf16 copy, half an ulp away
+        # (weights ≲ 0.25 here: 2^-9 · 0.25 ≈ 5e-4)
+        assert runs[stage]["ema_vs_unsharded"] <= 1e-3
+        d = runs[stage]["dtypes"]
+        assert d["loss"] == d["target_var"] == "torch.float32" and d["teacher_masters"] == ["torch.float32"]
+        assert d["teacher_compute"] == ["torch.bfloat16"]
+    assert runs["2"]["dtypes"]["targets"] == "torch.float32"
+    assert ref["dtypes"]["teacher_compute"] == ["torch.float32"]
+
+
 @pytest.mark.parametrize("preset", ["tiny_audio", "tiny_text"])
 def test_torchrun_two_processes(tmp_path, preset):
     _launch(_torchrun(2), *LAUNCH, "--preset", preset, "--run_dir", str(tmp_path / "run"), *SHORT)

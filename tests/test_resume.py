@@ -60,7 +60,15 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, preset):
     ref = _by_step(ref_dir)
     for kill_at in (3, 7, 11):
         _run_until_killed(_torchrun(2), _args(preset, run_dir, "--resume", "auto"), run_dir, kill_at)
-    _launch(_torchrun(2), *_args(preset, run_dir, "--resume", "auto"))
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    resumed_at = int(latest.split("_")[-1])
+    assert 0 < resumed_at < STEPS
+    final = _launch(_torchrun(2), *_args(preset, run_dir, "--resume", "auto"))
+    # it really resumed (a --resume that silently restarted would also reach step 14)...
+    assert f"resumed from {run_dir / 'checkpoints' / latest} at step {resumed_at}" in final.stdout
+    # ...and no step was logged twice: the rows the killed attempts wrote past their checkpoints were dropped
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, STEPS + 1))
     got = _by_step(run_dir)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:

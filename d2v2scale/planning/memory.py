@@ -6,7 +6,7 @@ replicated rest) and Ψ_T teacher-tracked ones:
 
 - model states, mixed precision with Adam: weights 2Ψ, gradients 2Ψ (ZeRO-2/3: /dp), fp32
   master + two moments 12Ψ (ZeRO-1/2/3: /dp); fp32 training: 4Ψ + 4Ψ + 8Ψ (+ a 4Ψ/dp fp32 copy
-  at ZeRO-1/2);
+  at ZeRO-1/2/3: DeepSpeed's optimizer keeps its own fp32 partition);
 - teacher: fp32 EMA masters 4Ψ_T/dp (sharded) + compute copy 2Ψ_T (bf16);
 - activations of one micro-batch (B items × M clones): per student block
   ``t·r·h·(10 + 24/tp)`` bytes (Korthikanti et al. with memory-efficient attention; ``r`` = B·M
@@ -88,7 +88,7 @@ def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
         if lay.zero >= 2:
             grads /= d
         if lay.zero >= 1:
-            optim = optim / d + (4 * psi / d if lay.zero in (1, 2) else 0)
+            optim = optim / d + 4 * psi / d  # ZeRO keeps its own fp32 partition even for fp32 weights
         if lay.zero == 3:
             weights /= d
         teacher_compute = 4 * psi_t

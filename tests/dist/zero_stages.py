@@ -1,7 +1,7 @@
 """Train a tiny preset for a few steps under each requested ZeRO stage in one process group; write
 per-step losses, the teacher checksum and the sharded-teacher check (rank 0) to a JSON file.
 
-    python|torchrun zero_stages.py OUT.json PRESET MICRO GAS STAGES TP [overrides...]
+    python|torchrun zero_stages.py OUT.json PRESET MICRO GAS STAGES TP [overrides...] [--bf16]
 
 Alongside the sharded teacher, every rank keeps an unsharded fp32 EMA of the full fp32 student
 weights (gathered with DeepSpeed's public helpers each step) as the reference it must equal.
@@ -33,19 +33,24 @@ def full_fp32(tr) -> dict:
 
 def main():
     out, preset, micro, gas, stages, tp = sys.argv[1:7]
-    cfg = load_config(preset, [f"parallel.tp={tp}"] + sys.argv[7:])
+    bf16 = "--bf16" in sys.argv[7:]
+    cfg = load_config(preset, [f"parallel.tp={tp}"] + [a for a in sys.argv[7:] if a != "--bf16"])
     dims, device = init_distributed(cfg.parallel.tp)
     results = {}
     for stage in map(int, stages.split(",")):
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
         ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = int(micro), int(gas)
-        ds["zero_optimization"] = {"stage": stage}
+        ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
         tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
         reference = full_fp32(tr)
-        losses = []
+        losses, dtypes = [], {}
         for step in range(cfg.train.max_updates):
             stats = train_step(tr, step)
+            dtypes = {"loss": str(stats.loss_reg.dtype), "target_var": str(stats.target_var.dtype),
+                      "teacher_masters": sorted({str(t.dtype) for t in tr.teacher.masters}),
+                      "teacher_compute": sorted({str(p.dtype) for n, p in tr.teacher.module.named_parameters()
+                                                 if n not in tr.teacher.copied_names})}
             decay = tr.teacher.decay(step + 1)
             for name, value in full_fp32(tr).items():
                 reference[name].lerp_(value, 1.0 - decay)
@@ -58,8 +63,14 @@ def main():
         bytes_ = [None] * dims.world_size
         dist.all_gather_object(bytes_, tr.teacher.master_bytes())
         checksum = torch.tensor(sum(p.double().sum().item() for p in tr.teacher.module.parameters()))
+        if stage < 3:  # the module's parameters are whole only below ZeRO-3
+            from d2v2scale.data.synthetic import synthetic_batch
+
+            source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(5)).to(device, tr.dtype)
+            local, valid = tr.model.encoder.local_features(source, None)
+            dtypes["targets"] = str(tr.model.teacher_targets(tr.teacher.module, source, local, valid, None).dtype)
         results[stage] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),
-                          "teacher_bytes_per_rank": bytes_}
+                          "teacher_bytes_per_rank": bytes_, "dtypes": dtypes}
     if dims.rank == 0:
         Path(out).write_text(json.dumps(results))
     # Leave together: rank 0 hosts the rendezvous store, and a peer still using it when rank 0
