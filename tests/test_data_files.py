@@ -102,7 +102,9 @@ def _pretrain(launcher: list[str], preset: str, run_dir, *overrides: str) -> lis
     from test_deepspeed_training import LAUNCH, _launch
     from d2v2scale.train.metrics import read_metrics
 
-    _launch(launcher, *LAUNCH, "--preset", preset, "--run_dir", str(run_dir), *overrides, "train.allow_long_warmup=true")
+    proc = _launch(launcher, *LAUNCH, "--preset", preset, "--run_dir", str(run_dir), *overrides,
+                   "train.allow_long_warmup=true")
+    _pretrain.output = proc.stdout + proc.stderr
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -110,12 +112,14 @@ def _pretrain(launcher: list[str], preset: str, run_dir, *overrides: str) -> lis
 def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path, dali):
     from test_deepspeed_training import _torchrun
 
-    make_jpegs(tmp_path / "jpegs", 90, corrupt=10)
+    bad = make_jpegs(tmp_path / "jpegs", 90, corrupt=10)["bad"]
     rows = _pretrain(_torchrun(2), "tiny_image", tmp_path / "run", "data.kind=images",
                      f"data.path={tmp_path / 'jpegs'}", "train.max_updates=8", "train.log_every=4")
     # 8 bad files are screened out at start; the 2 with valid markers around garbage fail to decode
     # and are met within these 256 samples (3 epochs of 83 files)
     assert rows[-1]["step"] == 8 and rows[-1]["skipped_samples"] == 10
+    for path in bad:  # each logged exactly once in the run, whichever rank met it
+        assert _pretrain.output.count(f"skipping {path}:") == 1, (path, _pretrain.output[-3000:])
 
 
 @pytest.mark.slow

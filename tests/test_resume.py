@@ -134,6 +134,27 @@ def test_injected_nan_skips_the_update(tmp_path):
     assert _weights_finite(run_dir / "checkpoints" / "step_00000006")
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_non_finite_later_micro_batch_is_skipped_at_every_stage(tmp_path, stage):
+    """Step 3's second micro-batch (of 2) is NaN: its first one was finite, so the loop's pre-backward
+    check passes and the NaN reaches the gradients. DeepSpeed's ZeRO-0 fp32 path has no overflow
+    check of its own; the step must still be skipped, with no EMA update and finite weights."""
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["zero_optimization"], ds["train_micro_batch_size_per_gpu"] = {"stage": stage}, 16  # 2 micro-batches
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    run_dir = tmp_path / "run"
+    env = dict(_env(), D2V2SCALE_TEST_NAN_STEPS="3:1")
+    args = ["launchers/pretrain.py", "--ds_config", str(tmp_path / "ds.json"), "--preset", "tiny_image",
+            "--run_dir", str(run_dir), "train.max_updates=6", "train.allow_long_warmup=true", "train.log_every=1",
+            "train.save_every=6"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_step(run_dir)
+    assert [rows[s]["skipped_updates"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert all(isinstance(rows[s]["loss"], float) for s in (4, 5, 6))
+    assert _weights_finite(run_dir / "checkpoints" / "step_00000006")
+
+
 def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(_env(), D2V2SCALE_TEST_NAN_STEPS="3,4,5,6,7,8")

@@ -138,7 +138,7 @@ class ImageSource:
         if in_chans != 3:
             raise ValueError(f"data.kind=images produces RGB; model.in_chans={in_chans}")
         self.index = build_index(path, IMAGE_SUFFIXES, log=verbose)
-        self.size, self.seed, self.batch_size = img_size, seed, batch_size
+        self.size, self.seed, self.batch_size, self.verbose = img_size, seed, batch_size, verbose
         self.bad: set[int] = set()
         try:
             import nvidia.dali  # noqa: F401
@@ -187,7 +187,8 @@ class ImageSource:
             if not newly:
                 raise
             for i in newly:
-                print(f"[d2v2scale] skipping {self.index.files[i]}: failed to decode", file=sys.stderr, flush=True)
+                if self.verbose:  # other ranks' finds are logged by rank 0 at the next log step
+                    print(f"[d2v2scale] skipping {self.index.files[i]}: failed to decode", file=sys.stderr, flush=True)
             self.bad.update(newly)
             self.pipe = _dali_pipeline(*self._pipe_args)  # a pipeline that raised is no longer usable
             return self._run_dali(self._encoded(indices), params), None

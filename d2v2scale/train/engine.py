@@ -37,7 +37,8 @@ from ..profiling.timers import StepTimer
 from ..teacher import BUCKET_NUMEL, EMATeacher, ema_schedule
 from . import checkpoint
 from .ds_config import BatchPlan
-from .faults import NonFiniteTraining, Preempted, StopFlag, all_finite, injected_nan_steps, params_finite
+from .faults import (NonFiniteTraining, Preempted, SkipNonFinite, StopFlag, all_finite, injected_nan_steps,
+                     params_finite, poisoned)
 from .metrics import MetricsWriter
 from .optim import param_groups
 from .reporting import Diagnostics, log_record
@@ -59,6 +60,7 @@ class Trainer:
     timer: StepTimer = field(default_factory=lambda: StepTimer(torch.device("cpu"), enabled=False))
     last_shape: dict | None = None  # the last micro-batch's shape, for the profiling report
     nan_steps: set = field(default_factory=injected_nan_steps)
+    reported_skips: set = field(default_factory=set)  # unusable files other ranks found, logged by rank 0
 
     @property
     def model(self) -> Data2Vec2:
@@ -94,13 +96,13 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
     # DeepSpeed divides by grad_accum and averages over DP; undo both so grads are sum / global count.
     scale = tr.plan.dp * tr.plan.grad_accum / global_masked
-    poison = float("nan") if step + 1 in tr.nan_steps and tr.dims.rank == 0 else 1.0  # test hook
 
     layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
     zero = torch.zeros((), device=tr.device)
     reg, cls, tvar, pvar, layers = zero.clone(), zero.clone(), zero.clone(), zero.clone(), None
     skipped = False
     for i, (mb, mask) in enumerate(zip(batches, masks)):
+        poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
         out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key, phase=phase)
         loss = out.loss_sum * scale * poison
         if i == 0 and not all_finite(loss, None):
@@ -149,6 +151,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
         model=model, model_parameters=param_groups(model, wd, tracked), config=ds_config,
         mpu=dims.mpu if dims.world_size > 1 else None,
     )
+    if engine.zero_optimization_stage() == 0 and not bf16:
+        engine.optimizer = SkipNonFinite(engine.optimizer, device)
     bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", BUCKET_NUMEL))
     teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype, bucket)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)

@@ -75,7 +75,38 @@ def params_finite(module: torch.nn.Module, zero3: bool = False) -> bool:
     return True
 
 
-def injected_nan_steps() -> set[int]:
-    """Test hook: ``D2V2SCALE_TEST_NAN_STEPS=3,4`` makes those steps' loss NaN on rank 0."""
-    raw = os.environ.get("D2V2SCALE_TEST_NAN_STEPS", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
+def injected_nan_steps() -> set[tuple[int, int | None]]:
+    """Test hook: ``D2V2SCALE_TEST_NAN_STEPS=3,4:1`` makes step 3's loss (every micro-batch) and step
+    4's second micro-batch NaN on rank 0."""
+    out = set()
+    for item in os.environ.get("D2V2SCALE_TEST_NAN_STEPS", "").split(","):
+        if item.strip():
+            step, _, micro = item.partition(":")
+            out.add((int(step), int(micro) if micro else None))
+    return out
+
+
+def poisoned(nan_steps: set, step: int, micro: int) -> bool:
+    return (step, None) in nan_steps or (step, micro) in nan_steps
+
+
+class SkipNonFinite:
+    """DeepSpeed's ZeRO-0 fp32 path has no overflow check: a non-finite gradient from any
+    micro-batch but the first (which the loop checks before backward) would be applied. This
+    wrapper steps only when every gradient is finite on every rank, and reports ``overflow`` the way
+    DeepSpeed's own optimizers do, so the engine counts the step as skipped and holds the schedule."""
+
+    def __init__(self, optimizer, device: torch.device):
+        self.optimizer, self.device, self.overflow = optimizer, device, False
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        local = all(bool(torch.isfinite(g).all()) for g in grads)
+        self.overflow = not all_finite(torch.tensor([0.0 if local else float("nan")], device=self.device), None)
+        if self.overflow:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        return self.optimizer.step(closure)

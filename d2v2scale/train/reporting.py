@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -18,12 +19,18 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def skipped_samples(tr) -> int:
-    """Unusable data files seen by any rank so far (each file counted once)."""
-    files = tr.loader.skipped_files()
+    """Unusable data files seen by any rank so far (each file counted once). Rank 0 logs its own
+    when it meets them; the ones only other ranks met are logged here, once, by rank 0."""
+    own = tr.loader.skipped_files()
+    files = own
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, files)
+        dist.all_gather_object(gathered, own)
         files = frozenset().union(*gathered)
+    if tr.dims.rank == 0:
+        for path in sorted(files - own - tr.reported_skips):
+            print(f"[d2v2scale] skipping {path}: unusable (found by another rank)", file=sys.stderr, flush=True)
+        tr.reported_skips |= files - own
     return len(files)
 
 
