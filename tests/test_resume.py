@@ -34,14 +34,21 @@ def _last_step(run_dir: Path) -> int:
 
 
 def _run_until_killed(prefix, args, run_dir: Path, kill_at: int) -> None:
-    """Start a run and SIGKILL its whole process group once it has logged step ``kill_at``."""
+    """Start a run and SIGKILL the launcher and every worker once it has logged step ``kill_at``.
+    (torchrun starts its workers in process groups of their own: killing the launcher's group
+    alone would leave them running to the end, and the "resume" would resume nothing.)"""
+    import psutil
+
     proc = subprocess.Popen([*prefix, *args], cwd=ROOT, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while proc.poll() is None and _last_step(run_dir) < kill_at and time.time() < deadline:
         time.sleep(0.02)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, f"the run ended before step {kill_at}"
+    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
     proc.wait()
 
 
