@@ -1,6 +1,5 @@
 """Exact resume after kill -9, atomic checkpoints, pre-emption signals, non-finite steps."""
 import json
-import os
 import signal
 import subprocess
 import sys
