@@ -22,6 +22,7 @@ Released fairseq checkpoints embed omegaconf objects, so ``torch.load`` can only
 """
 from __future__ import annotations
 
+import enum
 import pickle
 import sys
 import zipfile
@@ -58,8 +59,8 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
         return [_plain(v) for v in obj]
-    if hasattr(obj, "name") and type(obj).__module__ != "builtins" and not isinstance(obj, (str, int, float)):
-        return obj.name  # an Enum such as fairseq's Modality
+    if isinstance(obj, enum.Enum):
+        return obj.name  # fairseq's Modality
     return obj
 
 
