@@ -161,7 +161,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
-    if not all_finite(torch.tensor([0.0 if params_finite(tr.model, tr.engine.zero_optimization_stage() == 3) else float("nan")], device=tr.device), None):
+    finite = params_finite(tr.model, zero3=tr.engine.zero_optimization_stage() == 3)
+    if not all_finite(torch.tensor([0.0 if finite else float("nan")], device=tr.device), None):
         raise NonFiniteTraining(f"weights are not finite at step {step}; not saving a checkpoint. "
                                 f"Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
     checkpoint.save_checkpoint(tr, run_dir / "checkpoints", step, tr.cfg.train.keep_last,
