@@ -41,8 +41,8 @@ def gpu_key() -> str:
     """The planner's name for this GPU (plan --gpu / cluster profile ``gpu``)."""
     props = torch.cuda.get_device_properties(0)
     name, gb = props.name.upper(), props.total_memory / 1e9
-    for tag, key in (("A100", "a100-80gb" if gb > 50 else "a100-40gb"), ("H200", "h200"), ("H100", "h100"),
-                     ("V100", "v100")):
+    for tag, key in (("A100", "a100-80gb" if gb > 50 else "a100-40gb"), ("H200", "h200"), ("H100", "h100-80gb"),
+                     ("V100", "v100-32gb")):
         if tag in name:
             return key
     raise SystemExit(f"gpu_check: unknown GPU {props.name!r}; add its bf16 peak to profiling/flops.py PEAK_FLOPS")

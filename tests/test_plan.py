@@ -160,3 +160,16 @@ def test_activation_memory_matches_measured_peak(preset):
     measured_ck, layout = _measured_activation_peak(cfg)
     assert measured_ck < measured
     assert sum(activation_bytes(cfg, layout, checkpoint_every=1).values()) == pytest.approx(measured_ck, rel=0.15)
+
+
+def test_a_cluster_profile_from_json(tmp_path, capsys):
+    profile = {"name": "my-h100", "gpu": "h100-80gb", "gpus_per_node": 4, "intra_busbw_gbs": 360,
+               "inter_busbw_gbs": 350, "intra_latency_us": 8, "inter_latency_us": 10, "sources": ["our nccl-tests"]}
+    (tmp_path / "c.json").write_text(json.dumps(profile))
+    assert plan_main(["--preset", "vit_h", "--ds_config", "ds_configs/vit_h.json", "--nodes", "16", "--micro_batch", "4",
+                      "--cluster", str(tmp_path / "c.json")]) == 0
+    assert "64 × h100-80gb (my-h100;" in capsys.readouterr().out
+    (tmp_path / "c.json").write_text(json.dumps({**profile, "gpu": "b200"}))
+    assert plan_main(["--preset", "vit_h", "--ds_config", "ds_configs/vit_h.json", "--cluster",
+                      str(tmp_path / "c.json")]) == 2
+    assert "gpu 'b200' is not one of" in capsys.readouterr().err

@@ -93,4 +93,10 @@ def load_profile(name_or_path: str | None) -> ClusterProfile:
         raise ConfigError(f"--cluster {name_or_path}: missing fields {missing}, unknown fields {unknown}; "
                           f"allowed: {', '.join(names)}")
     data["sources"] = tuple(data.get("sources", ()))
+    from ..profiling.flops import PEAK_FLOPS
+    from .memory import GPU_MEMORY_GB
+
+    known = sorted(set(PEAK_FLOPS) & set(GPU_MEMORY_GB))
+    if data["gpu"] not in known:
+        raise ConfigError(f"--cluster {name_or_path}: gpu {data['gpu']!r} is not one of {', '.join(known)}")
     return ClusterProfile(**data)
