@@ -64,7 +64,7 @@ def time_step(preset: str, micro: int, depth: int, steps: int = 5) -> float:
         if i == 2:
             start.record()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = normalize_loss(model(source, teacher.module, mask))
+            loss = normalize_loss(model(source, model.teacher_fn(teacher.module), mask))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -39,7 +39,7 @@ def make(cfg):
 
 
 def train_step(model, teacher, opt, source, mask, step):
-    loss = normalize_loss(model(source, teacher.module, mask))
+    loss = normalize_loss(model(source, model.teacher_fn(teacher.module), mask))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

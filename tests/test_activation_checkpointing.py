@@ -22,7 +22,7 @@ def _loss_and_grads(preset: str, every: int, extra: list[str]):
     saved = []
     pack = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t)
     with pack:
-        loss = normalize_loss(model(source, teacher.module, mask))
+        loss = normalize_loss(model(source, model.teacher_fn(teacher.module), mask))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, sum(saved)

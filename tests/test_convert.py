@@ -153,7 +153,7 @@ def test_image_parity_through_the_public_converter(tmp_path, fairseq_fixture):
     teacher.module.load_state_dict(blob["teacher"], strict=True)
     model.train()
     fx = fairseq_fixture
-    out = model(fx["source"], teacher.module, mask_from_bool(fx["precomputed_mask"]))
+    out = model(fx["source"], model.teacher_fn(teacher.module), mask_from_bool(fx["precomputed_mask"]))
     assert abs((out.loss_sum / out.sample_size).item() - fx["loss"]) < 1e-5
 
 

@@ -25,7 +25,7 @@ def test_a_collapsing_teacher_is_reported(tmp_path, capsys):
             for blk in teacher.module.blocks:
                 blk.mlp.fc2.weight.mul_(shrink)
                 blk.mlp.fc2.bias.mul_(shrink)
-            out = model(source, teacher.module, mask)
+            out = model(source, model.teacher_fn(teacher.module), mask)
         row = {"target_var": out.target_var.item(), "pred_var": out.pred_var.item()}
         diagnostics.write(tr, step, [SimpleNamespace(layer_target_var=out.layer_target_var)], row)
     rows = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]

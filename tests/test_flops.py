@@ -31,7 +31,7 @@ def _counted(preset, overrides, backward):
     source = synthetic_batch(cfg, 3, torch.Generator().manual_seed(0))
     mask = model.make_mask(0, 0, torch.arange(3), source)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = model(source, teacher.module, mask)
+        out = model(source, model.teacher_fn(teacher.module), mask)
         if backward:
             normalize_loss(out).backward()
     shape = StepShape(3, mask.mask.shape[1], mask.num_kept)

@@ -116,7 +116,7 @@ def _measured_activation_peak(cfg):
     source = synthetic_batch(cfg, 16, torch.Generator().manual_seed(0))
     mask = model.make_mask(0, 0, torch.arange(16), source)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        normalize_loss(model(source, teacher.module, mask)).backward()
+        normalize_loss(model(source, model.teacher_fn(teacher.module), mask)).backward()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     sizes = np.array(sizes)
     states = {_CATEGORY_TO_INDEX[c] + 1 for c in (Category.PARAMETER, Category.GRADIENT, Category.OPTIMIZER_STATE)}

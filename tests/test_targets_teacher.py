@@ -41,7 +41,7 @@ def test_targets_match_hand_computation_on_the_unmasked_input(preset):
     hooks = [b.mlp.register_forward_hook(lambda m, i, o: captured.append(o.detach())) for b in teacher.module.blocks]
     model.train()
     mask = model.make_mask(0, 0, torch.arange(3), source)
-    out = model(source, teacher.module, mask)
+    out = model(source, model.teacher_fn(teacher.module), mask)
     for h in hooks:
         h.remove()
     local, _ = model.encoder.local_features(source)
@@ -69,7 +69,7 @@ def test_teacher_targets_do_not_depend_on_the_mask():
 
     model.teacher_layers = spy
     for step in (0, 1):
-        model(source, teacher.module, model.make_mask(0, step, torch.arange(2), source))
+        model(source, model.teacher_fn(teacher.module), model.make_mask(0, step, torch.arange(2), source))
     torch.testing.assert_close(captured[0], captured[1], rtol=0, atol=0)
 
 
@@ -78,7 +78,7 @@ def test_gradients_never_reach_the_teacher(preset):
     cfg, model, teacher = _model(preset)
     source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
     model.train()
-    out = model(source, teacher.module, model.make_mask(0, 0, torch.arange(2), source))
+    out = model(source, model.teacher_fn(teacher.module), model.make_mask(0, 0, torch.arange(2), source))
     (out.loss_sum / out.sample_size).backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -242,5 +242,41 @@ def test_padding_does_not_change_targets_of_real_positions(preset):
     mask = model.make_mask(0, 0, torch.arange(2), padded, lengths)
     assert not bool((mask.mask & ~valid.repeat_interleave(cfg.model.clone_batch, 0)).any())
     model.train()
-    out = model(padded, teacher.module, mask, lengths=lengths)
+    out = model(padded, model.teacher_fn(teacher.module), mask, lengths=lengths)
     assert torch.isfinite(out.loss_sum)
+
+
+def test_targets_reach_the_model_as_a_callable_or_precomputed():
+    """The model boundary: forward takes the teacher's targets, never the teacher module; targets
+    made outside (as a sharded teacher of another backend would) give the same step."""
+    from d2v2scale.model import Targets
+
+    cfg = load_config("tiny_audio", ["model.mask_noise_std=0"])
+    torch.manual_seed(0)
+    model = Data2Vec2(cfg).train()
+    teacher = build_teacher(model, cfg)
+    source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
+    mask = model.make_mask(0, 0, torch.arange(2), source)
+    fn = model.teacher_fn(teacher.module)
+    via_callable = model(source, fn, mask)
+    with torch.no_grad():
+        local, valid = model.encoder.local_features(source, None)
+        made_outside = fn(source, local, valid, None)
+    precomputed = model(source, Targets(made_outside.values, made_outside.layer_spread), mask)
+    assert torch.equal(via_callable.loss_reg, precomputed.loss_reg)
+    assert made_outside.values.dtype == torch.float32 and not made_outside.values.requires_grad
+
+
+def test_model_code_imports_no_training_profiling_or_distributed_code():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "d2v2scale" / "model"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = ("." * node.level) + (node.module or "")
+                assert not any(part in name.split(".") for part in ("train", "profiling", "distributed", "deepspeed")), \
+                    (path.name, name)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "deepspeed" for a in node.names), path.name

@@ -16,6 +16,7 @@ across ranks and micro-batches.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,6 +40,19 @@ _NOOP = nullcontext()
 
 def _no_phase(name: str) -> ContextManager:
     return _NOOP
+
+
+@dataclass
+class Targets:
+    """What the student regresses: per-sample (B, T, D) fp32 targets, and the raw spread of each
+    target layer (for collapse diagnostics; None when the targets were made elsewhere)."""
+
+    values: torch.Tensor
+    layer_spread: torch.Tensor | None = None
+
+
+# (source, the student's local features, valid mask, lengths) → targets: how the teacher reaches the model
+TeacherFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], Targets]
 
 
 @dataclass
@@ -73,7 +87,11 @@ def _std_over_rows(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Data2Vec2(nn.Module):
-    """Student (``encoder``, shared ``blocks``, ``decoder``); the teacher is a copy from :meth:`teacher_copy`."""
+    """Student (``encoder``, shared ``blocks``, ``decoder``); the teacher is a copy from :meth:`teacher_copy`
+    whose targets reach :meth:`forward` as a callable (:meth:`teacher_fn`) or a precomputed :class:`Targets`."""
+
+    # Phase timing from outside: a profiler sets ``model.phase = timer.phase``; off, a shared no-op.
+    phase: Callable[[str], ContextManager] = staticmethod(_no_phase)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -175,6 +193,18 @@ class Data2Vec2(nn.Module):
         """(B, T, D) fp32 targets from the teacher on the full, unmasked input."""
         return self.targets_from(self.teacher_layers(teacher, source, local, valid, lengths), valid)
 
+    def teacher_fn(self, teacher: nn.Module) -> TeacherFn:
+        """The targets of ``teacher`` (this model's :meth:`teacher_copy`, EMA-updated) as the
+        callable :meth:`forward` takes."""
+        return functools.partial(self._teacher_output, teacher)
+
+    @torch.no_grad()
+    def _teacher_output(self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor,
+                        valid: torch.Tensor | None, lengths: torch.Tensor | None) -> Targets:
+        layers = self.teacher_layers(teacher, source, local, valid, lengths)
+        spread = self._layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
+        return Targets(self.targets_from(layers, valid), spread)
+
     # -------------------------------------------------------------------------------- student
     def make_mask(
         self, seed: int, step: int, sample_ids: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor | None = None
@@ -204,33 +234,31 @@ class Data2Vec2(nn.Module):
     def forward(
         self,
         source: torch.Tensor,
-        teacher: nn.Module,
+        targets: TeacherFn | Targets,
         mask: MaskInfo,
         *,
         lengths: torch.Tensor | None = None,
         layerdrop_key: int = 0,
-        phase: Callable[[str], ContextManager] | None = None,
     ) -> StepOutput:
-        """One training forward. ``mask`` has B·M rows (see :meth:`make_mask`); ``lengths`` marks
-        padding (audio: samples, text: tokens); ``layerdrop_key`` makes layerdrop identical on all
-        ranks; ``phase(name)`` (a profiler's timer) wraps each part."""
-        phase = phase or _no_phase
-        with phase("local_encoder"):
+        """One training forward. ``targets``: the teacher as a callable (:meth:`teacher_fn`), run
+        once per sample on the unmasked input, or precomputed :class:`Targets`; ``mask`` has B·M
+        rows (see :meth:`make_mask`); ``lengths`` marks padding (audio: samples, text: tokens);
+        ``layerdrop_key`` makes layerdrop identical on all ranks."""
+        with self.phase("local_encoder"):
             local, valid = self.encoder.local_features(source, lengths)
-        with phase("teacher"):
-            layers = self.teacher_layers(teacher, source, local, valid, lengths)
-            targets = self.targets_from(layers, valid)
-        with phase("student"):
+        with self.phase("teacher"):
+            target = targets if isinstance(targets, Targets) else targets(source, local, valid, lengths)
+        with self.phase("student"):
             x, bias = self.encoder(local, valid, mask, self.clones)
             every = self.cfg.model.activation_checkpointing
             for i, (blk, keep) in enumerate(zip(self.blocks, self._layer_keep(layerdrop_key))):
                 if keep:
                     x, _ = run_block(blk, x, bias, checkpointed(i, every))
-        with phase("decoder_loss"):
+        with self.phase("decoder_loss"):
             cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
             pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
-            out = self._losses(pred, cls_pred, targets, mask)
-            out.layer_target_var = self._layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
+            out = self._losses(pred, cls_pred, target.values, mask)
+            out.layer_target_var = target.layer_spread
         return out
 
     @staticmethod

@@ -61,6 +61,7 @@ class Trainer:
     last_shape: dict | None = None  # the last micro-batch's shape, for the profiling report
     nan_steps: set = field(default_factory=injected_nan_steps)
     reported_skips: set = field(default_factory=set)  # unusable files other ranks found, logged by rank 0
+    targets: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
 
     @property
     def model(self) -> Data2Vec2:
@@ -103,7 +104,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     skipped = False
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
-        out = engine(mb.source, tr.teacher.module, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key, phase=phase)
+        out = engine(mb.source, tr.targets, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
         loss = out.loss_sum * scale * poison
         if i == 0 and not all_finite(loss, None):
             skipped = True  # nothing accumulated yet: drop the whole step before any backward
@@ -157,7 +158,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype, bucket)
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps)
-    return Trainer(cfg, plan, dims, engine, teacher, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype))
+    return Trainer(cfg, plan, dims, engine, teacher, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
+                   targets=engine.module.teacher_fn(teacher.module))
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
@@ -185,6 +187,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                disable=not (rank0 and interactive), dynamic_ncols=True, desc="pretrain")
     if profiler is not None:
         tr.timer = profiler.timer
+        tr.model.phase = tr.timer.phase  # the model's own phases, timed from outside
         profiler.start()
     try:
         for step in bar:

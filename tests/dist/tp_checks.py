@@ -154,7 +154,7 @@ def step_check(dims, preset):
         for model, teacher, opt in ((ref, t_ref, o_ref), (tp, t_tp, o_tp)):
             torch.manual_seed(100 + step)  # the same decoder noise for both
             opt.zero_grad(set_to_none=True)
-            loss = normalize_loss(model(source, teacher.module, mask))
+            loss = normalize_loss(model(source, model.teacher_fn(teacher.module), mask))
             loss.backward()
             losses.append(loss.item())
         if step == 0:

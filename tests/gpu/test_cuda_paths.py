@@ -29,7 +29,7 @@ def _step(cfg, device, dtype):
     mask = model.make_mask(0, 0, torch.arange(4), source)
     torch.manual_seed(2)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(source, teacher.module, mask)
+        out = model(source, model.teacher_fn(teacher.module), mask)
     loss = normalize_loss(out)
     loss.backward()
     grads = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.grad is not None])
