@@ -395,3 +395,13 @@ def test_float32_wav_is_indexed_with_its_length(tmp_path):
 def test_logs_directory_ships_with_the_repository():
     tracked = subprocess.run(["git", "ls-files", "logs"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert tracked == ["logs/.gitignore"]
+
+
+def test_dropping_rows_of_a_dead_attempt_survives_a_cut_line(tmp_path):
+    from d2v2scale.train.run import drop_rows_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # killed mid-write
+    assert drop_rows_after(path, 2) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert drop_rows_after(path, 2) == 0 and drop_rows_after(tmp_path / "absent.jsonl", 0) == 0

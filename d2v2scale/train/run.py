@@ -181,10 +181,10 @@ def prepare(args) -> Setup:
         raise ConfigError(f"the ds_config's scheduler warms up for {warmup} updates but the run has "
                           f"train.max_updates={cfg.train.max_updates}: the learning rate would never reach its peak "
                           "(a ds_config for another preset?); pass train.allow_long_warmup=true if intended")
+    notes = [scaling_note] if scaling_note else []
     foreign = _preset_of_ds_config(args.ds_config)
     if foreign and foreign != cfg.preset:
-        scaling_note = "; ".join(n for n in (scaling_note, f"warning: {args.ds_config} is written for preset "
-                                             f"'{foreign}', this run is '{cfg.preset}'") if n)
+        notes.append(f"warning: {args.ds_config} is written for preset '{foreign}', this run is '{cfg.preset}'")
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
     dry_run = getattr(args, "dry_run", False)
     moved = check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
@@ -196,9 +196,16 @@ def prepare(args) -> Setup:
         if done >= cfg.train.max_updates:
             raise AlreadyComplete(f"{run_dir} is already complete at step {done} (train.max_updates="
                                   f"{cfg.train.max_updates}); nothing to do")
-    notes = [n for n in (moved, scaling_note) if n]
+    notes = ([moved] if moved else []) + notes
     return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=bool(args.profile or cfg.profiling.enabled),
                  notes=notes)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
 
 
 def drop_rows_after(path: Path, step: int) -> int:
@@ -206,9 +213,9 @@ def drop_rows_after(path: Path, step: int) -> int:
     its next checkpoint, so this one writes them again); returns how many were dropped."""
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    dropped = len([line for line in lines if line.strip()]) - len(kept)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if _row_step(line) <= step]  # a line cut by kill -9 is dropped too
+    dropped = len(lines) - len(kept)
     if dropped:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
