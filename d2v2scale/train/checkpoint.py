@@ -140,10 +140,11 @@ def _why(error: BaseException, where: Path) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def check_free_space(ckpt_dir: Path, step: int, device: torch.device | str = "cpu") -> None:
-    """Refuse (on every rank alike) a save that the last checkpoint's size says cannot fit."""
+def check_free_space(ckpt_dir: Path, step: int, device: torch.device | str = "cpu", measure: bool = True) -> None:
+    """Refuse (on every rank alike) a save that the last checkpoint's size says cannot fit; one
+    rank (``measure``) walks the shared checkpoint folder, the others only agree."""
     latest = read_latest(ckpt_dir)
-    needed = _tree_bytes(ckpt_dir / latest) if latest and (ckpt_dir / latest).is_dir() else 0
+    needed = _tree_bytes(ckpt_dir / latest) if measure and latest and (ckpt_dir / latest).is_dir() else 0
     free = shutil.disk_usage(ckpt_dir).free
     if _any_rank(needed > 0 and free < 1.05 * needed, device):
         raise CheckpointWriteError(
@@ -162,7 +163,7 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
     _barrier()
-    check_free_space(ckpt_dir, step, tr.device)
+    check_free_space(ckpt_dir, step, tr.device, measure=rank0)
     failure: BaseException | None = None
     try:
         tr.engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False)
