@@ -284,7 +284,8 @@ def run(setup: Setup) -> int:
                   file=sys.stderr, flush=True)
         return EXIT_ERROR
     except checkpoint.CheckpointWriteError as e:
-        print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
+        if rank == 0:  # every rank raises together; rank 0's message has the numbers
+            print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except Exception:  # noqa: BLE001 - the launcher's contract is an exit code
         traceback.print_exc(file=sys.stderr)
