@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
+from d2v2scale.plan import positions_per_item  # noqa: E402
 from d2v2scale.profiling.flops import PEAK_FLOPS, StepShape, step_flops  # noqa: E402
 from d2v2scale.teacher import build_teacher  # noqa: E402
 
@@ -89,26 +90,14 @@ def calibrate(presets: list[str], micros: list[int], peak: float) -> list[dict]:
             per_block = (t_hi - t_lo) / (CUT_DEPTHS[1] - CUT_DEPTHS[0])
             step_s = t_lo + per_block * (blocks - CUT_DEPTHS[0])
             source = synthetic_batch(full, micro, torch.Generator().manual_seed(0))
-            kept, t = _kept_positions(full, source)
+            t = positions_per_item(full, source.shape[-1] if full.model.modality == "audio" else 0)
+            kept = int(t * (1 - full.masking.mask_prob))
             flops = step_flops(full, StepShape(micro, t, kept), source.shape[-1])
             points.append({"preset": preset, "micro_batch": micro, "flops_per_micro_batch": flops,
                            "step_s": step_s, "efficiency": flops / (step_s * peak)})
             print(f"  {preset:<12} micro {micro}: {step_s:.3f} s/step (blocks {t_lo:.3f}/{t_hi:.3f} s at depth "
                   f"{CUT_DEPTHS}), {flops:.2e} FLOPs, efficiency {points[-1]['efficiency']:.1%}", flush=True)
     return points
-
-
-def _kept_positions(cfg, source: torch.Tensor) -> tuple[int, int]:
-    m = cfg.model
-    if m.modality == "image":
-        t = (m.img_size // m.patch_size) ** 2
-    elif m.modality == "audio":
-        t = source.shape[-1]
-        for _, k, s in m.conv_feature_layers:
-            t = (t - k) // s + 1
-    else:
-        t = source.shape[-1]
-    return int(t * (1 - cfg.masking.mask_prob)), t
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .cli import OneLineParser, fail
 from .config import Config, ConfigError, load_config
+from .model.blocks import checkpointed_count
 from .planning.cluster import ClusterProfile, load_profile
 from .planning.comm import ParamCounts, StepShape as CommShape, step_collectives
 from .planning.memory import GPU_MEMORY_GB, Layout, activation_bytes, model_state_bytes, param_counts
@@ -71,10 +72,16 @@ class Plan:
         return self.flops_per_step / (self.time.total_s * world * PEAK_FLOPS[self.profile.gpu])
 
 
-def _frames(m, samples: int) -> int:
-    for _, k, s in m.conv_feature_layers:
-        samples = (samples - k) // s + 1
-    return samples
+def positions_per_item(cfg: Config, input_len: int = 0) -> int:
+    """T of one item: patches, CNN frames of ``input_len`` audio samples, or tokens per block."""
+    m = cfg.model
+    if m.modality == "image":
+        return (m.img_size // m.patch_size) ** 2
+    if m.modality == "audio":
+        for _, k, s in m.conv_feature_layers:
+            input_len = (input_len - k) // s + 1
+        return input_len
+    return cfg.data.sample_length or m.max_positions
 
 
 def _per_gpu_flops(cfg: Config, shape: StepShape, input_len: int, tp: int) -> tuple[float, float]:
@@ -82,10 +89,9 @@ def _per_gpu_flops(cfg: Config, shape: StepShape, input_len: int, tp: int) -> tu
     one GPU: block work is split over the TP group, the local encoder and decoder are replicated."""
     f = forward_flops(cfg, shape, input_len)
     model = f["teacher"] / tp + 3.0 * (f["local_encoder"] + f["student"] / tp + f["decoder"])
-    m, every = cfg.model, cfg.model.activation_checkpointing
-    blocks = m.depth + m.prenet_depth
-    checkpointed = 0 if every == 0 else -(-m.depth // every) + -(-m.prenet_depth // every)
-    return model, model + f["student"] / tp * checkpointed / max(blocks, 1)
+    m = cfg.model
+    recomputed = checkpointed_count(m, m.activation_checkpointing) / max(m.depth + m.prenet_depth, 1)
+    return model, model + f["student"] / tp * recomputed
 
 
 def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
@@ -102,10 +108,9 @@ def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
     if m.modality == "audio":
         input_len = cfg.data.max_sample_size
         items = max(1, bp.micro_batch // input_len)
-        positions = _frames(m, input_len)
     else:
         input_len, items = 0, bp.micro_batch
-        positions = (m.img_size // m.patch_size) ** 2 if m.modality == "image" else (cfg.data.sample_length or m.max_positions)
+    positions = positions_per_item(cfg, input_len)
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
     lay = Layout(tp, dp, zero, bool(ds.get("bf16", {}).get("enabled", False)), items, positions, input_len)
     params = param_counts(cfg, tp)
@@ -164,20 +169,15 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def _micro_override(cfg: Config, ds: dict, micro: int | None) -> None:
+def set_micro_batch(cfg: Config, ds: dict, micro: int | None) -> None:
+    """The per-GPU micro-batch where it lives: ``data.max_tokens`` (audio samples) or the JSON's
+    ``train_micro_batch_size_per_gpu``."""
     if micro is None:
         return
     if cfg.model.modality == "audio":
         cfg.data.max_tokens = micro
     else:
         ds["train_micro_batch_size_per_gpu"] = micro
-
-
-def batch_math_hint(cfg: Config, ds: dict, nodes: int, gpus: int, tp: int) -> str:
-    """The concrete ways out when a global batch cannot be split over this many GPUs."""
-    from .planning.search import ways_out
-
-    return ways_out(cfg, ds, nodes, gpus, tp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--preset and --ds_config are required (or --paper)")
         cfg = load_config(args.preset, args.overrides)
         ds = load_ds_config(args.ds_config)
-        _micro_override(cfg, ds, args.micro_batch)
+        set_micro_batch(cfg, ds, args.micro_batch)
         if args.search:
             from .planning.search import report, search
 
@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             if "batch math" not in str(e):
                 raise
-            raise ConfigError(f"{e}. {batch_math_hint(cfg, ds, args.nodes, profile.gpus_per_node, tp)}") from None
+            from .planning.search import ways_out
+
+            raise ConfigError(f"{e}. {ways_out(cfg, ds, args.nodes, profile.gpus_per_node, tp)}") from None
     except (ConfigError, OSError) as e:
         return fail("plan", e)
     print(render(result))

@@ -196,6 +196,13 @@ def decode_audio(data: np.ndarray) -> np.ndarray:
         raise DataError(f"failed to decode ({type(e).__name__})") from None
 
 
+def sample_problem(wav: np.ndarray) -> str | None:
+    """Why decoded audio cannot be trained on, judged by value: nothing decoded, or NaN/inf samples."""
+    if wav.size == 0:
+        return "decoded to no samples"
+    return None if np.isfinite(wav).all() else "NaN or infinite samples"
+
+
 def load_audio(path: str | Path) -> np.ndarray:
     """An audio file as the model's input: 16 kHz mono float32, normalised as in training."""
     path = Path(path)
@@ -203,10 +210,9 @@ def load_audio(path: str | Path) -> np.ndarray:
     if reason is not None:
         raise DataError(f"{path}: {reason}")
     wav = decode_audio(np.fromfile(path, dtype=np.uint8))
-    if wav.size == 0:
-        raise DataError(f"{path}: no audio samples")
-    if not np.isfinite(wav).all():
-        raise DataError(f"{path}: NaN or infinite samples")
+    reason = sample_problem(wav)
+    if reason is not None:
+        raise DataError(f"{path}: {reason}")
     return normalize(wav)
 
 
@@ -270,31 +276,18 @@ class AudioSource:
         out = []
         for i, d in zip(members, data):  # one at a time, to find the file that fails
             try:
-                out.append(self._decode_one(d))
-            except Exception:  # noqa: BLE001
-                if self.pipe is not None:
-                    self.pipe = _decoder_pipeline(self.max_count, 1)
+                out.append(decode_audio(d))
+            except Exception:  # noqa: BLE001 - DataError from DALI, soundfile's own errors without it
                 self.mark_bad(i, "failed to decode")
                 out.append(None)
         return out
-
-    def _decode_one(self, data: np.ndarray) -> np.ndarray:
-        if self.pipe is None:
-            import io
-
-            import soundfile
-
-            return _to_mono_16k(*soundfile.read(io.BytesIO(data.tobytes()), dtype="float32"))
-        self.pipe.feed_input("encoded", [data])
-        return np.array(self.pipe.run()[0][0]).reshape(-1)
 
     def batch_by_id(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(waveforms (B, S) zero-padded, lengths (B,), sample ids (B,)) of one micro-batch."""
         members = self._batch_members(batch_id)
         waves = self._decode(members)
         for j, (i, w) in enumerate(zip(members, waves)):
-            reason = None if w is None else "decoded to no samples" if len(w) == 0 else \
-                None if np.isfinite(w).all() else "NaN or infinite samples"
+            reason = None if w is None else sample_problem(w)
             if reason is not None:
                 waves[j] = None
                 self.mark_bad(i, reason)

@@ -91,6 +91,11 @@ def _pil_decode(data: np.ndarray, params: np.ndarray, size: int) -> torch.Tensor
     t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 255)
     if params[4] > 0.5:
         t = t.flip(-1)
+    return _normalize(t)
+
+
+def _normalize(t: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) pixel values 0–255 → ImageNet-normalised, as the DALI graph's crop_mirror_normalize."""
     mean = torch.tensor(MEAN).view(3, 1, 1) * 255
     std = torch.tensor(STD).view(3, 1, 1) * 255
     return (t - mean) / std
@@ -112,10 +117,7 @@ def eval_transform(path, size: int) -> torch.Tensor:
     new = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
     t = F.interpolate(t, size=new, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 255)
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    t = t[:, top : top + size, left : left + size]
-    mean = torch.tensor(MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(STD).view(3, 1, 1) * 255
-    return (t - mean) / std
+    return _normalize(t[:, top : top + size, left : left + size])
 
 
 def _decodes(data: np.ndarray) -> bool:

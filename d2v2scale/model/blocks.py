@@ -110,6 +110,11 @@ def checkpointed(index: int, every: int) -> bool:
     return every > 0 and index % every == 0
 
 
+def checkpointed_count(cfg, every: int) -> int:
+    """How many of the prenet and shared blocks :func:`checkpointed` selects (each stack counts from 0)."""
+    return sum(checkpointed(i, every) for n in (cfg.prenet_depth, cfg.depth) for i in range(n))
+
+
 class BlockEncoder(nn.Module):
     """The modality "prenet" (fairseq ``BlockEncoder``, post-LN): input LayerNorm, dropout, blocks."""
 

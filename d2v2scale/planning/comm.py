@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config
+from ..model.blocks import checkpointed_count
 
 SCALAR_CALLS = 5  # masked-token count, non-finite guard, three in DeepSpeed's clipping and overflow checks
 
@@ -83,7 +84,7 @@ def step_collectives(cfg: Config, ds: dict, shape: StepShape, params: ParamCount
         rows = shape.items * m.clone_batch
         student_act = rows * (shape.kept + m.num_extra_tokens) * m.embed_dim * a
         blocks = m.depth + m.prenet_depth
-        recomputed = 0 if every == 0 else -(-m.depth // every) + -(-m.prenet_depth // every)
+        recomputed = checkpointed_count(m, every)
         out.append(Collective("TP all-reduce, student blocks (2 fwd + 2 bwd per block)", "all_reduce", "tp",
                               student_act, 4 * blocks * g, ""))
         if recomputed:

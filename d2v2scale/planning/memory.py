@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 
 from ..config import Config
+from ..model.blocks import checkpointed_count
 from .comm import ParamCounts
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141, "v100-32gb": 32}
@@ -96,10 +97,6 @@ def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
             "teacher_fp32_masters": 4 * psi_t / d, "teacher_compute_copy": teacher_compute}
 
 
-def _checkpointed_blocks(count: int, every: int) -> int:
-    return 0 if every == 0 else -(-count // every)  # blocks 0, k, 2k, ... (model.blocks.checkpointed)
-
-
 def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[str, float]:
     """``checkpoint_every``: ``model.activation_checkpointing`` (0 off, 1 every block, k every k-th)."""
     m, dec = cfg.model, cfg.decoder
@@ -109,7 +106,7 @@ def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[st
     kept = int(lay.positions * (1 - cfg.masking.mask_prob)) + m.num_extra_tokens
     blocks = m.depth + m.prenet_depth
     per_block = kept * rows * h * (10 + 24 / lay.tp) * bytes_el / 2
-    ck = _checkpointed_blocks(m.depth, checkpoint_every) + _checkpointed_blocks(m.prenet_depth, checkpoint_every)
+    ck = checkpointed_count(m, checkpoint_every)
     student = ck * kept * rows * h * bytes_el + (blocks - ck) * per_block  # a checkpointed block keeps its input
     positions = rows * lay.positions
     decoder = dec.layers * 4 * positions * dec.dim * bytes_el + positions * h * bytes_el

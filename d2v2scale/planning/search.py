@@ -54,7 +54,7 @@ def _micro_options(cfg: Config) -> list[int]:
 def search(cfg: Config, ds: dict, nodes: int, profile: ClusterProfile, efficiency: Efficiency,
            pinned_tp: int | None = None) -> tuple[list[Candidate], dict[str, int]]:
     """(fitting candidates, best first; {reason: count} of the rejected ones)."""
-    from ..plan import plan
+    from ..plan import plan, set_micro_batch
 
     world = nodes * profile.gpus_per_node
     ranked, rejected = [], {}
@@ -67,10 +67,7 @@ def search(cfg: Config, ds: dict, nodes: int, profile: ClusterProfile, efficienc
                         c.parallel.tp, c.model.activation_checkpointing, c.train.batch_scaling = tp, every, scaling
                         d.setdefault("zero_optimization", {})["stage"] = zero
                         d["gradient_accumulation_steps"] = "auto"
-                        if c.model.modality == "audio":
-                            c.data.max_tokens = micro
-                        else:
-                            d["train_micro_batch_size_per_gpu"] = micro
+                        set_micro_batch(c, d, micro)
                         launch_ds = copy.deepcopy(d)
                         try:
                             p = plan(c, d, nodes, tp, profile, efficiency)
@@ -164,7 +161,7 @@ PAPER_RUNS = [
 
 
 def paper_table(profile: ClusterProfile, efficiency: Efficiency) -> str:
-    from ..plan import plan
+    from ..plan import plan, set_micro_batch
 
     lines = [f"The paper's runs on 64 A100s, predicted on {profile.name} with {efficiency.source}:",
              f"  {'run':<50} {'GPUs':>5} {'s/step':>7} {'compute':>8} {'exposed comm':>12} {'predicted h':>11} "
@@ -172,8 +169,7 @@ def paper_table(profile: ClusterProfile, efficiency: Efficiency) -> str:
     for name, preset, ds_path, overrides, nodes, micro, paper_h in PAPER_RUNS:
         cfg = load_config(preset, overrides)
         ds = load_ds_config(ds_path)
-        if micro:
-            ds["train_micro_batch_size_per_gpu"] = micro
+        set_micro_batch(cfg, ds, micro)
         p = plan(cfg, ds, nodes, 1, profile, efficiency)
         t = p.time
         lines.append(f"  {name:<50} {nodes * profile.gpus_per_node:>5} {t.total_s:7.3f} {t.compute_s:8.3f} "

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..distributed.runtime import all_reduce
+
 LATEST = "latest"
 RUN_FILE = "run.json"
 
@@ -120,11 +122,7 @@ def _tree_bytes(path: Path) -> int:
 
 
 def _any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0], device=device), op="max").item())
 
 
 def _why(error: BaseException, where: Path) -> str:
