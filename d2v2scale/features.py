@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layer = _layer(args.layer)
         model = load_student(args.weights)
-        depth = len(model.blocks)
-        if layer != "mean" and not -depth <= layer < depth:
-            raise ConfigError(f"--layer {layer}: this model has {depth} blocks; allowed values: "
-                              f"-{depth}..{depth - 1} or 'mean'")
+        try:
+            model.check_layer(layer)
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
         items = find_items(args.inputs, model.cfg)
         names, feats, skipped = extract(model, items, layer, args.pool, args.batch, args.device)
         if not feats:

@@ -301,6 +301,13 @@ class Data2Vec2(nn.Module):
         return (pred - target) ** 2 * self.loss_scale
 
     # ------------------------------------------------------------------------------- features
+    def check_layer(self, layer: int | str) -> None:
+        """Raise ValueError unless ``layer`` names a shared block (negative from the last) or ``"mean"``."""
+        depth = len(self.blocks)
+        if layer != "mean" and not (isinstance(layer, int) and -depth <= layer < depth):
+            raise ValueError(f"layer {layer!r}: this model has {depth} blocks; allowed values: "
+                             f"-{depth}..{depth - 1} or 'mean'")
+
     def extract_features(
         self, source: torch.Tensor, lengths: torch.Tensor | None = None, layer: int | str = -1
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -309,9 +316,8 @@ class Data2Vec2(nn.Module):
         ``"mean"`` over all shared blocks; extra tokens are removed. Padding is hidden from
         attention, so a padded sample's features equal those it gets alone. Builds a graph (for
         fine-tuning); wrap in ``torch.inference_mode()`` to extract."""
+        self.check_layer(layer)
         depth = len(self.blocks)
-        if layer != "mean" and not (isinstance(layer, int) and -depth <= layer < depth):
-            raise ValueError(f"layer={layer!r}: allowed values: -{depth}..{depth - 1} or 'mean'")
         local, valid = self.encoder.local_features(source, lengths)
         x, bias = self.encoder(local, valid, None)
         outputs = []
