@@ -10,7 +10,7 @@ consecutive groups up to ``bucket_numel`` gathered elements (ZeRO-3 has one grou
 hundreds of small collectives otherwise).
 
 With the default layout (one group, one shard) this is a plain fp32 EMA. The distributed builder
-(:mod:`d2v2scale.distributed.sharded_teacher`) passes DeepSpeed's own ZeRO partition layout so
+(:mod:`d2v2scale.train.backend.deepspeed`) passes DeepSpeed's own ZeRO partition layout so
 that each rank's slice is exactly the student's fp32 master partition on that rank.
 
 Non-trainable parameters (fixed image positions) are copied at construction and never change;
@@ -63,8 +63,86 @@ AllGather = Callable[[torch.Tensor, torch.Tensor], None]  # (output_flat, input_
 SourceFn = Callable[[], list[torch.Tensor]]  # this rank's fp32 student values, one tensor per group
 
 
-class EMATeacher:
-    """EMA of a student's tracked parameters; ``module`` is the teacher network to run (eval, no grad)."""
+class ShardedEMA:
+    """The EMA core every teacher layout shares: fp32 master shards, the annealed decay, the update
+    counter. ``masters[i]`` moves towards ``sources()[i]``, the student's fp32 values for the same
+    elements, by one local ``lerp`` — no communication; :meth:`publish` then makes ``module``, the
+    network the targets come from, see the new values."""
+
+    module: nn.Module
+    masters: list[torch.Tensor]
+
+    def __init__(self, schedule: EMASchedule):
+        self.schedule = schedule
+        self.num_updates = 0
+        self._sources: SourceFn | None = None
+
+    def bind_sources(self, sources: SourceFn) -> None:
+        """Read the student's fp32 values for this rank's masters from ``sources()`` (one tensor per
+        master, the same length)."""
+        self._sources = sources
+
+    def decay(self, num_updates: int | None = None) -> float:
+        return self.schedule.decay(self.num_updates if num_updates is None else num_updates)
+
+    def student_values(self, student: nn.Module | dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+        if self._sources is not None:
+            return self._sources()
+        raise ValueError(f"{type(self).__name__}.update needs bound sources")
+
+    @torch.no_grad()
+    def update(self, num_updates: int, student: nn.Module | dict[str, torch.Tensor] | None = None) -> float:
+        """EMA step after optimizer step ``num_updates``: ``ema ← d·ema + (1-d)·student`` with
+        ``d = schedule(num_updates)``. Nothing changes once ``d`` reaches 1 (the teacher is frozen)
+        or when the counter did not advance. Returns the decay used."""
+        decay = self.schedule.decay(num_updates)
+        if num_updates <= self.num_updates:
+            return decay
+        self.num_updates = num_updates
+        if decay >= 1.0:
+            return decay
+        torch._foreach_lerp_(self.masters, [v.float() for v in self.student_values(student)], 1.0 - decay)
+        self.publish()
+        return decay
+
+    def publish(self) -> None:
+        """Make ``module`` compute with the masters' current values (nothing to do when they are its own)."""
+
+    def master_bytes(self) -> int:
+        """fp32 EMA bytes held by this rank."""
+        return sum(m.numel() * m.element_size() for m in self.masters)
+
+    def ranges(self) -> list[tuple[str, int, int, torch.Tensor]]:
+        """This rank's fp32 masters as (name, start, stop, values): flat ranges of each TP-local parameter."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_ranges(self, read: Callable[[str, int, int], torch.Tensor], num_updates: int) -> None:
+        """Fill this rank's masters from ``read(name, start, stop)`` (any layout wrote them), then publish."""
+        for name, start, stop, values in self.ranges():
+            values.copy_(read(name, start, stop))
+        self.num_updates = num_updates
+        self.publish()
+
+
+class LocalShardEMA(ShardedEMA):
+    """A teacher whose module is sharded like the student (FSDP2): its own fp32 parameter shards
+    are the masters, so nothing but the student's shards is needed for an update and its forward
+    gathers weights one block at a time, as the student's does."""
+
+    def __init__(self, module: nn.Module, schedule: EMASchedule, ranges: list[tuple[str, int, int, torch.Tensor]]):
+        super().__init__(schedule)
+        self.module = module.eval().requires_grad_(False)
+        self._ranges = ranges
+        self.masters = [values for _, _, _, values in ranges]
+
+    def ranges(self) -> list[tuple[str, int, int, torch.Tensor]]:
+        return self._ranges
+
+
+class EMATeacher(ShardedEMA):
+    """EMA of a student's tracked parameters in flat groups; ``module`` (eval, no grad) runs on
+    compute-dtype copies of the groups that :meth:`publish` refreshes from the masters."""
 
     def __init__(
         self,
@@ -80,10 +158,9 @@ class EMATeacher:
     ):
         if shard_count > 1 and all_gather is None:
             raise ValueError("a sharded EMA teacher needs an all_gather function over its shard group")
-        self.schedule = schedule
+        super().__init__(schedule)
         self.shard_rank, self.shard_count = shard_rank, shard_count
         self.all_gather = all_gather
-        self.num_updates = 0
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         self.copied_names = [n for n, p in module.named_parameters() if not p.requires_grad]
         self.groups = groups if groups is not None else default_groups(module, trainable, shard_count)
@@ -101,68 +178,38 @@ class EMATeacher:
             lo = shard_rank * size
             flat = torch.zeros(g.numel, dtype=compute_dtype, device=device)
             master = torch.zeros(size, dtype=torch.float32, device=device)  # only this rank's slice
+            for name, off, a, b in _overlaps(g, lo, lo + size, params):
+                master[a - lo : b - lo] = params[name].detach().reshape(-1)[a - off : b - off].float()
             for name, off in zip(g.names, g.offsets):
                 if name not in params:  # a slot of the student's layout the teacher does not run
                     continue
                 p = params[name]
-                src = p.detach().reshape(-1)
-                a, b = max(off, lo), min(off + src.numel(), lo + size)
-                if a < b:
-                    master[a - lo : b - lo] = src[a - off : b - off].float()
                 view = flat[off : off + p.numel()].view_as(p)
                 view.copy_(p.detach())
                 p.data = view
             self.flats.append(flat)
             self.masters.append(master)
-        self._sources: SourceFn | None = None
         self.buckets = _buckets([g.numel for g in self.groups], bucket_numel)
 
     # ------------------------------------------------------------------------------- sources
-    def bind_sources(self, sources: SourceFn) -> None:
-        """Read the student's fp32 values for this rank's slices from ``sources()`` (one tensor per
-        group, the slice's exact length) instead of from the student's parameters by name."""
-        self._sources = sources
-
     def slices_from(self, student: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """This rank's slice of every group, assembled from full student parameters (default layout)."""
         out = []
         for g, master in zip(self.groups, self.masters):
             lo, hi = self.shard_rank * master.numel(), (self.shard_rank + 1) * master.numel()
             piece = torch.zeros_like(master)
-            for name, off in zip(g.names, g.offsets):
-                src = student[name].detach().reshape(-1)
-                a, b = max(off, lo), min(off + src.numel(), hi)
-                if a < b:
-                    piece[a - lo : b - lo] = src[a - off : b - off].float()
+            for name, off, a, b in _overlaps(g, lo, hi, student):
+                piece[a - lo : b - lo] = student[name].detach().reshape(-1)[a - off : b - off].float()
             out.append(piece)
         return out
 
+    def student_values(self, student: nn.Module | dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+        """Bound sources, else this rank's slices of the given student's parameters (default layout)."""
+        if self._sources is not None or student is None:
+            return super().student_values(student)
+        return self.slices_from(dict(student.named_parameters()) if isinstance(student, nn.Module) else student)
+
     # -------------------------------------------------------------------------------- update
-    def decay(self, num_updates: int | None = None) -> float:
-        return self.schedule.decay(self.num_updates if num_updates is None else num_updates)
-
-    @torch.no_grad()
-    def update(self, num_updates: int, student: nn.Module | dict[str, torch.Tensor] | None = None) -> float:
-        """EMA step after optimizer step ``num_updates``: ``ema ← d·ema + (1-d)·student`` with
-        ``d = schedule(num_updates)``. Nothing changes once ``d`` reaches 1 (the teacher is frozen)
-        or when the counter did not advance. Returns the decay used."""
-        decay = self.schedule.decay(num_updates)
-        if num_updates <= self.num_updates:
-            return decay
-        self.num_updates = num_updates
-        if decay >= 1.0:
-            return decay
-        if self._sources is not None:
-            values = self._sources()
-        else:
-            if student is None:
-                raise ValueError("EMATeacher.update needs the student (no bound sources)")
-            named = dict(student.named_parameters()) if isinstance(student, nn.Module) else student
-            values = self.slices_from(named)
-        torch._foreach_lerp_(self.masters, [v.float() for v in values], 1.0 - decay)
-        self.publish()
-        return decay
-
     def publish(self) -> None:
         """Refresh the compute-dtype forward weights from the fp32 masters (all-gather when sharded).
 
@@ -188,9 +235,14 @@ class EMATeacher:
                 start += size
 
     # --------------------------------------------------------------------------- checkpoints
-    def master_bytes(self) -> int:
-        """fp32 EMA bytes held by this rank."""
-        return sum(m.numel() * m.element_size() for m in self.masters)
+    def ranges(self) -> list[tuple[str, int, int, torch.Tensor]]:
+        params = dict(self.module.named_parameters())
+        out = []
+        for g, master in zip(self.groups, self.masters):
+            lo = self.shard_rank * master.numel()
+            for name, off, a, b in _overlaps(g, lo, lo + master.numel(), params):
+                out.append((name, a - off, b - off, master[a - lo : b - lo]))
+        return out
 
     def state_dict(self) -> dict:
         """This rank's shard: fp32 master slices, the update counter and the layout they belong to."""
@@ -219,6 +271,16 @@ class EMATeacher:
             for name, value in state["copied"].items():
                 params[name].copy_(value)
         self.publish()
+
+
+def _overlaps(group: FlatGroup, lo: int, hi: int, tensors: dict):
+    """(name, offset, a, b) for every parameter of ``group`` present in ``tensors`` whose span
+    ``[offset, offset + numel)`` in the flat vector meets ``[lo, hi)`` in ``[a, b)``."""
+    for name, off in zip(group.names, group.offsets):
+        if name in tensors:
+            a, b = max(off, lo), min(off + tensors[name].numel(), hi)
+            if a < b:
+                yield name, off, a, b
 
 
 def _buckets(numels: list[int], limit: int) -> list[list[int]]:

@@ -4,6 +4,7 @@ import torch
 
 from d2v2scale.data.schedule import RankSchedule, epoch_indices
 from d2v2scale.distributed.dims import LaunchEnv, ParallelDims
+from d2v2scale.train.backend.deepspeed import DeepSpeedMPU
 
 
 def test_launch_env_sources():
@@ -20,8 +21,8 @@ def test_tp_fastest_layout():
     assert [(d.tp_rank, d.dp_rank) for d in layout] == [(r % 2, r // 2) for r in range(8)]
     d = layout[5]
     assert d.tp_ranks(d.dp_rank) == [4, 5] and d.dp_ranks(d.tp_rank) == [1, 3, 5, 7]
-    assert d.dp == 4 and d.mpu.get_data_parallel_world_size() == 4 and d.mpu.get_model_parallel_world_size() == 2
-    assert not hasattr(d.mpu, "initialize_sequence_parallel")  # would make DeepSpeed drop the DP group
+    assert d.dp == 4 and DeepSpeedMPU(d).get_data_parallel_world_size() == 4 and DeepSpeedMPU(d).get_model_parallel_world_size() == 2
+    assert not hasattr(DeepSpeedMPU(d), "initialize_sequence_parallel")  # would make DeepSpeed drop the DP group
 
 
 def test_tp_must_divide_world():

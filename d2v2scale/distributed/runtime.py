@@ -1,4 +1,4 @@
-"""Start torch.distributed the way DeepSpeed expects, on GPU (NCCL) or CPU (gloo)."""
+"""Start torch.distributed on GPU (NCCL) or CPU (gloo); a backend may wrap the group afterwards."""
 from __future__ import annotations
 
 import os
@@ -31,16 +31,8 @@ def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
                            "launcher set them; under srun export them from the job script)")
     env.export(master_port=int(os.environ.get("MASTER_PORT", 0)) or free_port())
     device = pick_device(env.local_rank)
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if device.type == "cpu":
-        # The CPU accelerator JIT-compiles a shared-memory all-reduce op (~85 s) that only inference
-        # uses; DeepSpeed reads this dict before building it.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size)
     dims = ParallelDims(tp=tp, world_size=env.world_size, rank=env.rank)
     dims.build_groups()
     return dims, device

@@ -20,6 +20,7 @@ so DeepSpeed's gradient-norm code counts replicated parameters once.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import ContextManager
 
 import torch
@@ -139,6 +140,30 @@ def tag_tp(param: nn.Parameter, partition_dim: int, stride: int = 1) -> nn.Param
     param.partition_dim = partition_dim
     param.partition_stride = stride
     return param
+
+
+@dataclass(frozen=True)
+class TPSlice:
+    """Where a TP-local tensor sits in the full one: the full tensor viewed as ``view`` (its
+    partitioned dim split into ``(stride, tp, local // stride)``) holds it at ``index`` of ``dim``.
+    The row-major order of that box is the local tensor's own, so a flat range of the local
+    tensor is a flat range of the box (what layout-free checkpoints store)."""
+
+    view: tuple[int, ...]
+    dim: int
+    index: int
+
+    def full_shape(self) -> tuple[int, ...]:
+        d = self.dim - 1
+        return (*self.view[:d], self.view[d] * self.view[d + 1] * self.view[d + 2], *self.view[d + 3:])
+
+
+def tp_slice(param: torch.Tensor, dims: ParallelDims) -> TPSlice | None:
+    """The :class:`TPSlice` of a parameter :func:`tag_tp` marked; None for a replicated one."""
+    if dims.tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return None
+    d, stride, shape = param.partition_dim, param.partition_stride, tuple(param.shape)
+    return TPSlice((*shape[:d], stride, dims.tp, shape[d] // stride, *shape[d + 1:]), d + 1, dims.tp_rank)
 
 
 class ColumnParallelLinear(nn.Module):

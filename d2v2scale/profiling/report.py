@@ -84,7 +84,6 @@ class Profiler:
 
 
 def environment(tr) -> dict:
-    import deepspeed
     import numpy
 
     try:
@@ -98,7 +97,6 @@ def environment(tr) -> dict:
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
         "dali": dali_version,
         "numpy": numpy.__version__,
         "cuda": torch.version.cuda,
@@ -107,7 +105,7 @@ def environment(tr) -> dict:
         "world_size": tr.dims.world_size,
         "tp": tr.dims.tp,
         "dp": tr.dims.dp,
-        "zero_stage": tr.engine.zero_optimization_stage(),
+        **tr.backend.describe(),  # backend name, its version, its sharding (ZeRO stage / reshard)
         "dtype": str(tr.dtype).replace("torch.", ""),
         "micro_batch": tr.plan.micro_batch,
         "grad_accum": tr.plan.grad_accum,

@@ -1,21 +1,29 @@
-"""Atomic checkpoints with everything an exact resume needs.
+"""Atomic checkpoints with everything an exact resume needs, in a layout-free format by default.
 
 Layout::
 
-    RUN/checkpoints/<tag>/            DeepSpeed engine state (model, optimizer, LR scheduler)
-                         rank_tp{T}_dp{D}.pt   this rank's EMA-teacher shard + RNG states
-                         run.json              step, launch layout, resolved config (rank 0)
-    RUN/checkpoints/latest            the newest complete tag
+    RUN/checkpoints/<tag>/shards/rank_<R>.pt   this rank's pieces of the weights, AdamW moments and
+                                               EMA teacher, located in the full tensors (layout-free:
+                                               any world size, ZeRO stage, TP degree or backend reads
+                                               them, see :mod:`d2v2scale.train.shards`)
+                         rank_tp{T}_dp{D}.pt   this rank's RNG states (+ its teacher shard in the
+                                               native format)
+                         run.json              step, layout, resolved config, optimizer/schedule
+                                               counters (rank 0)
+    RUN/checkpoints/latest                     the newest complete tag
 
-DeepSpeed writes straight to final names and moves ``latest`` before other ranks finish, so we
-never let it touch a live tag: everything is written into ``<tag>.tmp/``, every rank fsyncs, a
-barrier, then rank 0 renames the directory and replaces ``latest`` through a temporary file. A
-crash at any point leaves the previous ``latest`` pointing at a complete checkpoint; stale
-``*.tmp`` directories are removed by the next save. The last ``train.keep_last`` tags are kept,
-and never the one ``latest`` names.
+``train.checkpoint_format=deepspeed`` writes DeepSpeed's own ``save_checkpoint`` layout instead of
+``shards/`` (resumable on the same layout only).
 
-The data position needs no saving beyond the step: every rank's samples are a pure function of
-(step, layout) (see :mod:`d2v2scale.data.schedule`).
+Everything is written into ``<tag>.tmp/``, every rank fsyncs, a barrier, then rank 0 renames the
+directory and replaces ``latest`` through a temporary file. A crash at any point leaves the
+previous ``latest`` pointing at a complete checkpoint; stale ``*.tmp`` directories are removed by
+the next save. The last ``train.keep_last`` tags are kept, and never the one ``latest`` names.
+
+The data position needs no saving beyond the step: the samples of a step are a pure function of
+(step, global batch), split over the ranks of whatever layout runs it (see
+:mod:`d2v2scale.data.schedule`). Dropout RNG streams belong to a layout: they are restored when
+the layout is the same, and start from their seeds otherwise.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.runtime import all_reduce
+from .shards import Piece, ShardReader, has_shards, write_shards
 
 LATEST = "latest"
 RUN_FILE = "run.json"
@@ -163,14 +172,20 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
     _barrier()
     check_free_space(ckpt_dir, step, tr.device, measure=rank0)
     failure: BaseException | None = None
+    native = tr.cfg.train.checkpoint_format == "deepspeed"
     try:
-        tr.engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False)
-        state = {"teacher": tr.teacher.state_dict(), "rng": rng_state(tr.tp_rng), "step": step}
+        state = {"rng": rng_state(tr.tp_rng), "step": step}
+        if native:
+            tr.backend.save_native(ckpt_dir, tmp.name, step)
+            state["teacher"] = tr.teacher.state_dict()
+        else:
+            write_shards(tmp, tr.dims.rank, pieces(tr))
         part = tmp / (rank_file(tr.dims.tp_rank, tr.dims.dp_rank) + ".part")
         torch.save(state, part)
         os.replace(part, tmp / rank_file(tr.dims.tp_rank, tr.dims.dp_rank))
         if rank0:
-            (tmp / RUN_FILE).write_text(json.dumps({**run_info, "step": step}, indent=1))
+            counters = {**tr.backend.scalars(), "teacher_updates": tr.teacher.num_updates}
+            (tmp / RUN_FILE).write_text(json.dumps({**run_info, "step": step, "state": counters}, indent=1))
     except (OSError, RuntimeError) as e:
         failure = e
     if _any_rank(failure is not None, tr.device):
@@ -214,13 +229,50 @@ def _prune(ckpt_dir: Path, keep_last: int, latest: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(tr, tag_dir: Path) -> int:
-    """Restore engine, teacher shard and RNG states from ``tag_dir``; returns its step."""
-    path, client = tr.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    if path is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint in {tag_dir}")
-    # Our own per-rank file; weights_only=False only because numpy's RNG state is not a tensor.
-    state = torch.load(tag_dir / rank_file(tr.dims.tp_rank, tr.dims.dp_rank), weights_only=False)
-    tr.teacher.load_state_dict(state["teacher"])
-    set_rng_state(state["rng"], tr.tp_rng)
-    return int(client["step"])
+def pieces(tr) -> list[Piece]:
+    """This rank's model, AdamW and teacher state as layout-free pieces (a weight replicated over
+    TP is written by TP rank 0 only)."""
+    out = []
+
+    def add(kind: str, name: str, start: int, stop: int, data: torch.Tensor) -> None:
+        shape, tp = tr.params[name]
+        if stop > start and (tp is not None or tr.dims.tp_rank == 0):
+            out.append(Piece(f"{kind}/{name}", tp.full_shape() if tp else shape, tp, start, stop, data))
+
+    for name, start, stop, values in tr.backend.state_ranges():
+        for kind, data in values.items():
+            add(kind, name, start, stop, data)
+    for name, start, stop, data in tr.teacher.ranges():
+        add("teacher", name, start, stop, data)
+    return out
+
+
+def same_layout(info: dict, layout: dict) -> bool:
+    return info.get("layout") == layout
+
+
+def load_checkpoint(tr, tag_dir: Path, layout: dict | None = None) -> int:
+    """Restore weights, optimizer, schedule, teacher and (same layout only) RNG states; returns the step.
+
+    A layout-free checkpoint is read into whatever layout ``tr`` runs; a native DeepSpeed one
+    only into the layout that wrote it (checked before the launch, :func:`d2v2scale.train.run.check_resume`)."""
+    info = read_run_info(tag_dir)
+    if has_shards(tag_dir):
+        reader = ShardReader(tag_dir)
+
+        def read(kind: str, name: str, start: int, stop: int) -> torch.Tensor:
+            return reader.read(f"{kind}/{name}", tr.params[name][1], start, stop).to(tr.device)
+
+        tr.backend.load_state(read, info["state"])
+        tr.teacher.load_ranges(lambda name, start, stop: read("teacher", name, start, stop), info["state"]["teacher_updates"])
+        step = int(info["step"])
+    else:
+        step = tr.backend.load_native(tag_dir)
+    rank_path = tag_dir / rank_file(tr.dims.tp_rank, tr.dims.dp_rank)
+    if not has_shards(tag_dir) or layout is None or same_layout(info, layout):
+        # Our own per-rank file; weights_only=False only because numpy's RNG state is not a tensor.
+        state = torch.load(rank_path, weights_only=False)
+        if "teacher" in state:
+            tr.teacher.load_state_dict(state["teacher"])
+        set_rng_state(state["rng"], tr.tp_rng)
+    return step

@@ -1,4 +1,4 @@
-"""The training step and loop: data2vec 2.0 under DeepSpeed.
+"""The training step and loop: data2vec 2.0 on a training backend (DeepSpeed or FSDP2).
 
 One step, top to bottom (:func:`train_step`):
 
@@ -6,8 +6,8 @@ One step, top to bottom (:func:`train_step`):
 2. all-reduce the masked-token count over the DP group: the loss of every micro-batch is
    normalised by this *global* count, so any split of the global batch (ranks × micro-batches)
    optimises the same objective;
-3. per micro-batch: forward (teacher targets + student + decoder), ``engine.backward``,
-   ``engine.step`` (DeepSpeed steps the optimizer, clips and schedules at the accumulation
+3. per micro-batch: forward (teacher targets + student + decoder), ``backend.backward``,
+   ``backend.step`` (the backend steps the optimizer, clips and schedules at the accumulation
    boundary) — unless the loss is not finite, then the step is skipped;
 4. EMA update of the teacher from the new student weights (skipped steps do not update it).
 
@@ -28,19 +28,18 @@ from ..data.loader import MicroBatch, StepLoader
 from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
 from ..distributed.runtime import all_reduce
-from ..distributed.sharded_teacher import build_sharded_teacher
-from ..distributed.tensor_parallel import TPRegionRNG, parallelize
+from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, parallelize, tp_slice
 from ..model import Data2Vec2
 from ..model.counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
-from ..teacher import BUCKET_NUMEL, EMATeacher, ema_schedule
+from ..teacher import ShardedEMA, ema_schedule
 from . import checkpoint
+from .backend import Backend, build_backend
 from .ds_config import BatchPlan
-from .faults import (NonFiniteTraining, Preempted, SkipNonFinite, StopFlag, all_finite, injected_nan_steps,
-                     params_finite, poisoned)
+from .faults import (NonFiniteTraining, Preempted, StopFlag, all_finite, injected_nan_steps, poisoned,
+                     tensors_finite)
 from .metrics import MetricsWriter
-from .optim import param_groups
 from .reporting import Diagnostics, log_record
 
 
@@ -49,8 +48,7 @@ class Trainer:
     cfg: Config
     plan: BatchPlan
     dims: ParallelDims
-    engine: object  # deepspeed.DeepSpeedEngine
-    teacher: EMATeacher
+    backend: Backend
     loader: StepLoader
     device: torch.device
     dtype: torch.dtype
@@ -62,10 +60,16 @@ class Trainer:
     nan_steps: set = field(default_factory=injected_nan_steps)
     reported_skips: set = field(default_factory=set)  # unusable files other ranks found, logged by rank 0
     targets: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
+    # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
+    params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)
 
     @property
     def model(self) -> Data2Vec2:
-        return self.engine.module
+        return self.backend.model
+
+    @property
+    def teacher(self) -> ShardedEMA:
+        return self.backend.teacher
 
 
 @dataclass
@@ -85,7 +89,7 @@ class StepStats:
 
 
 def train_step(tr: Trainer, step: int) -> StepStats:
-    cfg, engine, model = tr.cfg, tr.engine, tr.model
+    cfg, backend, model = tr.cfg, tr.backend, tr.model
     phase = tr.timer.phase
     t0 = time.perf_counter()
     with phase("data"):
@@ -95,7 +99,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     masks = [model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths) for mb in batches]
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
-    # DeepSpeed divides by grad_accum and averages over DP; undo both so grads are sum / global count.
+    # The backend divides by grad_accum and averages over DP; undo both so grads are sum / global count.
     scale = tr.plan.dp * tr.plan.grad_accum / global_masked
 
     layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
@@ -104,21 +108,21 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     skipped = False
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
-        out = engine(mb.source, tr.targets, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
+        out = backend.forward(mb.source, tr.targets, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
         loss = out.loss_sum * scale * poison
         if i == 0 and not all_finite(loss, None):
             skipped = True  # nothing accumulated yet: drop the whole step before any backward
             reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
             break
         with phase("backward"):
-            engine.backward(loss)  # a later non-finite micro-batch is caught by DeepSpeed's overflow check
+            backend.backward(loss)  # a later non-finite micro-batch is caught by the backend's norm check
         with phase("optimizer"):
-            engine.step()
+            backend.step()
         reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
         tvar, pvar = tvar + out.target_var, pvar + out.pred_var
         layers = out.layer_target_var if layers is None else layers + out.layer_target_var
 
-    skipped = skipped or not engine.was_step_applied()
+    skipped = skipped or not backend.step_applied()
     if not skipped:
         with phase("ema"):
             tr.teacher.update(step + 1)
@@ -134,36 +138,28 @@ def train_step(tr: Trainer, step: int) -> StepStats:
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
-    """Model (identical init on every rank) → tensor parallelism → teacher copy → DeepSpeed → sharded EMA."""
-    import deepspeed
-
+    """Model (identical init on every rank) → tensor parallelism → teacher copy → backend (student
+    wrapped, optimizer, sharded EMA teacher)."""
     torch.manual_seed(cfg.seed)
     model = Data2Vec2(cfg)
     tp_rng = TPRegionRNG(int(combine(cfg.seed, dims.dp_rank, dims.tp_rank, 1)), device)
     model = parallelize(model, dims, tp_rng).to(device)
     # Default stream (dropout outside TP regions, mask noise): same within a TP group, differs across DP.
     torch.manual_seed(int(combine(cfg.seed, dims.dp_rank, 2)))
-    teacher_module = model.teacher_copy()  # before DeepSpeed: ZeRO-3 empties the module's parameters
+    teacher_module = model.teacher_copy()  # before the backend: ZeRO-3 and FSDP2 replace the parameters
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    wd = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, wd, tracked), config=ds_config,
-        mpu=dims.mpu if dims.world_size > 1 else None,
-    )
-    if engine.zero_optimization_stage() == 0 and not bf16:
-        engine.optimizer = SkipNonFinite(engine.optimizer, device)
-    bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", BUCKET_NUMEL))
-    teacher = build_sharded_teacher(engine, teacher_module, ema_schedule(cfg), dims, dtype, bucket)
+    params = {n: (tuple(p.shape), tp_slice(p, dims)) for n, p in model.named_parameters()}
+    backend = build_backend(cfg.parallel.backend, model, teacher_module, ds_config, dims, ema_schedule(cfg), device,
+                            tracked)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps)
-    return Trainer(cfg, plan, dims, engine, teacher, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
-                   targets=engine.module.teacher_fn(teacher.module))
+    return Trainer(cfg, plan, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
+                   targets=backend.model.teacher_fn(backend.teacher.module), params=params)
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
-    finite = params_finite(tr.model, zero3=tr.engine.zero_optimization_stage() == 3)
+    finite = tensors_finite(tr.backend.local_weights())
     if not all_finite(torch.tensor([0.0 if finite else float("nan")], device=tr.device), None):
         raise NonFiniteTraining(f"weights are not finite at step {step}; not saving a checkpoint. "
                                 f"Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
@@ -181,7 +177,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     stop = StopFlag()
     stop.install()
     rows, pending, t_last, consecutive = [], [], time.perf_counter(), 0
-    tr.engine.train()
+    tr.model.train()
     interactive = sys.stderr.isatty()  # batch jobs get one plain line per log step instead of a bar
     bar = tqdm(range(start_step, cfg.train.max_updates), initial=start_step, total=cfg.train.max_updates,
                disable=not (rank0 and interactive), dynamic_ncols=True, desc="pretrain")

@@ -5,9 +5,8 @@ job; Ctrl-C (SIGINT) asks for the same, and a second Ctrl-C aborts without a che
 the flag (a one-element all-reduce per step, since the signal reaches ranks at different
 times), write a checkpoint and exit with :data:`EXIT_PREEMPTED` so the sbatch script requeues.
 
-A step whose loss is not finite on any rank is skipped before its backward (DeepSpeed's own
-overflow check skips a non-finite gradient norm at ZeRO-1/2); the teacher is not updated
-either. After ``train.max_consecutive_skips`` skips in a row the run stops with
+A step whose loss is not finite on any rank is skipped before its backward (the backend skips a
+step whose gradient norm is not finite); the teacher is not updated either. After ``train.max_consecutive_skips`` skips in a row the run stops with
 :class:`NonFiniteTraining`, never writing a checkpoint with non-finite weights.
 """
 from __future__ import annotations
@@ -66,13 +65,9 @@ def all_finite(value: torch.Tensor, group) -> bool:
     return not bool(all_reduce(bad, group, op="max").item())
 
 
-def params_finite(module: torch.nn.Module, zero3: bool = False) -> bool:
-    """Local check of every weight (ZeRO-3: this rank's partition, ``ds_tensor``)."""
-    for p in module.parameters():
-        data = p.ds_tensor if zero3 else p
-        if data.numel() and not bool(torch.isfinite(data).all()):
-            return False
-    return True
+def tensors_finite(tensors) -> bool:
+    """Local check of every tensor (a backend's own shards of the weights)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
 
 
 def injected_nan_steps() -> set[tuple[int, int | None]]:
@@ -88,25 +83,3 @@ def injected_nan_steps() -> set[tuple[int, int | None]]:
 
 def poisoned(nan_steps: set, step: int, micro: int) -> bool:
     return (step, None) in nan_steps or (step, micro) in nan_steps
-
-
-class SkipNonFinite:
-    """DeepSpeed's ZeRO-0 fp32 path has no overflow check: a non-finite gradient from any
-    micro-batch but the first (which the loop checks before backward) would be applied. This
-    wrapper steps only when every gradient is finite on every rank, and reports ``overflow`` the way
-    DeepSpeed's own optimizers do, so the engine counts the step as skipped and holds the schedule."""
-
-    def __init__(self, optimizer, device: torch.device):
-        self.optimizer, self.device, self.overflow = optimizer, device, False
-
-    def __getattr__(self, name):
-        return getattr(self.optimizer, name)
-
-    def step(self, closure=None):
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        local = all(bool(torch.isfinite(g).all()) for g in grads)
-        self.overflow = not all_finite(torch.tensor([0.0 if local else float("nan")], device=self.device), None)
-        if self.overflow:
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        return self.optimizer.step(closure)

@@ -41,7 +41,7 @@ def log_record(tr, step: int, stats: list, wall: float) -> dict:
     ])
     reg, cls, masked, kept, tvar, pvar = all_reduce(per_step.sum(0), tr.dims.dp_group).tolist()
     tvar, pvar = tvar / len(stats) / tr.plan.dp, pvar / len(stats) / tr.plan.dp
-    grad_norm = tr.engine.get_global_grad_norm()
+    grad_norm = tr.backend.grad_norm()
     flops = all_reduce(torch.tensor([sum(st.flops for st in stats)], dtype=torch.float64, device=tr.device), tr.dims.dp_group)
     flops_per_s_device = float(flops) / wall / tr.dims.world_size
     return {
@@ -49,9 +49,9 @@ def log_record(tr, step: int, stats: list, wall: float) -> dict:
         "loss": (reg + cls) / masked,
         "loss_reg": reg / masked,
         "loss_cls": cls / masked,
-        "lr": tr.engine.get_lr()[0],
+        "lr": tr.backend.lr(),
         "ema_decay": tr.teacher.decay(step + 1),
-        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "grad_norm": grad_norm,
         "target_var": tvar,
         "pred_var": pvar,
         "masked_frac": masked / (masked + kept),

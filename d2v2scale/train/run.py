@@ -14,6 +14,7 @@ import yaml
 from ..config import Config, ConfigError, load_config
 from ..distributed.dims import LaunchEnv
 from . import checkpoint
+from .shards import has_shards
 from .ds_config import (BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config,
                         scale_batch_for_world)
 
@@ -29,8 +30,11 @@ RESUMABLE = (
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
     "train.batch_scaling",
     "data.num_workers", "data.prefetch_steps", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
+    "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
 )
-_DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown")
+# The split of the (unchanged) global batch and the sharding may change with the layout.
+_DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown", "train_batch_size",
+                 "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization.*")
 
 
 @dataclass
@@ -56,10 +60,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _allowed(key: str, allowed: tuple) -> bool:
+    return key in allowed or any(a.endswith("*") and key.startswith(a[:-1]) for a in allowed)
+
+
 def _first_difference(saved: dict, now: dict, allowed: tuple) -> tuple[str, object, object] | None:
     a, b = _flatten(saved), _flatten(now)
     for key in sorted(set(a) | set(b)):
-        if key not in allowed and a.get(key) != b.get(key):
+        if not _allowed(key, allowed) and a.get(key) != b.get(key):
             return key, a.get(key), b.get(key)
     return None
 
@@ -80,8 +88,10 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> None:
-    """The checkpoint must come from the same model/data/optimisation and parallel layout."""
+def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | None:
+    """The checkpoint must come from the same model, data and optimisation (the global batch
+    included). A layout-free checkpoint resumes on any layout: returns the line saying how it
+    changes; a native DeepSpeed one only on the layout that wrote it."""
     info = checkpoint.read_run_info(tag_dir)
     diff = _first_difference(info["config"], cfg.to_dict(), RESUMABLE)
     if diff:
@@ -92,10 +102,16 @@ def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> None:
     if diff:
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: ds_config {key} was {old!r} in the checkpoint, is {new!r} now; "
-                          "only the schedule length may change on resume")
-    if info["layout"] != layout:
-        raise ConfigError(f"--resume {tag_dir.name}: written with layout {info['layout']}, this launch is {layout}; "
-                          "resume with the same tp, data-parallel size and ZeRO stage")
+                          "only the schedule length, the batch split and the sharding may change on resume")
+    saved = {"backend": "deepspeed", **info["layout"]}  # checkpoints from before backends were named
+    if saved == layout:
+        return None
+    change = ", ".join(f"{k} {saved.get(k)} → {layout[k]}" for k in layout if saved.get(k) != layout[k])
+    if not has_shards(tag_dir):
+        raise ConfigError(f"--resume {tag_dir.name}: a native DeepSpeed checkpoint resumes on its own layout only "
+                          f"({change}); resume with the layout {saved}, or save with train.checkpoint_format=layout_free")
+    return (f"resharding {tag_dir.name} to a new layout: {change} (global batch {cfg.train.global_batch} unchanged; "
+            "dropout RNG streams restart from their seeds)")
 
 
 def _preset_of_ds_config(path: str) -> str | None:
@@ -153,10 +169,15 @@ def prepare(args) -> Setup:
         raise ConfigError(f"parallel.tp={tp} must divide the number of processes {env.world_size}; "
                           f"allowed values: {', '.join(map(str, allowed))}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if tp > 1 and stage == 3:
+    backend = cfg.parallel.backend
+    if backend == "fsdp2":
+        from .backend.fsdp2 import check_ds_config
+
+        check_ds_config(ds)
+    if tp > 1 and stage == 3 and backend == "deepspeed":
         raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=3 is not supported (DeepSpeed refuses "
-                          "tensor parallelism with ZeRO-3 in training); allowed: stage 1 or 2 with tp > 1, or tp=1")
-    if tp > 1 and stage == 0 and ds.get("bf16", {}).get("enabled", False):
+                          "tensor parallelism with ZeRO-3 in training); allowed: stage 1 or 2 with tp > 1, tp=1, or parallel.backend=fsdp2")
+    if tp > 1 and stage == 0 and ds.get("bf16", {}).get("enabled", False) and backend == "deepspeed":
         raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=0 and bf16 is not supported (DeepSpeed's "
                           "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
     if cfg.data.kind not in SUPPORTED_DATA:
@@ -188,10 +209,11 @@ def prepare(args) -> Setup:
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
     dry_run = getattr(args, "dry_run", False)
     moved = check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
-    layout = {"tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
+    layout = {"backend": backend, "tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
     resume_from = resolve_resume(args.resume, run_dir)
     if resume_from is not None:
-        check_resume(resume_from, cfg, resolved, layout)
+        reshard = check_resume(resume_from, cfg, resolved, layout)
+        notes += [reshard] if reshard else []
         done = checkpoint.step_of(resume_from.name)
         if done >= cfg.train.max_updates:
             raise AlreadyComplete(f"{run_dir} is already complete at step {done} (train.max_updates="
@@ -247,7 +269,7 @@ def run(setup: Setup) -> int:
         tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
         start = 0
         if setup.resume_from is not None:
-            start = checkpoint.load_checkpoint(tr, setup.resume_from)
+            start = checkpoint.load_checkpoint(tr, setup.resume_from, setup.layout)
             tr.counters.update(checkpoint.read_run_info(setup.resume_from).get("counters", {}))
             if rank == 0:
                 print(f"[d2v2scale] resumed from {setup.resume_from} at step {start}", flush=True)

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed, shutdown  # noqa: E402
-from d2v2scale.distributed.sharded_teacher import DEEPSPEED_INTERNALS, require_internals  # noqa: E402
+from d2v2scale.train.backend.deepspeed import DEEPSPEED_INTERNALS, require_internals  # noqa: E402
 from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
@@ -17,17 +17,22 @@ def main():
     cfg = load_config("tiny_image")
     dims, device = init_distributed(1)
     checked = {}
-    for stage, bf16, holder in ((0, True, "bf16 optimizer (ZeRO-0)"), (1, False, "ZeRO-1/2 optimizer"),
-                                (2, True, "ZeRO-1/2 optimizer"), (3, False, "ZeRO-3 parameter")):
+    for stage, bf16, holders in ((0, True, ("bf16 optimizer (ZeRO-0)",)),
+                                 (1, False, ("ZeRO-1/2 optimizer", "ZeRO-1/2 parameter")),
+                                 (2, True, ("ZeRO-1/2 optimizer", "ZeRO-1/2 parameter")),
+                                 (3, False, ("ZeRO-3 optimizer", "ZeRO-3 parameter"))):
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
         ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
         tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
-        obj = next(tr.engine.module.parameters()) if holder == "ZeRO-3 parameter" else tr.engine.optimizer
-        require_internals(obj, holder)
+        engine = tr.backend.engine
+        for holder in holders:
+            obj = next(p for p in engine.module.parameters() if p.requires_grad) if "parameter" in holder else engine.optimizer
+            require_internals(obj, holder)
         train_step(tr, 0)
-        checked[f"{stage}/{'bf16' if bf16 else 'fp32'}"] = {"holder": holder, "names": list(DEEPSPEED_INTERNALS[holder]),
-                                                            "step_applied": tr.engine.was_step_applied()}
+        checked[f"{stage}/{'bf16' if bf16 else 'fp32'}"] = {"holders": list(holders),
+                                                            "names": [list(DEEPSPEED_INTERNALS[h]) for h in holders],
+                                                            "step_applied": engine.was_step_applied()}
     Path(sys.argv[1]).write_text(json.dumps(checked))
     shutdown()
 

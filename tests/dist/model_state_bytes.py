@@ -24,7 +24,7 @@ def nbytes(tensors):
 
 
 def measure(tr, stage: int) -> dict:
-    opt = tr.engine.optimizer
+    opt = tr.backend.engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     state = [t for s in inner.state.values() for t in s.values() if hasattr(t, "numel") and t.numel() > 1]
     params = [p for p in tr.model.parameters() if p.requires_grad]

@@ -1,10 +1,13 @@
-"""Train a tiny preset for a few steps under each requested ZeRO stage in one process group; write
+"""Train a tiny preset for a few steps under each requested layout in one process group; write
 per-step losses, the teacher checksum and the sharded-teacher check (rank 0) to a JSON file.
 
-    python|torchrun zero_stages.py OUT.json PRESET MICRO GAS STAGES TP [overrides...] [--bf16]
+    python|torchrun zero_stages.py OUT.json PRESET MICRO GAS RUNS TP [overrides...] [--bf16]
 
+RUNS: comma-separated DeepSpeed ZeRO stages (0-3) and/or ``fsdp2`` (the FSDP2 backend, resharding
+after forward). MICRO/GAS may be ``auto`` (audio presets size micro-batches by max_tokens).
 Alongside the sharded teacher, every rank keeps an unsharded fp32 EMA of the full fp32 student
-weights (gathered with DeepSpeed's public helpers each step) as the reference it must equal.
+weights (gathered each step: DeepSpeed's public helpers, or DTensor.full_tensor) as the reference
+it must equal.
 """
 import json
 import sys
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -21,14 +25,25 @@ from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_con
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
 
 
+def _full(p) -> torch.Tensor:
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
 def full_fp32(tr) -> dict:
     """name → full (DP-gathered, TP-local) fp32 master of every tracked student parameter."""
+    tracked = {n for n, _, _, _ in tr.teacher.ranges()}
+    if tr.backend.name == "fsdp2" or tr.backend.stage == 0:
+        return {n: _full(p).detach().float().clone() for n, p in tr.model.named_parameters() if n in tracked}
     from deepspeed.utils import safe_get_full_fp32_param
 
-    tracked = {n for n, p in tr.teacher.module.named_parameters() if n not in tr.teacher.copied_names}
-    if tr.engine.zero_optimization_stage() == 0:
-        return {n: p.detach().float().clone() for n, p in tr.model.named_parameters() if n in tracked}
     return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in tr.model.named_parameters() if n in tracked}
+
+
+def resident_teacher_bytes(tr) -> int:
+    """Teacher bytes this rank holds between forwards: its masters plus what the module computes with."""
+    if tr.backend.name == "fsdp2":
+        return sum(p.to_local().numel() * p.to_local().element_size() for p in tr.teacher.module.parameters())
+    return tr.teacher.master_bytes() + sum(f.numel() * f.element_size() for f in tr.teacher.flats)
 
 
 def main():
@@ -37,9 +52,12 @@ def main():
     cfg = load_config(preset, [f"parallel.tp={tp}"] + [a for a in sys.argv[7:] if a != "--bf16"])
     dims, device = init_distributed(cfg.parallel.tp)
     results = {}
-    for stage in map(int, stages.split(",")):
+    for run in stages.split(","):
+        cfg.parallel.backend = "fsdp2" if run == "fsdp2" else "deepspeed"
+        stage = 3 if run == "fsdp2" else int(run)
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
-        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = int(micro), int(gas)
+        ds["train_micro_batch_size_per_gpu"] = "auto" if micro == "auto" else int(micro)
+        ds["gradient_accumulation_steps"] = "auto" if gas == "auto" else int(gas)
         ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
         tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
@@ -50,27 +68,28 @@ def main():
             dtypes = {"loss": str(stats.loss_reg.dtype), "target_var": str(stats.target_var.dtype),
                       "teacher_masters": sorted({str(t.dtype) for t in tr.teacher.masters}),
                       "teacher_compute": sorted({str(p.dtype) for n, p in tr.teacher.module.named_parameters()
-                                                 if n not in tr.teacher.copied_names})}
+                                                 if n in reference})}
             decay = tr.teacher.decay(step + 1)
             for name, value in full_fp32(tr).items():
                 reference[name].lerp_(value, 1.0 - decay)
             row = log_record(tr, step, [stats], 1.0)
             losses.append([row["loss"], row["loss_reg"], row["loss_cls"], row["grad_norm"]])
-        params = dict(tr.teacher.module.named_parameters())
+        params = {n: _full(p) for n, p in tr.teacher.module.named_parameters()}
         ema_diff = max((params[n].float() - v).abs().max().item() for n, v in reference.items())
         diffs = [None] * dims.world_size
         dist.all_gather_object(diffs, ema_diff)
-        bytes_ = [None] * dims.world_size
+        bytes_, resident = [None] * dims.world_size, [None] * dims.world_size
         dist.all_gather_object(bytes_, tr.teacher.master_bytes())
-        checksum = torch.tensor(sum(p.double().sum().item() for p in tr.teacher.module.parameters()))
+        dist.all_gather_object(resident, resident_teacher_bytes(tr))
+        checksum = torch.tensor(sum(p.double().sum().item() for p in params.values()))
         if stage < 3:  # the module's parameters are whole only below ZeRO-3
             from d2v2scale.data.synthetic import synthetic_batch
 
             source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(5)).to(device, tr.dtype)
             local, valid = tr.model.encoder.local_features(source, None)
             dtypes["targets"] = str(tr.model.teacher_targets(tr.teacher.module, source, local, valid, None).dtype)
-        results[stage] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),
-                          "teacher_bytes_per_rank": bytes_, "dtypes": dtypes}
+        results[run] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),
+                        "teacher_bytes_per_rank": bytes_, "teacher_resident_bytes": resident, "dtypes": dtypes}
     if dims.rank == 0:
         Path(out).write_text(json.dumps(results))
     # Leave together: rank 0 hosts the rendezvous store, and a peer still using it when rank 0

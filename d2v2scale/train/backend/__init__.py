@@ -1,0 +1,104 @@
+"""The training backend: the one interface the trainer talks to.
+
+A backend wraps the (tensor-parallel) student, owns the optimizer and the LR schedule, builds
+the EMA teacher in the layout of its own fp32 master shards, and exposes its sharded state as
+flat ranges of named parameters (what layout-free checkpoints store). Everything
+engine-specific lives in its module: DeepSpeed's private names only in ``deepspeed.py``.
+
+==========================  ==============================  =================================
+                            ``deepspeed``                   ``fsdp2``
+==========================  ==============================  =================================
+launch                      deepspeed, torchrun, srun       torchrun, srun
+sharding (ds_config)        ZeRO 0-3                        ``fully_shard`` per block + root;
+                                                            stage 3 reshards after forward
+precision (``bf16``)        DeepSpeed bf16 optimizer        ``MixedPrecisionPolicy`` (bf16
+                                                            compute, fp32 reduce and masters)
+optimizer / schedule        ds_config ``AdamW`` /           the same sections: torch AdamW /
+                            ``WarmupCosineLR``              the same WarmupCosine formula
+tensor parallelism          yes (ZeRO 1/2)                  yes (any stage; DP mesh from dims)
+EMA teacher                 fp32 shards aligned with        its own FSDP2 module: fp32 shards
+                            ZeRO's partitions + a full      + one block gathered at a time
+                            compute copy per GPU            (1/dp of the teacher resident)
+checkpoints                 layout-free or DeepSpeed's      layout-free
+                            native format
+==========================  ==============================  =================================
+
+Semantics both keep: the loss handed to :meth:`Backend.backward` is this rank's micro-batch loss;
+gradients are averaged over the data-parallel ranks and divided by the accumulation steps (the
+trainer's normaliser undoes both); :meth:`Backend.step` is called after every micro-batch and
+steps at the accumulation boundary; a non-finite gradient norm skips the update and holds the
+schedule.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ...teacher import EMASchedule, ShardedEMA
+
+BACKENDS = ("deepspeed", "fsdp2")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
+
+# (name, start, stop, {"model": fp32 master values, "exp_avg": ..., "exp_avg_sq": ...}): live views
+# of the elements [start, stop) of the flattened TP-local parameter ``name`` this rank holds.
+StateRange = tuple[str, int, int, dict[str, torch.Tensor]]
+# read(kind, name, start, stop) -> the checkpoint's values for those elements
+Read = Callable[[str, str, int, int], torch.Tensor]
+
+
+class Backend(Protocol):
+    name: str
+    model: nn.Module  # the student (call it to run a forward through the backend's wrapping)
+    teacher: ShardedEMA
+
+    def forward(self, *args, **kwargs): ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def step_applied(self) -> bool: ...
+    def grad_norm(self) -> float | None: ...
+    def lr(self) -> float: ...
+    def local_weights(self) -> list[torch.Tensor]: ...
+    def describe(self) -> dict: ...
+    def state_ranges(self) -> list[StateRange]: ...
+    def scalars(self) -> dict: ...
+    def load_state(self, read: Read, scalars: dict) -> None: ...
+
+
+def build_backend(name: str, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims, schedule: EMASchedule,
+                  device: torch.device, tracked: set[str]) -> Backend:
+    """``model`` is the parallelized student, ``teacher_module`` its teacher copy (taken before any wrapping)."""
+    if name == "deepspeed":
+        from .deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, teacher_module, ds_config, dims, schedule, device, tracked)
+    if name == "fsdp2":
+        from .fsdp2 import FSDP2Backend
+
+        return FSDP2Backend(model, teacher_module, ds_config, dims, schedule, device, tracked)
+    raise ValueError(f"parallel.backend={name}; allowed values: {', '.join(BACKENDS)}")
+
+
+def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    """AdamW's state of ``param``, created (zero moments, step 0) if it has not stepped yet, the way
+    torch would on its first step, so that a checkpoint can be loaded before any step."""
+    state = optimizer.state[param]
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        for key in MOMENTS:
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """AdamW's step count (the same for every parameter: a skipped step skips them all)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def set_optimizer_steps(optimizer: torch.optim.Optimizer, params, steps: int) -> None:
+    for p in params:
+        adam_state(optimizer, p)["step"] = torch.tensor(float(steps))

@@ -1,0 +1,201 @@
+"""The PyTorch FSDP2 backend: ``fully_shard`` per Transformer block and the root, driven by the
+same ds_config as DeepSpeed (``optimizer``, ``scheduler``, ``gradient_clipping``, ``bf16``,
+``zero_optimization.stage``, the batch keys).
+
+ZeRO stage 3 maps to ``reshard_after_forward=True`` (weights gathered again for the backward),
+stages 0-2 to ``False`` (kept from forward to backward, like ZeRO-2); parameters, gradients and
+AdamW states are sharded over the data-parallel ranks at every stage. Tensor parallelism comes
+from :mod:`d2v2scale.distributed` as for DeepSpeed; FSDP2 shards the TP-local weights over the
+``dp`` dimension of a (dp, tp) device mesh built on the groups ``ParallelDims`` created.
+
+The EMA teacher is an FSDP2 module of its own, sharded exactly as the student (dim 0 of every
+TP-local weight over ``dp``): its fp32 shards are the EMA masters, updated with one local
+``lerp`` towards the student's shards, and its forward gathers one block at a time (reshard after
+forward), so a GPU holds 1/dp of the teacher between forwards instead of a full compute copy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...config import ConfigError
+from ...distributed.dims import ParallelDims
+from ...distributed.runtime import all_reduce
+from ...teacher import EMASchedule, LocalShardEMA
+from ..lr_schedule import schedule_from
+from ..optim import param_groups
+from . import MOMENTS, Read, StateRange, adam_state, optimizer_steps, set_optimizer_steps
+
+OPTIMIZERS = ("AdamW", "Adam")  # Adam only with adam_w_mode (DeepSpeed's default): decoupled weight decay
+
+
+def check_ds_config(ds: dict) -> None:
+    """Refuse, before any process starts, a ds_config section this backend would not honour."""
+    opt = ds.get("optimizer", {})
+    params = opt.get("params", {})
+    if opt.get("type") not in OPTIMIZERS or (opt.get("type") == "Adam" and not params.get("adam_w_mode", True)):
+        raise ConfigError(f"ds_config optimizer.type={opt.get('type')!r} is not supported by parallel.backend=fsdp2; "
+                          "allowed values: AdamW (or Adam with adam_w_mode)")
+    sched = ds.get("scheduler")
+    if sched and sched.get("type") != "WarmupCosineLR":
+        raise ConfigError(f"ds_config scheduler.type={sched.get('type')!r} is not supported by parallel.backend=fsdp2; "
+                          "allowed values: WarmupCosineLR")
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError("ds_config fp16.enabled=true is not supported by parallel.backend=fsdp2; allowed: bf16 or fp32")
+
+
+def dp_mesh(dims: ParallelDims, device: torch.device):
+    """The ``dp`` dimension of a (dp, tp) mesh over the process groups ``dims`` built (TP-fastest ranks)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if dims.tp == 1:
+        return DeviceMesh.from_group(dims.dp_group or dist.group.WORLD, device.type, mesh_dim_names=("dp",))
+    mesh = DeviceMesh.from_group([dims.dp_group, dims.tp_group], device.type,
+                                 mesh=torch.arange(dims.world_size).view(dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+    return mesh["dp"]
+
+
+def _row_range(p, dims: ParallelDims) -> tuple[int, int]:
+    """Elements ``[start, stop)`` of the flattened TP-local weight that this rank's dim-0 shard holds
+    (FSDP2 cuts dim 0 as ``torch.chunk`` does: ``ceil(n / dp)`` rows a rank, the last ones fewer)."""
+    rows = p.shape[0]
+    chunk = -(-rows // dims.dp)
+    first = min(dims.dp_rank * chunk, rows)
+    local = p.to_local()
+    if local.shape[0] != min(chunk, rows - first):
+        raise RuntimeError(f"FSDP2 shard of {tuple(p.shape)} on dp rank {dims.dp_rank} has {local.shape[0]} rows, "
+                           f"expected {min(chunk, rows - first)}")
+    per_row = p.numel() // rows
+    return first * per_row, first * per_row + local.numel()
+
+
+class FSDP2Backend:
+    name = "fsdp2"
+
+    def __init__(self, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims: ParallelDims,
+                 schedule: EMASchedule, device: torch.device, tracked: set[str]):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        check_ds_config(ds_config)
+        self.dims, self.device = dims, device
+        bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        compute = torch.bfloat16 if bf16 else torch.float32
+        self.reshard = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        self.tp_sharded = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+        mesh = dp_mesh(dims, device)
+        student_mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard, mp_policy=student_mp)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=student_mp)
+        self.model = model
+
+        teacher_mp = MixedPrecisionPolicy(param_dtype=compute)
+        for block in teacher_module.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
+        if getattr(teacher_module, "encoder", None) is not None:
+            fully_shard(teacher_module.encoder, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
+            register_fsdp_forward_method(teacher_module.encoder, "local_features")
+        from torch.distributed.tensor import DTensor
+
+        loose = [n for n, p in teacher_module.named_parameters() if not isinstance(p, DTensor)]
+        if loose:
+            raise RuntimeError(f"teacher parameters outside its blocks and encoder cannot be sharded: {loose[:3]}")
+        student = dict(model.named_parameters())
+        names = [n for n, p in teacher_module.named_parameters() if n in tracked]
+        ranges = [(n, *_row_range(p, dims), p.to_local().view(-1)) for n, p in teacher_module.named_parameters() if n in tracked]
+        self.teacher = LocalShardEMA(teacher_module, schedule, ranges)
+        self.teacher.bind_sources(lambda: [student[n].to_local().view(-1) for n in names])
+
+        opt = ds_config.get("optimizer", {}).get("params", {})
+        wd = opt.get("weight_decay", 0.0)
+        self.optimizer = torch.optim.AdamW(param_groups(model, wd, tracked), lr=opt.get("lr", 1e-3),
+                                           betas=tuple(opt.get("betas", (0.9, 0.999))), eps=opt.get("eps", 1e-8),
+                                           weight_decay=wd)
+        self.scheduler = schedule_from(ds_config, self.optimizer)
+        self.clip = float(ds_config.get("gradient_clipping", 0.0))
+        self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
+        self.micro_steps = self.global_steps = self.skipped_steps = 0
+        self._applied, self._norm = False, None
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------ the step
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()  # FSDP2's reduce-scatter averages over dp
+
+    def _global_grad_norm(self) -> torch.Tensor:
+        """fp32 L2 norm of the whole model's gradient: shards summed over dp, TP-sharded weights over tp
+        too, TP-replicated ones counted once."""
+        sums = torch.zeros(2, dtype=torch.float32, device=self.device)  # [replicated over tp, sharded over tp]
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                sums[int(name in self.tp_sharded)] += p.grad.to_local().float().pow(2).sum()
+        all_reduce(sums, self.dims.dp_group)
+        if self.dims.tp > 1:
+            all_reduce(sums[1:], self.dims.tp_group)
+        return sums.sum().sqrt()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        self.global_steps += 1
+        norm = self._global_grad_norm()
+        self._norm = float(norm)
+        self._applied = bool(torch.isfinite(norm))
+        if self._applied:
+            coef = self.clip / (self._norm + 1e-6) if self.clip > 0 else 1.0
+            if coef < 1.0:
+                torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], coef)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_applied(self) -> bool:
+        return self._applied
+
+    def grad_norm(self) -> float | None:
+        return self._norm
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def local_weights(self) -> list[torch.Tensor]:
+        return [p.to_local() for p in self.model.parameters()]
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "torch": torch.__version__, "reshard_after_forward": self.reshard}
+
+    # ----------------------------------------------------------------------- checkpoint state
+    def state_ranges(self) -> list[StateRange]:
+        out = []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad or p.to_local().numel() == 0:
+                continue
+            state = adam_state(self.optimizer, p)
+            values = {"model": p.to_local().view(-1)}
+            values.update({k: state[k].to_local().view(-1) for k in MOMENTS})
+            out.append((name, *_row_range(p, self.dims), values))
+        return out
+
+    def scalars(self) -> dict:
+        return {"optimizer_steps": optimizer_steps(self.optimizer),
+                "lr_iteration": None if self.scheduler is None else self.scheduler.last_batch_iteration,
+                "skipped_steps": self.skipped_steps, "global_steps": self.global_steps}
+
+    @torch.no_grad()
+    def load_state(self, read: Read, scalars: dict) -> None:
+        for name, start, stop, values in self.state_ranges():
+            for kind, tensor in values.items():
+                tensor.copy_(read(kind, name, start, stop))
+        set_optimizer_steps(self.optimizer, [p for p in self.model.parameters() if p.requires_grad],
+                            scalars["optimizer_steps"])
+        if self.scheduler is not None and scalars.get("lr_iteration") is not None:
+            self.scheduler.step(scalars["lr_iteration"])
+        self.skipped_steps, self.global_steps = scalars["skipped_steps"], scalars["global_steps"]
+        self.micro_steps = self.global_steps * self.grad_accum
