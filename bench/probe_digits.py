@@ -20,7 +20,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from d2v2scale.config import config_from_dict  # noqa: E402
 from d2v2scale.data.digits import load_digits_tensors  # noqa: E402
 from d2v2scale.model import Data2Vec2  # noqa: E402
 
@@ -34,14 +33,13 @@ def pretrain(run_dir: Path, steps: int, nproc: int) -> None:
 
 
 def load_student(run_dir: Path) -> tuple[Data2Vec2, Data2Vec2]:
-    import yaml
+    from d2v2scale.convert import read_weights
 
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    cfg, state, _ = read_weights(str(run_dir / "checkpoints" / tag))
     torch.manual_seed(cfg.seed)
     random_init = Data2Vec2(cfg)
     trained = Data2Vec2(cfg)
-    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     trained.load_state_dict(state)
     return random_init.eval(), trained.eval()
 

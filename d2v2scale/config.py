@@ -134,13 +134,16 @@ class TrainConfig:
     warn_layer_spread_ratio: float = 0.1
     batch_scaling: str = "none"  # none | linear: grow global batch + LR when the GPUs cannot split it
     allow_long_warmup: bool = False  # permit an LR warm-up as long as (or longer than) the run
-    checkpoint_format: str = "layout_free"  # layout_free (resumes on any layout/backend) | deepspeed (native, same layout)
+    checkpoint_format: str = "layout_free"  # layout_free (resumes on any layout/backend) | native (the backend's own, same layout)
+
+
+BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/<name>.py; the first is the default
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
-    backend: str = "deepspeed"  # deepspeed | fsdp2 (see d2v2scale.train.backend)
+    backend: str = BACKENDS[0]  # see d2v2scale.train.backend
 
 
 @dataclass
@@ -438,10 +441,10 @@ def validate(cfg: Config) -> None:
            f"data.prefetch_steps={cfg.data.prefetch_steps} is not allowed; allowed values: integers >= 0")
     tr = cfg.train
     _one_of("train.batch_scaling", tr.batch_scaling, ("none", "linear"))
-    _one_of("train.checkpoint_format", tr.checkpoint_format, ("layout_free", "deepspeed"))
-    _one_of("parallel.backend", cfg.parallel.backend, ("deepspeed", "fsdp2"))
-    _check(tr.checkpoint_format == "layout_free" or cfg.parallel.backend == "deepspeed",
-           f"train.checkpoint_format=deepspeed needs parallel.backend=deepspeed; allowed with {cfg.parallel.backend}: "
-           "layout_free")
+    _one_of("train.checkpoint_format", tr.checkpoint_format, ("layout_free", "native"))
+    _one_of("parallel.backend", cfg.parallel.backend, BACKENDS)
+    _check(tr.checkpoint_format == "layout_free" or cfg.parallel.backend == BACKENDS[0],
+           f"train.checkpoint_format=native needs parallel.backend={BACKENDS[0]} (FSDP2 has no native format here); "
+           f"allowed with {cfg.parallel.backend}: layout_free")
     for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):
         _check(getattr(tr, key) >= 1, f"train.{key}={getattr(tr, key)} is not allowed; allowed values: integers >= 1")

@@ -11,8 +11,8 @@ and what shapes cannot tell (the head count, the CNN strides) must come from ``k
 ``--preset``. Every tensor is then checked against the model that config builds. The output is a
 d2v2scale weights file: ``{"format", "config", "student", "teacher"}``.
 
-``to-fairseq`` takes such a file or a training checkpoint directory (``RUN/checkpoints/<tag>``,
-tp=1, ZeRO stage 0–2) and writes ``{"model": state_dict, "cfg": {"model": ...}}``: the student in
+``to-fairseq`` takes such a file or a training checkpoint directory (``RUN/checkpoints/<tag>``:
+a layout-free one from any layout and backend, a native one at tp=1, ZeRO stage 0–2) and writes ``{"model": state_dict, "cfg": {"model": ...}}``: the student in
 fairseq's names, the teacher under ``_ema`` in the layout fairseq's EMA restore expects, and the
 ``Data2VecMultiConfig`` values that rebuild the model.
 
@@ -207,7 +207,7 @@ def _save(path: str, obj: Any) -> None:
 
 
 def read_weights(path: str) -> tuple[Config, dict, dict | None]:
-    """A d2v2scale weights file, or a training checkpoint directory (tp=1; ZeRO stage 0–2)."""
+    """A d2v2scale weights file, or a training checkpoint directory (layout-free: any layout; native: tp=1, ZeRO 0–2)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path} does not exist")
@@ -225,14 +225,40 @@ def read_weights(path: str) -> tuple[Config, dict, dict | None]:
         raise ConfigError(f"{path} is a directory but not a training checkpoint (no {checkpoint.RUN_FILE}); "
                           "give RUN/checkpoints/<tag> or a weights file")
     info = checkpoint.read_run_info(p)
-    if info["layout"]["tp"] != 1 or info["layout"]["zero_stage"] == 3:
-        raise ConfigError(f"{path}: layout {info['layout']}; export supports tp=1 and ZeRO stage 0-2 "
-                          "(for ZeRO-3 consolidate with DeepSpeed's zero_to_fp32 first)")
     cfg = config_from_dict(info["config"])
+    from .train.shards import has_shards
+
+    if has_shards(p):
+        return (cfg, *_from_shards(p, cfg))
+    if info["layout"]["tp"] != 1 or info["layout"]["zero_stage"] == 3:
+        raise ConfigError(f"{path}: a native checkpoint with layout {info['layout']}; export reads native ones at tp=1 "
+                          "and ZeRO stage 0-2 (train.checkpoint_format=layout_free checkpoints export from any layout)")
     student = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     shards = [torch.load(p / checkpoint.rank_file(0, d), map_location="cpu", weights_only=False)["teacher"]
               for d in range(info["layout"]["dp"])]
     return cfg, student, _assemble_teacher(shards, student)
+
+
+def _from_shards(tag_dir: Path, cfg: Config) -> tuple[dict, dict]:
+    """Full fp32 student and teacher weights from a layout-free checkpoint, whatever layout wrote it.
+    Frozen weights (fixed positions) are not in checkpoints: they come from the model's own init."""
+    from .model import Data2Vec2
+    from .train.shards import ShardReader, ShardFormatError
+
+    model = Data2Vec2(cfg)
+    reader = ShardReader(tag_dir)
+
+    def fill(state: dict, kind: str) -> dict:
+        out = {}
+        for name, value in state.items():
+            key = f"{kind}/{name}"
+            out[name] = reader.full(key).view_as(value).clone() if key in reader.keys() else value
+        return out
+
+    try:
+        return fill(model.state_dict(), "model"), fill(model.teacher_copy().state_dict(), "teacher")
+    except ShardFormatError as e:
+        raise ConfigError(f"{tag_dir}: {e}") from None
 
 
 def _assemble_teacher(shards: list[dict], student: dict) -> dict:

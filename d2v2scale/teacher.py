@@ -10,7 +10,7 @@ consecutive groups up to ``bucket_numel`` gathered elements (ZeRO-3 has one grou
 hundreds of small collectives otherwise).
 
 With the default layout (one group, one shard) this is a plain fp32 EMA. The distributed builder
-(:mod:`d2v2scale.train.backend.deepspeed`) passes DeepSpeed's own ZeRO partition layout so
+(:mod:`d2v2scale.train.backend`) passes DeepSpeed's own ZeRO partition layout so
 that each rank's slice is exactly the student's fp32 master partition on that rank.
 
 Non-trainable parameters (fixed image positions) are copied at construction and never change;

@@ -47,8 +47,8 @@ def _check_run_dir(run_dir: Path, steps: int, world: int):
     assert all(isinstance(r["loss"], float) for r in rows)
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     files = {p.name for p in (run_dir / "checkpoints" / tag).iterdir()}
-    assert "mp_rank_00_model_states.pt" in files
-    assert {f"rank_tp00_dp{r:05d}.pt" for r in range(world)} <= files and "run.json" in files
+    assert {"shards", "run.json"} <= files and {f"rank_tp00_dp{r:05d}.pt" for r in range(world)} <= files
+    assert {p.name for p in (run_dir / "checkpoints" / tag / "shards").iterdir()} == {f"rank_{r:05d}.pt" for r in range(world)}
 
 
 LAUNCH = ["launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json"]

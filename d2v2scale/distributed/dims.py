@@ -1,6 +1,6 @@
 """ParallelDims: who this process is, and the tensor-parallel × data-parallel process groups.
 
-Rank and world size come from the environment the launcher set: torchrun and the deepspeed
+Rank and world size come from the environment the launcher set: torchrun and DeepSpeed's
 launcher export ``RANK/LOCAL_RANK/WORLD_SIZE``; under ``srun`` only ``SLURM_PROCID``,
 ``SLURM_LOCALID`` and ``SLURM_NTASKS`` exist; a plain ``python`` process is rank 0 of 1.
 Ranks are laid out TP-fastest (consecutive ranks form a TP group, as in Megatron), so a TP

@@ -27,7 +27,7 @@ def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
     """Initialise the default process group and the TP/DP groups; a plain process becomes rank 0 of 1."""
     env = LaunchEnv.detect()
     if env.world_size > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT", "0") != "0"):
-        raise RuntimeError("a multi-process launch needs MASTER_ADDR and MASTER_PORT (torchrun and the deepspeed "
+        raise RuntimeError("a multi-process launch needs MASTER_ADDR and MASTER_PORT (torchrun and DeepSpeed's "
                            "launcher set them; under srun export them from the job script)")
     env.export(master_port=int(os.environ.get("MASTER_PORT", 0)) or free_port())
     device = pick_device(env.local_rank)

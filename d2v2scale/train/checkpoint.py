@@ -12,7 +12,7 @@ Layout::
                                                counters (rank 0)
     RUN/checkpoints/latest                     the newest complete tag
 
-``train.checkpoint_format=deepspeed`` writes DeepSpeed's own ``save_checkpoint`` layout instead of
+``train.checkpoint_format=native`` writes the backend's own format (DeepSpeed's ``save_checkpoint``) instead of
 ``shards/`` (resumable on the same layout only).
 
 Everything is written into ``<tag>.tmp/``, every rank fsyncs, a barrier, then rank 0 renames the
@@ -172,7 +172,7 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
     _barrier()
     check_free_space(ckpt_dir, step, tr.device, measure=rank0)
     failure: BaseException | None = None
-    native = tr.cfg.train.checkpoint_format == "deepspeed"
+    native = tr.cfg.train.checkpoint_format == "native"
     try:
         state = {"rng": rng_state(tr.tp_rng), "step": step}
         if native:

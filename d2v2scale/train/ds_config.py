@@ -95,10 +95,10 @@ def plan_batch(ds: dict, cfg: Config, dp: int) -> BatchPlan:
 def resolve_ds_config(ds: dict, cfg: Config, plan: BatchPlan) -> dict:
     """A copy of the JSON with every ``"auto"`` replaced; DeepSpeed itself rejects ``"auto"``."""
     out = copy.deepcopy(ds)
-    deepspeed_micro = 1 if plan.unit == "audio samples" else plan.micro_batch
-    out["train_micro_batch_size_per_gpu"] = deepspeed_micro
+    engine_micro = 1 if plan.unit == "audio samples" else plan.micro_batch
+    out["train_micro_batch_size_per_gpu"] = engine_micro
     out["gradient_accumulation_steps"] = plan.grad_accum
-    out["train_batch_size"] = deepspeed_micro * plan.grad_accum * plan.dp
+    out["train_batch_size"] = engine_micro * plan.grad_accum * plan.dp
     sched = out.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == _AUTO:
         sched["total_num_steps"] = cfg.train.max_updates

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
 from . import checkpoint
+from .backend import check_ds_config
 from .shards import has_shards
 from .ds_config import (BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config,
                         scale_batch_for_world)
@@ -103,7 +104,7 @@ def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | No
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: ds_config {key} was {old!r} in the checkpoint, is {new!r} now; "
                           "only the schedule length, the batch split and the sharding may change on resume")
-    saved = {"backend": "deepspeed", **info["layout"]}  # checkpoints from before backends were named
+    saved = {"backend": ParallelConfig().backend, **info["layout"]}  # checkpoints from before backends were named
     if saved == layout:
         return None
     change = ", ".join(f"{k} {saved.get(k)} → {layout[k]}" for k in layout if saved.get(k) != layout[k])
@@ -170,16 +171,7 @@ def prepare(args) -> Setup:
                           f"allowed values: {', '.join(map(str, allowed))}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     backend = cfg.parallel.backend
-    if backend == "fsdp2":
-        from .backend.fsdp2 import check_ds_config
-
-        check_ds_config(ds)
-    if tp > 1 and stage == 3 and backend == "deepspeed":
-        raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=3 is not supported (DeepSpeed refuses "
-                          "tensor parallelism with ZeRO-3 in training); allowed: stage 1 or 2 with tp > 1, tp=1, or parallel.backend=fsdp2")
-    if tp > 1 and stage == 0 and ds.get("bf16", {}).get("enabled", False) and backend == "deepspeed":
-        raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=0 and bf16 is not supported (DeepSpeed's "
-                          "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
+    check_ds_config(backend, ds, tp)
     if cfg.data.kind not in SUPPORTED_DATA:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
     if cfg.data.kind == "audio" and cfg.data.max_tokens is None:

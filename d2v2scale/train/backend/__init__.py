@@ -3,12 +3,12 @@
 A backend wraps the (tensor-parallel) student, owns the optimizer and the LR schedule, builds
 the EMA teacher in the layout of its own fp32 master shards, and exposes its sharded state as
 flat ranges of named parameters (what layout-free checkpoints store). Everything
-engine-specific lives in its module: DeepSpeed's private names only in ``deepspeed.py``.
+engine-specific lives in that engine's module (DeepSpeed's private names included) and nowhere else.
 
 ==========================  ==============================  =================================
-                            ``deepspeed``                   ``fsdp2``
+``parallel.backend=``       DeepSpeed (default)             ``fsdp2``
 ==========================  ==============================  =================================
-launch                      deepspeed, torchrun, srun       torchrun, srun
+launch                      its launcher, torchrun, srun    torchrun, srun (or DeepSpeed's)
 sharding (ds_config)        ZeRO 0-3                        ``fully_shard`` per block + root;
                                                             stage 3 reshards after forward
 precision (``bf16``)        DeepSpeed bf16 optimizer        ``MixedPrecisionPolicy`` (bf16
@@ -19,8 +19,8 @@ tensor parallelism          yes (ZeRO 1/2)                  yes (any stage; DP m
 EMA teacher                 fp32 shards aligned with        its own FSDP2 module: fp32 shards
                             ZeRO's partitions + a full      + one block gathered at a time
                             compute copy per GPU            (1/dp of the teacher resident)
-checkpoints                 layout-free or DeepSpeed's      layout-free
-                            native format
+checkpoints                 layout-free, or its native      layout-free
+                            format (same layout only)
 ==========================  ==============================  =================================
 
 Semantics both keep: the loss handed to :meth:`Backend.backward` is this rank's micro-batch loss;
@@ -31,14 +31,15 @@ schedule.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
+from ...config import BACKENDS
 from ...teacher import EMASchedule, ShardedEMA
 
-BACKENDS = ("deepspeed", "fsdp2")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
 
 # (name, start, stop, {"model": fp32 master values, "exp_avg": ..., "exp_avg_sq": ...}): live views
@@ -66,18 +67,21 @@ class Backend(Protocol):
     def load_state(self, read: Read, scalars: dict) -> None: ...
 
 
+def _module(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"parallel.backend={name}; allowed values: {', '.join(BACKENDS)}")
+    return importlib.import_module(f"{__name__}.{name}")  # the engine itself is imported only when built
+
+
+def check_ds_config(name: str, ds: dict, tp: int) -> None:
+    """Refuse (ConfigError), before any process group starts, what backend ``name`` cannot run."""
+    _module(name).check_ds_config(ds, tp)
+
+
 def build_backend(name: str, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims, schedule: EMASchedule,
                   device: torch.device, tracked: set[str]) -> Backend:
     """``model`` is the parallelized student, ``teacher_module`` its teacher copy (taken before any wrapping)."""
-    if name == "deepspeed":
-        from .deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(model, teacher_module, ds_config, dims, schedule, device, tracked)
-    if name == "fsdp2":
-        from .fsdp2 import FSDP2Backend
-
-        return FSDP2Backend(model, teacher_module, ds_config, dims, schedule, device, tracked)
-    raise ValueError(f"parallel.backend={name}; allowed values: {', '.join(BACKENDS)}")
+    return _module(name).BACKEND(model, teacher_module, ds_config, dims, schedule, device, tracked)
 
 
 def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_groups
 from ..faults import all_finite
@@ -130,6 +131,18 @@ def build_sharded_teacher(
     masters = _stage0_masters(engine)
     teacher.bind_sources(lambda: teacher.slices_from(masters))
     return teacher
+
+
+def check_ds_config(ds: dict, tp: int) -> None:
+    """Layouts DeepSpeed cannot train, refused before any process group starts."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if tp > 1 and stage == 3:
+        raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=3 is not supported (DeepSpeed refuses "
+                          "tensor parallelism with ZeRO-3 in training); allowed: stage 1 or 2 with tp > 1, tp=1, "
+                          "or parallel.backend=fsdp2")
+    if tp > 1 and stage == 0 and ds.get("bf16", {}).get("enabled", False):
+        raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=0 and bf16 is not supported (DeepSpeed's "
+                          "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
 
 
 def init_comm(device: torch.device) -> None:
@@ -392,3 +405,6 @@ class DeepSpeedBackend:
         self.engine.skipped_steps = scalars["skipped_steps"]
         self.engine.global_steps = scalars["global_steps"]
         self.engine.global_samples = scalars["global_steps"] * self.engine.train_batch_size()
+
+
+BACKEND = DeepSpeedBackend

@@ -30,8 +30,9 @@ from . import MOMENTS, Read, StateRange, adam_state, optimizer_steps, set_optimi
 OPTIMIZERS = ("AdamW", "Adam")  # Adam only with adam_w_mode (DeepSpeed's default): decoupled weight decay
 
 
-def check_ds_config(ds: dict) -> None:
-    """Refuse, before any process starts, a ds_config section this backend would not honour."""
+def check_ds_config(ds: dict, tp: int) -> None:
+    """Refuse, before any process starts, a ds_config section this backend would not honour (any
+    ZeRO stage composes with tensor parallelism here)."""
     opt = ds.get("optimizer", {})
     params = opt.get("params", {})
     if opt.get("type") not in OPTIMIZERS or (opt.get("type") == "Adam" and not params.get("adam_w_mode", True)):
@@ -77,7 +78,7 @@ class FSDP2Backend:
                  schedule: EMASchedule, device: torch.device, tracked: set[str]):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        check_ds_config(ds_config)
+        check_ds_config(ds_config, dims.tp)
         self.dims, self.device = dims, device
         bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
         compute = torch.bfloat16 if bf16 else torch.float32
@@ -199,3 +200,6 @@ class FSDP2Backend:
             self.scheduler.step(scalars["lr_iteration"])
         self.skipped_steps, self.global_steps = scalars["skipped_steps"], scalars["global_steps"]
         self.micro_steps = self.global_steps * self.grad_accum
+
+
+BACKEND = FSDP2Backend
