@@ -119,7 +119,7 @@ def test_plain_single_process(tmp_path, preset):
 
 
 def test_zero_stages_match_single_process(tmp_path):
-    """ZeRO 0/1/2/3 on 2 processes (micro-batch 16 each) vs 1 process (micro-batch 16, 2 accumulation
+    """ZeRO 0/1/2/3 and FSDP2 on 2 processes (and TP=2 × FSDP2 on 4) (micro-batch 16 each) vs 1 process (micro-batch 16, 2 accumulation
     steps): the same global batch, samples and masks, so the same objective. Mask noise is set to 0
     because it is drawn from each process's torch RNG stream.
 
@@ -134,7 +134,8 @@ def test_zero_stages_match_single_process(tmp_path):
     """
     overrides = ["train.max_updates=20", "model.mask_noise_std=0"]
     script = "tests/dist/zero_stages.py"
-    _launch(_torchrun(2), script, str(tmp_path / "zero.json"), "tiny_image", "16", "1", "0,1,2,3", "1", *overrides)
+    _launch(_torchrun(2), script, str(tmp_path / "zero.json"), "tiny_image", "16", "1", "0,1,2,3,fsdp2", "1", *overrides)
+    _launch(_torchrun(4), script, str(tmp_path / "tp.json"), "tiny_image", "16", "1", "fsdp2", "2", *overrides)
     _launch([sys.executable], script, str(tmp_path / "ref.json"), "tiny_image", "16", "2", "1", "1", *overrides)
     runs = json.loads((tmp_path / "zero.json").read_text())
     ref = json.loads((tmp_path / "ref.json").read_text())["1"]
@@ -149,6 +150,12 @@ def test_zero_stages_match_single_process(tmp_path):
         full = ref["teacher_bytes_per_rank"][0]
         for b in runs[stage]["teacher_bytes_per_rank"]:
             assert b <= full / 2 + 4096, (stage, b, full)  # up to one alignment pad per group
+    # The FSDP2 backend: the same losses, grad norms and teacher as ZeRO-3 and the 1-process run; its
+    # teacher holds 1/dp per rank; TP=2 × FSDP2 dp=2 on 4 processes reproduces them too.
+    from test_backends import check_fsdp2_run
+
+    check_fsdp2_run(runs["fsdp2"], [runs["3"], ref])
+    check_fsdp2_run(json.loads((tmp_path / "tp.json").read_text())["fsdp2"], [ref], tp=2)
     # activation checkpointing composes with ZeRO's sharding: recomputed blocks, same objective
     _launch(_torchrun(2), script, str(tmp_path / "ckpt.json"), "tiny_image", "16", "1", "2,3", "1", *overrides,
             "model.activation_checkpointing=1")

@@ -89,7 +89,9 @@ def main():
             local, valid = tr.model.encoder.local_features(source, None)
             dtypes["targets"] = str(tr.model.teacher_targets(tr.teacher.module, source, local, valid, None).dtype)
         results[run] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),
-                        "teacher_bytes_per_rank": bytes_, "teacher_resident_bytes": resident, "dtypes": dtypes}
+                        "teacher_bytes_per_rank": bytes_, "teacher_resident_bytes": resident, "dtypes": dtypes,
+                        "teacher_norms": {n: p.double().norm().item() for n, p in params.items()},
+                        "teacher_full_bytes": sum(p.numel() * p.element_size() for p in params.values())}
     if dims.rank == 0:
         Path(out).write_text(json.dumps(results))
     # Leave together: rank 0 hosts the rendezvous store, and a peer still using it when rank 0
