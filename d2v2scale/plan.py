@@ -4,6 +4,7 @@ and a search over layouts.
     python -m d2v2scale.plan --preset vit_h --ds_config ds_configs/vit_h.json --nodes 32 [--tp 2] [--micro_batch N]
     python -m d2v2scale.plan --search --preset vit_h --ds_config ds_configs/vit_h.json --nodes 64
     python -m d2v2scale.plan --paper
+    python -m d2v2scale.plan --teacher_layouts --nodes 32
 
 Memory: :mod:`d2v2scale.planning.memory`. Bytes each collective moves:
 :mod:`d2v2scale.planning.comm` (checked against real steps). Their time on a cluster profile:
@@ -55,7 +56,7 @@ class Plan:
 
     def total_bytes(self, every: int | None = None) -> float:
         every = self.checkpoint_every if every is None else every
-        bucket = self.bucket if self.layout.zero in (1, 2) else 0.0
+        bucket = self.bucket if self.layout.reduce_bucket else 0.0
         return sum(self.states.values()) + sum(self.activations[every].values()) + bucket
 
     @property
@@ -112,9 +113,10 @@ def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
         input_len, items = 0, bp.micro_batch
     positions = positions_per_item(cfg, input_len)
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
-    lay = Layout(tp, dp, zero, bool(ds.get("bf16", {}).get("enabled", False)), items, positions, input_len)
+    lay = Layout(tp, dp, zero, bool(ds.get("bf16", {}).get("enabled", False)), items, positions, input_len,
+                 cfg.parallel.backend)
     params = param_counts(cfg, tp)
-    states = model_state_bytes(params.total, params.teacher, lay)
+    states = model_state_bytes(params, lay)
     bucket = float(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8)) * (2 if lay.bf16 else 4)
     acts = {every: activation_bytes(cfg, lay, every) for every in {0, max(1, m.activation_checkpointing)}}
     acts[m.activation_checkpointing] = activation_bytes(cfg, lay, m.activation_checkpointing)
@@ -133,8 +135,8 @@ def render(p: Plan) -> str:
     gb = 1e9
     cfg, lay, t = p.cfg, p.layout, p.time
     lines = [
-        f"{cfg.preset} on {lay.tp * lay.dp} × {p.profile.gpu} ({p.profile.name}; tp={lay.tp}, dp={lay.dp}, "
-        f"ZeRO-{lay.zero}, {'bf16' if lay.bf16 else 'fp32'}, activation checkpointing "
+        f"{cfg.preset} on {lay.tp * lay.dp} × {p.profile.gpu} ({p.profile.name}; {lay.backend}, tp={lay.tp}, "
+        f"dp={lay.dp}, ZeRO-{lay.zero}, {'bf16' if lay.bf16 else 'fp32'}, activation checkpointing "
         f"{cfg.model.activation_checkpointing}): {p.batch.describe()}",
         f"  parameters: {p.params_all / 1e6:.1f} M student, {p.params.total / 1e6:.1f} M per TP rank, "
         f"{p.params.teacher / 1e6:.1f} M teacher-tracked per TP rank",
@@ -143,7 +145,7 @@ def render(p: Plan) -> str:
         "  per-GPU memory (GB):",
     ]
     lines += [f"    {k:<24}{v / gb:8.2f}" for k, v in p.states.items()]
-    if lay.zero in (1, 2):
+    if lay.reduce_bucket:
         lines.append(f"    {'zero_reduce_bucket':<24}{p.bucket / gb:8.2f}")
     for every, acts in sorted(p.activations.items()):
         label = f"activations (ckpt {every})" if every else "activations"
@@ -167,6 +169,28 @@ def render(p: Plan) -> str:
     if p.scaling_note:
         lines.append(f"  {p.scaling_note}")
     return "\n".join(lines)
+
+
+TEACHER_PRESETS = ("vit_h", "vit_l", "audio_large", "text_base")
+
+
+def teacher_layouts(gpus: int, bf16: bool = True) -> str:
+    """Bytes per GPU the EMA teacher holds under each backend, for the large presets on ``gpus`` GPUs
+    (tp=1): a markdown table (README's, checked against this function by the tests)."""
+    from .config import BACKENDS
+
+    rows = ["| preset | teacher params | DeepSpeed: fp32 masters/dp + full compute copy | "
+            "FSDP2: fp32 shards/dp + 2 gathered blocks |", "|---|---:|---:|---:|"]
+    for preset in TEACHER_PRESETS:
+        params = param_counts(load_config(preset), 1)
+        cells = []
+        for backend in BACKENDS:
+            states = model_state_bytes(params, Layout(1, gpus, 2, bf16, 1, 1, 0, backend))
+            teacher = {k: v for k, v in states.items() if k.startswith("teacher")}
+            cells.append(f"{sum(teacher.values()) / 1e9:.3f} GB (" + " + ".join(f"{v / 1e9:.3f}" for v in teacher.values())
+                         + ")")
+        rows.append(f"| {preset} | {params.teacher_total / 1e6:.0f} M | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
 
 
 def set_micro_batch(cfg: Config, ds: dict, micro: int | None) -> None:
@@ -201,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "on stdout (the explanation goes to stderr); for slurm/")
     p.add_argument("--write_ds_config", default=None, help="with --search: write the chosen DeepSpeed JSON here")
     p.add_argument("--paper", action="store_true", help="the paper's own runs, predicted vs published wall time")
+    p.add_argument("--teacher_layouts", action="store_true",
+                   help="bytes per GPU of the EMA teacher under each backend (bf16) for the large presets on --nodes")
     p.add_argument("overrides", nargs="*", help="section.key=value (e.g. model.activation_checkpointing=1)")
     args = p.parse_args(argv)
     try:
@@ -212,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             from .planning.search import paper_table
 
             print(paper_table(profile, efficiency))
+            return 0
+        if args.teacher_layouts:
+            print(teacher_layouts(args.nodes * profile.gpus_per_node))
             return 0
         if not args.preset or not args.ds_config:
             raise ConfigError("--preset and --ds_config are required (or --paper)")

@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry_run", action="store_true", help="validate and print the batch math, then exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 ``tests/dist/comm_bytes.py`` wraps torch.distributed's collectives before DeepSpeed is imported
 and records one step (not the first, not a log or checkpoint step) of real CPU/gloo training.
 The planner predicts the same payloads from the config alone (:mod:`d2v2scale.planning.comm`).
-5 %: the model leaves out only DeepSpeed's few-kilobyte ZeRO-3 control broadcasts and rounds
-the scalar all-reduces; every large term is an exact count.
+5 %: the model leaves out only DeepSpeed's few-kilobyte ZeRO-3 control broadcasts, FSDP2's
+padding of each weight's dim 0 to a multiple of dp, and rounds the scalar all-reduces; every
+large term is an exact count. ``fsdp2``: the FSDP2 backend, resharding after forward.
 """
 import json
 
@@ -24,22 +25,23 @@ PRESETS = "tiny_image,tiny_audio"
 def measured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comm")
     # 2 micro-batches per step at dp=2 tell ZeRO-2's per-micro-batch reduction from ZeRO-1's
-    _launch(_torchrun(2), "tests/dist/comm_bytes.py", str(tmp / "dp2.json"), PRESETS, "1", "1,2,3", "2")
-    _launch(_torchrun(4), "tests/dist/comm_bytes.py", str(tmp / "tp2dp2.json"), PRESETS, "2", "1,2", "1")
+    _launch(_torchrun(2), "tests/dist/comm_bytes.py", str(tmp / "dp2.json"), PRESETS, "1", "1,2,3,fsdp2", "2")
+    _launch(_torchrun(4), "tests/dist/comm_bytes.py", str(tmp / "tp2dp2.json"), PRESETS, "2", "1,2,fsdp2", "1")
     return {(1, 2): json.loads((tmp / "dp2.json").read_text()), (2, 2): json.loads((tmp / "tp2dp2.json").read_text())}
 
 
-CASES = [(1, 2, p, s) for p in PRESETS.split(",") for s in ("1", "2", "3")] + \
-        [(2, 2, p, s) for p in PRESETS.split(",") for s in ("1", "2")]
+CASES = [(1, 2, p, s) for p in PRESETS.split(",") for s in ("1", "2", "3", "fsdp2")] + \
+        [(2, 2, p, s) for p in PRESETS.split(",") for s in ("1", "2", "fsdp2")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,dp,preset,stage", CASES)
 def test_predicted_bytes_match_a_real_step(measured, tp, dp, preset, stage):
     run = measured[(tp, dp)][preset][stage]
-    cfg = load_config(preset, [f"parallel.tp={tp}"])
+    backend = "fsdp2" if stage == "fsdp2" else "deepspeed"
+    cfg = load_config(preset, [f"parallel.tp={tp}", f"parallel.backend={backend}"])
     ds = load_ds_config("ds_configs/cpu_tiny.json")
-    ds["zero_optimization"] = {"stage": int(stage)}
+    ds["zero_optimization"] = {"stage": 3 if stage == "fsdp2" else int(stage)}
     shape = StepShape(run["micro_batch"], run["positions"], run["kept"], run["grad_accum"])
     predicted = bytes_by_kind(step_collectives(cfg, ds, shape, param_counts(cfg, tp), tp, dp), tp, dp)
     got = run["totals"]

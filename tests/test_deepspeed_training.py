@@ -156,6 +156,13 @@ def test_zero_stages_match_single_process(tmp_path):
 
     check_fsdp2_run(runs["fsdp2"], [runs["3"], ref])
     check_fsdp2_run(json.loads((tmp_path / "tp.json").read_text())["fsdp2"], [ref], tp=2)
+    # ... and the planner's FSDP2 teacher shard bytes are the measured ones (dim-0 padding aside)
+    from d2v2scale.config import load_config
+    from d2v2scale.plan import Layout, model_state_bytes, param_counts
+
+    planned = model_state_bytes(param_counts(load_config("tiny_image"), 1), Layout(1, 2, 3, False, 1, 1, 0, "fsdp2"))
+    for resident in runs["fsdp2"]["teacher_resident_bytes"]:
+        assert resident == pytest.approx(planned["teacher_fp32_masters"], rel=0.05)
     # activation checkpointing composes with ZeRO's sharding: recomputed blocks, same objective
     _launch(_torchrun(2), script, str(tmp_path / "ckpt.json"), "tiny_image", "16", "1", "2,3", "1", *overrides,
             "model.activation_checkpointing=1")

@@ -18,6 +18,11 @@ gradient-accumulation steps and ``a`` bytes per element of the compute dtype:
   persistent small ones once after the step;
 - the EMA teacher's compute copy all-gathered once per step (DP group);
 - a few scalar all-reduces (masked-token count, non-finite guard, stop flag, DeepSpeed's norms).
+
+With ``parallel.backend=fsdp2`` (DP group, per micro-batch): every student weight gathered for the
+forward, the blocks again for the backward when they reshard (stage 3); gradients
+reduce-scattered in fp32; the teacher's weights gathered for its forward (its encoder twice when
+the teacher has its own local encoder: ``local_features`` and ``forward`` are separate calls).
 """
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ class ParamCounts:
     total: int
     teacher: int
     sizes: tuple[int, ...]
+    blocks: int = 0  # every Transformer block of the student, prenet ones included (FSDP2 units of their own)
+    block: int = 0  # the largest of them
+    teacher_total: int = 0  # every teacher weight, frozen ones included (FSDP2 gathers them all)
+    teacher_encoder: int = 0  # the teacher's encoder outside its blocks (0 when it runs the student's)
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,9 @@ def step_collectives(cfg: Config, ds: dict, shape: StepShape, params: ParamCount
         teacher_act = shape.items * (shape.positions + m.num_extra_tokens) * m.embed_dim * a
         out.append(Collective("TP all-reduce, teacher blocks (2 per block)", "all_reduce", "tp",
                               teacher_act, 2 * teacher_blocks * g, ""))
-    if dp > 1:
+    if dp > 1 and cfg.parallel.backend == "fsdp2":
+        out += _fsdp2_collectives(cfg, z["stage"] == 3, params, a, g)
+    elif dp > 1:
         overlap = "backward" if z["overlap"] else ""
         stage = z["stage"]
         if stage in (0, 1):
@@ -126,6 +137,20 @@ def step_collectives(cfg: Config, ds: dict, shape: StepShape, params: ParamCount
         out.append(Collective("scalar all-reduces (token count, non-finite guard, DeepSpeed norms)", "all_reduce",
                               "dp", 4.0, SCALAR_CALLS, ""))
         out.append(Collective("stop-flag agreement", "all_reduce", "world", 4.0, 1, ""))
+    return out
+
+
+def _fsdp2_collectives(cfg: Config, reshard: bool, params: ParamCounts, a: int, g: int) -> list[Collective]:
+    out = [Collective("FSDP2 student weights all-gather for the forward", "all_gather", "dp", params.total * a, g,
+                      "forward+backward"),
+           Collective("FSDP2 gradient reduce-scatter (fp32)", "reduce_scatter", "dp", params.trainable * 4, g, "backward")]
+    if reshard:
+        out.append(Collective("FSDP2 blocks all-gather again for the backward (stage 3)", "all_gather", "dp",
+                              params.blocks * a, g, "backward"))
+    encoder_calls = 2 if cfg.teacher.ema_local_encoder and not cfg.teacher.ema_encoder_only else 1
+    teacher = params.teacher_total + (encoder_calls - 1) * params.teacher_encoder
+    out.append(Collective("FSDP2 teacher weights all-gather for its forward", "all_gather", "dp", teacher * a, g,
+                          "forward+backward"))
     return out
 
 

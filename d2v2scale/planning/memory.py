@@ -7,7 +7,9 @@ replicated rest) and Ψ_T teacher-tracked ones:
 - model states, mixed precision with Adam: weights 2Ψ, gradients 2Ψ (ZeRO-2/3: /dp), fp32
   master + two moments 12Ψ (ZeRO-1/2/3: /dp); fp32 training: 4Ψ + 4Ψ + 8Ψ (+ a 4Ψ/dp fp32 copy
   at ZeRO-1/2/3: DeepSpeed's optimizer keeps its own fp32 partition);
-- teacher: fp32 EMA masters 4Ψ_T/dp (sharded) + compute copy 2Ψ_T (bf16);
+- teacher: fp32 EMA masters 4Ψ_T/dp (sharded) + compute copy 2Ψ_T (bf16); with
+  ``parallel.backend=fsdp2`` the masters (4Ψ_T/dp) + two gathered units (one block and the
+  prefetched next), see :func:`_fsdp2_state_bytes`;
 - activations of one micro-batch (B items × M clones): per student block
   ``t·r·h·(10 + 24/tp)`` bytes (Korthikanti et al. with memory-efficient attention; ``r`` = B·M
   rows of ``t`` kept tokens), or only the block inputs ``2·t·r·h`` for blocks under activation
@@ -23,8 +25,8 @@ import functools
 import json
 from dataclasses import dataclass
 
-from ..config import Config
-from ..model.blocks import checkpointed_count
+from ..config import BACKENDS, Config
+from ..model.blocks import Block, checkpointed_count
 from .comm import ParamCounts
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141, "v100-32gb": 32}
@@ -39,6 +41,12 @@ class Layout:
     micro_items: int  # samples (images, text blocks, audio crops) per micro-batch per rank
     positions: int  # T per item (patches / frames / tokens)
     input_len: int  # audio samples per item (0 otherwise)
+    backend: str = BACKENDS[0]  # parallel.backend
+
+    @property
+    def reduce_bucket(self) -> bool:
+        """DeepSpeed's ZeRO-1/2 gradient-reduction bucket is allocated (FSDP2 reduces per block)."""
+        return self.backend == BACKENDS[0] and self.zero in (1, 2)
 
 
 def param_counts(cfg: Config, tp: int) -> ParamCounts:
@@ -67,14 +75,24 @@ def _param_counts(key: str, tp: int) -> ParamCounts:
     def local(name: str, p) -> int:
         return p.numel() // tp if name.endswith(sharded_suffixes) else p.numel()
 
+    def total(module) -> int:
+        return sum(local(n, p) for n, p in module.named_parameters()) if module is not None else 0
+
+    def blocks(module) -> list[int]:
+        return [total(b) for b in module.modules() if isinstance(b, Block)] if module is not None else []
+
     sizes = tuple(local(n, p) for n, p in model.named_parameters())
     trainable = sum(local(n, p) for n, p in model.named_parameters() if p.requires_grad)
     tracked = sum(local(n, p) for n, p in teacher.named_parameters() if p.requires_grad)
-    return ParamCounts(trainable, sum(sizes), tracked, sizes)
+    encoder = getattr(teacher, "encoder", None)
+    return ParamCounts(trainable, sum(sizes), tracked, sizes, sum(blocks(model)), max(blocks(model), default=0),
+                       total(teacher), total(encoder) - sum(blocks(encoder)))
 
 
-def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
-    d = lay.dp
+def model_state_bytes(params: ParamCounts, lay: Layout) -> dict[str, float]:
+    if lay.backend != BACKENDS[0]:
+        return _fsdp2_state_bytes(params, lay)
+    psi, psi_t, d = params.total, params.teacher, lay.dp
     if lay.bf16:
         weights, grads, optim = 2 * psi, 2 * psi, 12 * psi
         if lay.zero >= 2:
@@ -95,6 +113,20 @@ def model_state_bytes(psi: int, psi_t: int, lay: Layout) -> dict[str, float]:
         teacher_compute = 4 * psi_t
     return {"weights": weights, "gradients": grads, "optimizer_states": optim,
             "teacher_fp32_masters": 4 * psi_t / d, "teacher_compute_copy": teacher_compute}
+
+
+def _fsdp2_state_bytes(params: ParamCounts, lay: Layout) -> dict[str, float]:
+    """FSDP2 keeps fp32 weight, gradient and AdamW shards (1/dp) at every stage; compute-dtype weights
+    are gathered per unit: all of them from forward to backward (stage 0-2), or the root plus the
+    running and the prefetched block (stage 3). The teacher's own shards are its masters; its
+    forward holds one gathered unit (and the prefetched next) at a time."""
+    d, a = lay.dp, 2 if lay.bf16 else 4
+    live = params.total if lay.zero < 3 else params.total - params.blocks + 2 * params.block
+    teacher_unit = max(params.block, params.teacher_encoder)
+    return {"weights": 4 * params.total / d + a * live,
+            "gradients": 4 * params.trainable / d + a * params.block,  # + one block's unsharded grads in flight
+            "optimizer_states": 8 * params.trainable / d,
+            "teacher_fp32_masters": 4 * params.teacher_total / d, "teacher_gathered_blocks": 2 * a * teacher_unit}
 
 
 def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """Count every collective a real training step makes (DeepSpeed's included) and its payload.
 
-    [ZERO_OPTIONS='{...}'] torchrun --nproc_per_node N comm_bytes.py OUT.json PRESETS TP STAGES GRAD_ACCUM [overrides...]
+    [ZERO_OPTIONS='{...}'] torchrun --nproc_per_node N comm_bytes.py OUT.json PRESETS TP RUNS GRAD_ACCUM [overrides...]
+
+RUNS: comma-separated ZeRO stages and/or ``fsdp2``.
 
 ``torch.distributed``'s collectives are wrapped before DeepSpeed is imported, so the engine's own
 calls go through the wrappers too. For each ZeRO stage, step 0 warms up and step 1 (not a log or
@@ -25,7 +27,8 @@ GROUP_NAMES: dict[tuple[int, ...], str] = {}
 KIND = {"all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce", "broadcast": "broadcast", "reduce": "reduce",
         "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather",
         "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
-        "reduce_scatter": "reduce_scatter", "all_to_all_single": "all_to_all"}
+        "reduce_scatter": "reduce_scatter", "all_to_all_single": "all_to_all", "all_gather_single": "all_gather",
+        "reduce_scatter_single": "reduce_scatter"}
 
 
 def _nbytes(x) -> int:
@@ -41,19 +44,25 @@ PAYLOAD = {  # which argument carries the payload, by position or name
     "all_gather_into_tensor": ("output_tensor", 0), "_all_gather_base": ("output_tensor", 0),
     "all_gather": ("tensor_list", 0), "reduce_scatter_tensor": ("input", 1), "_reduce_scatter_base": ("input", 1),
     "reduce_scatter": ("input_list", 1), "all_to_all_single": ("input", 1), "all_reduce_coalesced": ("tensors", 0),
+    "all_gather_single": ("output_tensor", 0), "reduce_scatter_single": ("input", 1),
 }
+DEPTH = [0]  # a wrapped collective that calls another (all_gather_into_tensor → all_gather_single) counts once
 
 
 def _wrap(name: str, fn):
     key, pos = PAYLOAD[name]
 
     def wrapped(*args, **kwargs):
-        if RECORDING:
+        if RECORDING and not DEPTH[0]:
             payload = kwargs.get(key, kwargs.get("input_tensor", args[pos] if len(args) > pos else None))
             group = kwargs.get("group")
             ranks = tuple(range(dist.get_world_size())) if group is None else tuple(dist.get_process_group_ranks(group))
             CALLS.append((KIND[name], GROUP_NAMES.get(ranks, "world"), _nbytes(payload)))
-        return fn(*args, **kwargs)
+        DEPTH[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            DEPTH[0] -= 1
 
     return wrapped
 
@@ -85,7 +94,9 @@ def main():
             GROUP_NAMES[tuple(dist.get_process_group_ranks(dims.dp_group))] = "dp"
             GROUP_NAMES[tuple(dist.get_process_group_ranks(dims.tp_group))] = "tp"
         results[preset] = {}
-        for stage in map(int, stages.split(",")):
+        for run in stages.split(","):  # ZeRO stages, or fsdp2 (the FSDP2 backend, resharding after forward)
+            cfg.parallel.backend = "fsdp2" if run == "fsdp2" else "deepspeed"
+            stage = 3 if run == "fsdp2" else int(run)
             ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
             ds["zero_optimization"] = {"stage": stage, **json.loads(os.environ.get("ZERO_OPTIONS", "{}"))}
             ds["gradient_accumulation_steps"] = int(grad_accum)
@@ -100,7 +111,7 @@ def main():
             totals = defaultdict(int)
             for kind, group, nbytes in CALLS:
                 totals[f"{kind}@{group}"] += nbytes
-            results[preset][stage] = {"totals": dict(totals), "calls": len(CALLS), "micro_batch": plan.micro_batch,
+            results[preset][run] = {"totals": dict(totals), "calls": len(CALLS), "micro_batch": plan.micro_batch,
                                       "grad_accum": plan.grad_accum, "input_len": tr.last_shape["input_len"],
                                       "positions": tr.last_shape["positions"], "kept": tr.last_shape["kept"]}
             tr.loader.close()

@@ -58,7 +58,7 @@ def main():
             dist.all_gather_object(per_rank, measured)
         else:
             per_rank = [measured]
-        model = {k: v for k, v in model_state_bytes(counts.total, counts.teacher, lay).items() if k in measured}
+        model = {k: v for k, v in model_state_bytes(counts, lay).items() if k in measured}
         results[stage] = {"measured": measured, "per_rank": per_rank, "model": model}
         tr.loader.close()
     if dims.rank == 0:

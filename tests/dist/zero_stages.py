@@ -31,7 +31,8 @@ def _full(p) -> torch.Tensor:
 
 def full_fp32(tr) -> dict:
     """name → full (DP-gathered, TP-local) fp32 master of every tracked student parameter."""
-    tracked = {n for n, _, _, _ in tr.teacher.ranges()}
+    tracked = {n for n, _ in tr.teacher.module.named_parameters()} & {n for n, p in tr.model.named_parameters()
+                                                                       if p.requires_grad}
     if tr.backend.name == "fsdp2" or tr.backend.stage == 0:
         return {n: _full(p).detach().float().clone() for n, p in tr.model.named_parameters() if n in tracked}
     from deepspeed.utils import safe_get_full_fp32_param

@@ -22,6 +22,7 @@ from torch import nn
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
+from ...model.blocks import Block
 from ...teacher import EMASchedule, LocalShardEMA
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
@@ -71,6 +72,11 @@ def _row_range(p, dims: ParallelDims) -> tuple[int, int]:
     return first * per_row, first * per_row + local.numel()
 
 
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """Every Transformer block, the encoder's prenet ones included: each is an FSDP2 unit."""
+    return [m for m in module.modules() if isinstance(m, Block)]
+
+
 class FSDP2Backend:
     name = "fsdp2"
 
@@ -86,13 +92,13 @@ class FSDP2Backend:
         self.tp_sharded = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
         mesh = dp_mesh(dims, device)
         student_mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        for block in model.blocks:
+        for block in _blocks(model):
             fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard, mp_policy=student_mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=student_mp)
         self.model = model
 
         teacher_mp = MixedPrecisionPolicy(param_dtype=compute)
-        for block in teacher_module.blocks:
+        for block in _blocks(teacher_module):
             fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
         if getattr(teacher_module, "encoder", None) is not None:
             fully_shard(teacher_module.encoder, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
