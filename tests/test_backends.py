@@ -36,6 +36,14 @@ def test_deepspeed_is_named_only_by_its_backend_and_the_config():
     assert imports == ["train/backend/deepspeed.py"]
 
 
+def test_readme_teacher_table_is_the_planners():
+    from d2v2scale.plan import teacher_layouts
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- teacher-layouts:begin -->\n")[1].split("\n<!-- teacher-layouts:end -->")[0]
+    assert table == teacher_layouts(32 * 8)
+
+
 # ------------------------------------------------------------------------- shards, in-process
 def test_tp_slice_places_every_tp_shard_where_the_full_weight_has_it():
     """The TP shards tensor_parallel cuts (qkv: each rank's rows of q, k and v; fc1: rows; proj:
