@@ -55,7 +55,7 @@ def time_step(preset: str, micro: int, depth: int, steps: int = 5) -> float:
     cfg = load_config(preset, [f"model.depth={depth}", "model.prenet_depth=0",
                                f"model.average_top_k_layers={min(depth, full.model.average_top_k_layers)}"])
     device = torch.device(DEVICE)
-    model = Data2Vec2(cfg).to(device).train()
+    model = Data2Vec2(cfg.model_spec()).to(device).train()
     teacher = build_teacher(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     source = synthetic_batch(cfg, micro, torch.Generator().manual_seed(0)).to(device)

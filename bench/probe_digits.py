@@ -38,8 +38,8 @@ def load_student(run_dir: Path) -> tuple[Data2Vec2, Data2Vec2]:
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     cfg, state, _ = read_weights(str(run_dir / "checkpoints" / tag))
     torch.manual_seed(cfg.seed)
-    random_init = Data2Vec2(cfg)
-    trained = Data2Vec2(cfg)
+    random_init = Data2Vec2(cfg.model_spec())
+    trained = Data2Vec2(cfg.model_spec())
     trained.load_state_dict(state)
     return random_init.eval(), trained.eval()
 

@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.preset)
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     source = synthetic_batch(cfg, 8, torch.Generator().manual_seed(0))

@@ -34,7 +34,7 @@ from d2v2scale.teacher import build_teacher  # noqa: E402
 
 def make(cfg):
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     return model, build_teacher(model, cfg), torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 

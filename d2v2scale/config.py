@@ -171,6 +171,24 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def model_spec(self) -> "ModelSpec":
+        """The sections the model reads (``d2v2scale.model`` sees nothing else)."""
+        return ModelSpec(self.model, self.decoder, self.masking, self.teacher)
+
+    def mask_kind(self) -> str:
+        return self.model_spec().mask_kind()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model-only view of a :class:`Config`: architecture, decoder, masking and the teacher's
+    target settings — no data, training, parallelism or profiling keys."""
+
+    model: ModelConfig
+    decoder: DecoderConfig
+    masking: MaskingConfig
+    teacher: TeacherConfig
+
     def mask_kind(self) -> str:
         """The mask generator this config resolves to."""
         if self.masking.kind != "auto":

@@ -165,7 +165,7 @@ def check_against_model(cfg: Config, student: dict, teacher: dict | None) -> Non
     from .model import Data2Vec2
 
     with torch.device("meta"):
-        model = Data2Vec2(cfg)
+        model = Data2Vec2(cfg.model_spec())
         teacher_model = model.teacher_copy()
     for name, sd, module in (("student", student, model), ("teacher", teacher, teacher_model)):
         if sd is None:
@@ -245,7 +245,7 @@ def _from_shards(tag_dir: Path, cfg: Config) -> tuple[dict, dict]:
     from .model import Data2Vec2
     from .train.shards import ShardReader, ShardFormatError
 
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     reader = ShardReader(tag_dir)
 
     def fill(state: dict, kind: str) -> dict:
@@ -282,7 +282,7 @@ def convert_to_fairseq(path: str, out: str) -> Config:
         from .model import Data2Vec2
 
         with torch.device("meta"):
-            names = set(Data2Vec2(cfg).teacher_copy().state_dict())
+            names = set(Data2Vec2(cfg.model_spec()).teacher_copy().state_dict())
         teacher = {k: v for k, v in teacher.items() if k in names}
     state = to_fairseq(student, teacher, cfg.model.modality, cfg.teacher.ema_encoder_only)
     _save(out, {"model": state, "cfg": {"model": to_fairseq_config(cfg)}})

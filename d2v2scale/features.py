@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .cli import OneLineParser, fail
-from .config import Config, ConfigError
+from .config import ConfigError, ModelSpec
 from .convert import read_weights
 from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, list_files
 from .model import Data2Vec2
@@ -38,7 +38,7 @@ from .model import Data2Vec2
 
 def load_student(path: str) -> Data2Vec2:
     cfg, student, _ = read_weights(path)
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     model.load_state_dict(student, strict=True)
     return model.eval()
 
@@ -102,7 +102,7 @@ def _files(path: Path, suffixes: tuple[str, ...], kind: str) -> list[Path]:
     return files
 
 
-def find_items(path: str, cfg: Config) -> list[Item]:
+def find_items(path: str, cfg: ModelSpec) -> list[Item]:
     """The inputs under ``path`` for a model of ``cfg``'s modality."""
     p = Path(path)
     if not p.exists():

@@ -14,7 +14,7 @@ DROPOUT = ["model.encoder_dropout=0.1", "model.attention_dropout=0.1", "model.ac
 def _loss_and_grads(preset: str, every: int, extra: list[str]):
     cfg = load_config(preset, [f"model.activation_checkpointing={every}", *extra])
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     source = synthetic_batch(cfg, 4, torch.Generator().manual_seed(1))
     mask = model.make_mask(0, 0, torch.arange(4), source)

@@ -147,7 +147,7 @@ def test_image_parity_through_the_public_converter(tmp_path, fairseq_fixture):
     assert blob["format"] == FORMAT
     cfg = config_from_dict(blob["config"])
     assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.img_size, cfg.decoder.layers) == (64, 3, 224, 2)
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     model.load_state_dict(blob["student"], strict=True)
     teacher = build_teacher(model, cfg)
     teacher.module.load_state_dict(blob["teacher"], strict=True)

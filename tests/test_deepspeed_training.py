@@ -74,7 +74,7 @@ def test_deepspeed_launcher_two_processes(tmp_path):
     tag_dir = tmp_path / "run" / "checkpoints" / "step_00000004"
     assert convert_main(["to-fairseq", str(tag_dir), str(tmp_path / "fairseq.pt")]) == 0
     student, teacher = from_fairseq(torch.load(tmp_path / "fairseq.pt", weights_only=True)["model"], "image")
-    model = Data2Vec2(config_from_dict(read_run_info(tag_dir)["config"]))
+    model = Data2Vec2(config_from_dict(read_run_info(tag_dir)["config"]).model_spec())
     model.load_state_dict(student, strict=True)
     model.teacher_copy().load_state_dict(teacher, strict=True)
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # the EMA moved away from the student

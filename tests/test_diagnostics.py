@@ -14,7 +14,7 @@ from d2v2scale.train.reporting import Diagnostics
 def test_a_collapsing_teacher_is_reported(tmp_path, capsys):
     cfg = load_config("tiny_image", ["train.warn_layer_spread_ratio=0.1"])
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     source = synthetic_batch(cfg, 4, torch.Generator().manual_seed(1))
     mask = model.make_mask(0, 0, torch.arange(4), source)

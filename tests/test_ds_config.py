@@ -41,7 +41,7 @@ def test_weight_decay_groups():
     from d2v2scale.model import Data2Vec2
 
     for preset in ("tiny_image", "tiny_audio"):
-        model = Data2Vec2(load_config(preset))
+        model = Data2Vec2(load_config(preset).model_spec())
         decay, no_decay = param_groups(model, 0.05)
         names = {id(p): n for n, p in model.named_parameters()}
         nd = {names[id(p)] for p in no_decay["params"]}

@@ -15,7 +15,7 @@ from conftest import fixture_config
 
 def _loaded(fx):
     cfg = fixture_config()
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     student, teacher_sd = from_fairseq(fx["state_dict"], "image")
     model.load_state_dict(student, strict=True)
     teacher = build_teacher(model, cfg)

@@ -19,7 +19,7 @@ CLIP_SAMPLES = [4000, 7100, 5500, 9000, 4321]  # deliberately unsorted, all diff
 def _weights(tmp_path, preset: str) -> str:
     cfg = load_config(preset)
     torch.manual_seed(0)
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     path = tmp_path / f"{preset}.pt"
     torch.save({"format": FORMAT, "config": cfg.to_dict(), "student": model.state_dict(), "teacher": None}, path)
     return str(path)
@@ -52,7 +52,7 @@ def test_padded_batch_equals_each_clip_alone_and_mean_skips_padding(audio_case, 
     names1, alone, _ = _read(tmp_path / "none1.npz")
     assert names == names1 == [str(clips / f"clip{k}.wav") for k in range(len(CLIP_SAMPLES))]
     # frames per clip follow the CNN arithmetic of each clip's own length, not the padded length
-    model = Data2Vec2(load_config("tiny_audio"))
+    model = Data2Vec2(load_config("tiny_audio").model_spec())
     assert lengths.tolist() == model.encoder.local_encoder.output_lengths(torch.tensor(CLIP_SAMPLES)).tolist()
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -72,7 +72,7 @@ def test_layer_selection(audio_case, tmp_path):
     torch.testing.assert_close(out["-1"], out["2"], atol=0, rtol=0)  # tiny_audio has 3 shared blocks
     assert not torch.allclose(out["0"], out["-1"])
     # the mean over blocks, computed directly on one clip without padding
-    model = Data2Vec2(load_config("tiny_audio"))
+    model = Data2Vec2(load_config("tiny_audio").model_spec())
     model.load_state_dict(torch.load(weights, weights_only=True)["student"])
     model.eval()
     wav = torch.from_numpy(load_audio(clips / "clip0.wav"))[None]

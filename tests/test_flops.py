@@ -26,7 +26,7 @@ DENSE = {
 def _counted(preset, overrides, backward):
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     source = synthetic_batch(cfg, 3, torch.Generator().manual_seed(0))
     mask = model.make_mask(0, 0, torch.arange(3), source)

@@ -12,7 +12,7 @@ from d2v2scale.teacher import build_teacher
 def test_200_adamw_steps_lower_the_loss(preset):
     torch.manual_seed(0)
     cfg = load_config(preset)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
     batch = 8

@@ -111,7 +111,7 @@ def _measured_activation_peak(cfg):
     from d2v2scale.teacher import build_teacher
 
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     source = synthetic_batch(cfg, 16, torch.Generator().manual_seed(0))
     mask = model.make_mask(0, 0, torch.arange(16), source)

@@ -14,7 +14,7 @@ from d2v2scale.teacher import EMASchedule, EMATeacher, FlatGroup, build_teacher
 def _model(preset, *overrides):
     torch.manual_seed(0)
     cfg = load_config(preset, list(overrides))
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     return cfg, model, build_teacher(model, cfg)
 
 
@@ -253,7 +253,7 @@ def test_targets_reach_the_model_as_a_callable_or_precomputed():
 
     cfg = load_config("tiny_audio", ["model.mask_noise_std=0"])
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).train()
+    model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
     source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
     mask = model.make_mask(0, 0, torch.arange(2), source)
@@ -280,3 +280,20 @@ def test_model_code_imports_no_training_profiling_or_distributed_code():
                     (path.name, name)
             if isinstance(node, ast.Import):
                 assert not any(a.name.split(".")[0] == "deepspeed" for a in node.names), path.name
+            if isinstance(node, ast.ImportFrom) and node.module == "config":  # the model-only section, not Config
+                assert {a.name for a in node.names} <= {"ModelSpec", "ModelConfig", "DecoderConfig"}, path.name
+
+
+def test_the_model_reads_only_its_config_section():
+    """A ModelSpec without data/train/parallel keys builds the same model as the full Config's."""
+    from d2v2scale.config import ModelSpec
+
+    cfg = load_config("tiny_image")
+    spec = cfg.model_spec()
+    assert set(spec.__dataclass_fields__) == {"model", "decoder", "masking", "teacher"}
+    torch.manual_seed(0)
+    a = Data2Vec2(spec)
+    torch.manual_seed(0)
+    b = Data2Vec2(ModelSpec(cfg.model, cfg.decoder, cfg.masking, cfg.teacher))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not hasattr(a.cfg, "train") and not hasattr(a.cfg, "data")

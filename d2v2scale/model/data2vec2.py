@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import ModelSpec
 from . import counter_rng
 from .blocks import checkpointed, make_blocks, run_block
 from .decoder import Decoder1d, Decoder2d
@@ -93,7 +93,7 @@ class Data2Vec2(nn.Module):
     # Phase timing from outside: a profiler sets ``model.phase = timer.phase``; off, a shared no-op.
     phase: Callable[[str], ContextManager] = staticmethod(_no_phase)
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelSpec):
         super().__init__()
         m = cfg.model
         self.cfg = cfg

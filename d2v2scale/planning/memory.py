@@ -67,7 +67,7 @@ def _param_counts(key: str, tp: int) -> ParamCounts:
     from ..model import Data2Vec2
 
     with torch.device("meta"):
-        model = Data2Vec2(cfg)
+        model = Data2Vec2(cfg.model_spec())
         teacher = model.teacher_copy()
     sharded_suffixes = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                         "attn.proj.weight", "mlp.fc2.weight")

@@ -141,7 +141,7 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     """Model (identical init on every rank) → tensor parallelism → teacher copy → backend (student
     wrapped, optimizer, sharded EMA teacher)."""
     torch.manual_seed(cfg.seed)
-    model = Data2Vec2(cfg)
+    model = Data2Vec2(cfg.model_spec())
     tp_rng = TPRegionRNG(int(combine(cfg.seed, dims.dp_rank, dims.tp_rank, 1)), device)
     model = parallelize(model, dims, tp_rng).to(device)
     # Default stream (dropout outside TP regions, mask noise): same within a TP group, differs across DP.

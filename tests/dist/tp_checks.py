@@ -141,7 +141,7 @@ def step_check(dims, preset):
     """A full data2vec 2.0 step + 3 AdamW steps: TP=2 vs the same model unsharded."""
     cfg = load_config(preset, ["model.clone_batch=2"])
     torch.manual_seed(0)
-    ref = Data2Vec2(cfg).train()
+    ref = Data2Vec2(cfg.model_spec()).train()
     tp = parallelize(copy.deepcopy(ref), dims, TPRegionRNG(1, torch.device("cpu"))).train()
     t_ref, t_tp = build_teacher(ref, cfg), build_teacher(tp, cfg)
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)

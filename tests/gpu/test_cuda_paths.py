@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _step(cfg, device, dtype):
     torch.manual_seed(0)
-    model = Data2Vec2(cfg).to(device).train()
+    model = Data2Vec2(cfg.model_spec()).to(device).train()
     teacher = build_teacher(model, cfg)
     source = synthetic_batch(cfg, 4, torch.Generator().manual_seed(1)).to(device)
     mask = model.make_mask(0, 0, torch.arange(4), source)
