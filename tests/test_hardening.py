@@ -224,26 +224,33 @@ def test_ctrl_c_checkpoints_the_step_and_exits_3(tmp_path):
     assert rows[-1]["step"] in (saved, saved - 1) and saved >= 3
 
 
-class _FakeEngine:
-    def __init__(self, fail: bool):
-        self.fail = fail
+class _FakeBackend:
+    """One fp32 weight with its AdamW moments: enough state for a real layout-free checkpoint write."""
 
-    def save_checkpoint(self, root, tag, client_state, save_latest):
-        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+    def __init__(self):
+        self.w = torch.zeros(250)
+
+    def state_ranges(self):
+        return [("w", 0, 250, {"model": self.w, "exp_avg": self.w, "exp_avg_sq": self.w})]
+
+    def scalars(self):
+        return {"optimizer_steps": 0, "lr_iteration": 0, "skipped_steps": 0, "global_steps": 0}
 
 
 class _FakeTeacher:
-    def state_dict(self):
-        return {"w": torch.zeros(10)}
+    num_updates = 0
+
+    def ranges(self):
+        return [("w", 0, 250, torch.zeros(250))]
 
 
 def _fake_trainer():
     from types import SimpleNamespace
 
     dims = SimpleNamespace(rank=0, tp_rank=0, dp_rank=0)
-    return SimpleNamespace(engine=_FakeEngine(False), teacher=_FakeTeacher(), tp_rng=None, dims=dims,
-                           device=torch.device("cpu"))
+    cfg = SimpleNamespace(train=SimpleNamespace(checkpoint_format="layout_free"))
+    return SimpleNamespace(backend=_FakeBackend(), teacher=_FakeTeacher(), tp_rng=None, dims=dims, cfg=cfg,
+                           params={"w": ((250,), None)}, device=torch.device("cpu"))
 
 
 def test_a_full_disk_is_one_line_and_keeps_latest(tmp_path, monkeypatch):
