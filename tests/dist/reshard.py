@@ -1,6 +1,6 @@
 """Checkpoint under layout A, resume under layout B, in one process group; write the losses (rank 0).
 
-    torchrun --nproc_per_node N reshard.py OUT.json PRESET STEPS K PAIRS [overrides...]
+    torchrun --nproc_per_node N reshard.py OUT.json PRESET STEPS K PAIRS [overrides...] [--bf16]
 
 PAIRS: comma-separated ``A>B``; a layout is ``z0``..``z3`` (DeepSpeed ZeRO stage, tp 1), ``tp2``
 (DeepSpeed ZeRO-1, tp 2) or ``fsdp2`` (FSDP2, resharding after forward, tp 1). For every pair:
@@ -30,7 +30,8 @@ LAYOUTS = {f"z{s}": ("deepspeed", s, 1) for s in range(4)} | {"tp2": ("deepspeed
 def main():
     out, preset, steps, k, pairs = sys.argv[1:6]
     steps, k = int(steps), int(k)
-    overrides = sys.argv[6:]
+    overrides = [a for a in sys.argv[6:] if a != "--bf16"]
+    bf16 = "--bf16" in sys.argv[6:]
     _, device = init_distributed(1)
     dims_by_tp = {}
 
@@ -42,7 +43,7 @@ def main():
             dims_by_tp[tp].build_groups()
         dims = dims_by_tp[tp]
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
-        ds["zero_optimization"] = {"stage": stage}
+        ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
         if cfg.model.modality != "audio":
             # Masks are equalised within a micro-batch (as in fairseq): the same objective needs the
             # same micro-batch size in every layout, the accumulation steps absorb the change of dp.
