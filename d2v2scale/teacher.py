@@ -101,9 +101,14 @@ class ShardedEMA:
         self.num_updates = num_updates
         if decay >= 1.0:
             return decay
-        torch._foreach_lerp_(self.masters, [v.float() for v in self.student_values(student)], 1.0 - decay)
+        targets, sources = self.pairs(student)
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
         self.publish()
         return decay
+
+    def pairs(self, student=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA tensors, the fp32 student values they move towards), element for element."""
+        return self.masters, [v.float() for v in self.student_values(student)]
 
     def publish(self) -> None:
         """Make ``module`` compute with the masters' current values (nothing to do when they are its own)."""
@@ -190,24 +195,33 @@ class EMATeacher(ShardedEMA):
             self.flats.append(flat)
             self.masters.append(master)
         self.buckets = _buckets([g.numel for g in self.groups], bucket_numel)
+        self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------- sources
-    def slices_from(self, student: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's slice of every group, assembled from full student parameters (default layout)."""
-        out = []
-        for g, master in zip(self.groups, self.masters):
-            lo, hi = self.shard_rank * master.numel(), (self.shard_rank + 1) * master.numel()
-            piece = torch.zeros_like(master)
-            for name, off, a, b in _overlaps(g, lo, hi, student):
-                piece[a - lo : b - lo] = student[name].detach().reshape(-1)[a - off : b - off].float()
-            out.append(piece)
-        return out
+    def bind_student(self, student: nn.Module | dict[str, torch.Tensor]) -> None:
+        """Move towards these fp32 tensors from now on (the student's parameters, or an optimizer's
+        fp32 masters: storage that lives as long as the run). The ranges of masters and student that
+        meet are paired as views once, so an update is one ``_foreach_lerp_`` that allocates nothing."""
+        self._bound = self.view_pairs(student)
 
-    def student_values(self, student: nn.Module | dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
-        """Bound sources, else this rank's slices of the given student's parameters (default layout)."""
-        if self._sources is not None or student is None:
-            return super().student_values(student)
-        return self.slices_from(dict(student.named_parameters()) if isinstance(student, nn.Module) else student)
+    def view_pairs(self, student: nn.Module | dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        named = dict(student.named_parameters()) if isinstance(student, nn.Module) else student
+        targets, sources = [], []
+        for g, master in zip(self.groups, self.masters):
+            lo = self.shard_rank * master.numel()
+            for name, off, a, b in _overlaps(g, lo, lo + master.numel(), named):
+                targets.append(master[a - lo : b - lo])
+                sources.append(named[name].detach().reshape(-1)[a - off : b - off].float())
+        return targets, sources
+
+    def pairs(self, student=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views bound by :meth:`bind_student`, or of the ``student`` given to this update, or the
+        bound per-group sources."""
+        if student is not None:
+            return self.view_pairs(student)
+        if self._bound is not None:
+            return self._bound
+        return super().pairs(student)
 
     # -------------------------------------------------------------------------------- update
     def publish(self) -> None:
@@ -303,5 +317,8 @@ def ema_schedule(cfg) -> EMASchedule:
 
 
 def build_teacher(model: nn.Module, cfg, compute_dtype: torch.dtype = torch.float32) -> EMATeacher:
-    """The (unsharded) EMA teacher of a single-device :class:`~d2v2scale.model.Data2Vec2` student."""
-    return EMATeacher(model.teacher_copy(), ema_schedule(cfg), compute_dtype=compute_dtype)
+    """The (unsharded) EMA teacher of a single-device :class:`~d2v2scale.model.Data2Vec2` student,
+    bound to the student's parameters (``update(step)`` needs no student argument)."""
+    teacher = EMATeacher(model.teacher_copy(), ema_schedule(cfg), compute_dtype=compute_dtype)
+    teacher.bind_student(model)
+    return teacher

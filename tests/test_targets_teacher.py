@@ -297,3 +297,23 @@ def test_the_model_reads_only_its_config_section():
     b = Data2Vec2(ModelSpec(cfg.model, cfg.decoder, cfg.masking, cfg.teacher))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not hasattr(a.cfg, "train") and not hasattr(a.cfg, "data")
+
+
+def test_a_bound_ema_update_lerps_views_and_allocates_nothing():
+    """build_teacher binds the student once: every update lerps the same views of the student's own
+    parameter storage into views of the masters (no per-step buffers, no copies)."""
+    cfg = load_config("tiny_image")
+    model = Data2Vec2(cfg.model_spec())
+    teacher = build_teacher(model, cfg)
+    targets, sources = teacher.pairs()
+    assert teacher.pairs()[1] is sources
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert all(s.untyped_storage().data_ptr() in storages for s in sources)
+    masters = {m.untyped_storage().data_ptr() for m in teacher.masters}
+    assert all(t.untyped_storage().data_ptr() in masters for t in targets)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    expected = [t.clone().lerp_(s, 1 - teacher.decay(1)) for t, s in zip(targets, sources)]
+    teacher.update(1)
+    assert all(torch.equal(t, e) for t, e in zip(teacher.pairs()[0], expected))

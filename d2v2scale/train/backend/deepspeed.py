@@ -129,7 +129,7 @@ def build_sharded_teacher(
     names = [n for n, p in teacher_module.named_parameters() if p.requires_grad]
     teacher = EMATeacher(teacher_module, schedule, groups=default_groups(teacher_module, names, dims.dp), **common)
     masters = _stage0_masters(engine)
-    teacher.bind_sources(lambda: teacher.slices_from(masters))
+    teacher.bind_student(masters)
     return teacher
 
 
