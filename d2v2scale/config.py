@@ -43,6 +43,7 @@ class ModelConfig:
     layerdrop: float = 0.0
     clone_batch: int = 1  # M: masked views per sample
     activation_checkpointing: int = 0  # student blocks: 0 off, 1 every block, k every k-th block
+    compile: bool = False  # regional torch.compile of every Transformer block and the decoder (d2v2scale.train.compile)
     average_top_k_layers: int = 12
     instance_norm_target_layer: bool = True
     layer_norm_target_layer: bool = False

@@ -164,10 +164,10 @@ def test_zero_stages_match_single_process(tmp_path):
     for resident in runs["fsdp2"]["teacher_resident_bytes"]:
         assert resident == pytest.approx(planned["teacher_fp32_masters"], rel=0.05)
     # activation checkpointing composes with ZeRO's sharding: recomputed blocks, same objective
-    _launch(_torchrun(2), script, str(tmp_path / "ckpt.json"), "tiny_image", "16", "1", "2,3", "1", *overrides,
-            "model.activation_checkpointing=1")
+    _launch(_torchrun(2), script, str(tmp_path / "ckpt.json"), "tiny_image", "16", "1", "2,3,fsdp2+compile", "1",
+            *overrides, "model.activation_checkpointing=1")
     checkpointed = json.loads((tmp_path / "ckpt.json").read_text())
-    for stage in ("2", "3"):
+    for stage in ("2", "3", "fsdp2+compile"):  # ... and with FSDP2 and regional torch.compile on top
         for got, want in zip(checkpointed[stage]["losses"], ref["losses"]):
             assert got == pytest.approx(want, rel=1e-5), (stage, got, want)
 

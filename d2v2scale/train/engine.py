@@ -36,6 +36,7 @@ from ..profiling.timers import StepTimer
 from ..teacher import ShardedEMA, ema_schedule
 from . import checkpoint
 from .backend import Backend, build_backend
+from .compile import apply_compile
 from .ds_config import BatchPlan
 from .faults import (NonFiniteTraining, Preempted, StopFlag, all_finite, injected_nan_steps, poisoned,
                      tensors_finite)
@@ -147,6 +148,9 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     # Default stream (dropout outside TP regions, mask noise): same within a TP group, differs across DP.
     torch.manual_seed(int(combine(cfg.seed, dims.dp_rank, 2)))
     teacher_module = model.teacher_copy()  # before the backend: ZeRO-3 and FSDP2 replace the parameters
+    if cfg.model.compile:
+        apply_compile(model)
+        apply_compile(teacher_module)
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     params = {n: (tuple(p.shape), tp_slice(p, dims)) for n, p in model.named_parameters()}
     backend = build_backend(cfg.parallel.backend, model, teacher_module, ds_config, dims, ema_schedule(cfg), device,

@@ -4,7 +4,8 @@ per-step losses, the teacher checksum and the sharded-teacher check (rank 0) to 
     python|torchrun zero_stages.py OUT.json PRESET MICRO GAS RUNS TP [overrides...] [--bf16]
 
 RUNS: comma-separated DeepSpeed ZeRO stages (0-3) and/or ``fsdp2`` (the FSDP2 backend, resharding
-after forward). MICRO/GAS may be ``auto`` (audio presets size micro-batches by max_tokens).
+after forward), each optionally with ``+fused`` (fused AdamW) and/or ``+compile`` (model.compile).
+MICRO/GAS may be ``auto`` (audio presets size micro-batches by max_tokens).
 Alongside the sharded teacher, every rank keeps an unsharded fp32 EMA of the full fp32 student
 weights (gathered each step: DeepSpeed's public helpers, or DTensor.full_tensor) as the reference
 it must equal.
@@ -54,9 +55,12 @@ def main():
     dims, device = init_distributed(cfg.parallel.tp)
     results = {}
     for run in stages.split(","):
-        cfg.parallel.backend = "fsdp2" if run == "fsdp2" else "deepspeed"
-        stage = 3 if run == "fsdp2" else int(run)
+        layout, *options = run.split("+")
+        cfg.parallel.backend = "fsdp2" if layout == "fsdp2" else "deepspeed"
+        cfg.model.compile = "compile" in options
+        stage = 3 if layout == "fsdp2" else int(layout)
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
+        ds["optimizer"]["params"]["fused"] = "fused" in options
         ds["train_micro_batch_size_per_gpu"] = "auto" if micro == "auto" else int(micro)
         ds["gradient_accumulation_steps"] = "auto" if gas == "auto" else int(gas)
         ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
@@ -86,7 +90,8 @@ def main():
         if stage < 3:  # the module's parameters are whole only below ZeRO-3
             from d2v2scale.data.synthetic import synthetic_batch
 
-            source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(5)).to(device, tr.dtype)
+            source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(5)).to(device)
+            source = source.to(tr.dtype) if source.is_floating_point() else source  # text: token ids
             local, valid = tr.model.encoder.local_features(source, None)
             dtypes["targets"] = str(tr.model.teacher_targets(tr.teacher.module, source, local, valid, None).dtype)
         results[run] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),

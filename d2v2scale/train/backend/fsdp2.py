@@ -118,7 +118,7 @@ class FSDP2Backend:
         wd = opt.get("weight_decay", 0.0)
         self.optimizer = torch.optim.AdamW(param_groups(model, wd, tracked), lr=opt.get("lr", 1e-3),
                                            betas=tuple(opt.get("betas", (0.9, 0.999))), eps=opt.get("eps", 1e-8),
-                                           weight_decay=wd)
+                                           weight_decay=wd, fused=opt.get("fused"), foreach=opt.get("foreach"))
         self.scheduler = schedule_from(ds_config, self.optimizer)
         self.clip = float(ds_config.get("gradient_clipping", 0.0))
         self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
