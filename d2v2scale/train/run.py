@@ -195,6 +195,9 @@ def prepare(args) -> Setup:
                           f"train.max_updates={cfg.train.max_updates}: the learning rate would never reach its peak "
                           "(a ds_config for another preset?); pass train.allow_long_warmup=true if intended")
     notes = [scaling_note] if scaling_note else []
+    if env.world_size // tp == 1 and stage in (1, 2) and backend == ParallelConfig().backend:
+        notes.append(f"note: one data-parallel rank: ZeRO-{stage} partitions nothing but still copies gradients into "
+                     "its flat buffers; zero_optimization.stage=0 runs the same step faster (bench/step_paths.py)")
     foreign = _preset_of_ds_config(args.ds_config)
     if foreign and foreign != cfg.preset:
         notes.append(f"warning: {args.ds_config} is written for preset '{foreign}', this run is '{cfg.preset}'")

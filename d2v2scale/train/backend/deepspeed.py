@@ -218,8 +218,8 @@ class SkipNonFinite:
 
     def step(self, closure=None):
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        local = all(bool(torch.isfinite(g).all()) for g in grads)
-        self.overflow = not all_finite(torch.tensor([0.0 if local else float("nan")], device=self.device), None)
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
+        self.overflow = not all_finite(norms.sum(), None)  # one reduction, one collective, one host read
         if self.overflow:
             self.optimizer.zero_grad(set_to_none=True)
             return None

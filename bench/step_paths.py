@@ -1,0 +1,139 @@
+"""The step users run against the plain step, side by side in one process (1 CPU thread).
+
+- ``plain``: the data2vec 2.0 step written directly — masks, teacher, student, decoder, backward,
+  clipping, AdamW, EMA — on one model, no engine;
+- ``deepspeed ZeRO-k``: the same step through ``d2v2scale.train.engine.train_step`` and the
+  DeepSpeed backend built from ``ds_configs/cpu_tiny.json`` at stage k (one process);
+- ``fsdp2``: the same through the FSDP2 backend;
+- ``+compile``: with ``model.compile=true`` (regional torch.compile of every block and the decoder).
+
+Variants run round-robin so machine noise hits them alike; the median after warm-up (which
+includes compilation) is reported with the ratio to the plain eager step, model FLOPs utilisation
+against this CPU's measured fp32 matmul rate, and the phase split of the DeepSpeed ZeRO-1 step.
+
+    python bench/step_paths.py [--preset tiny_image] [--batch 8] [--clones 8] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from d2v2scale.config import load_config  # noqa: E402
+from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
+from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
+from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
+from d2v2scale.profiling.flops import StepShape, device_peak_flops, step_flops  # noqa: E402
+from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
+from d2v2scale.teacher import build_teacher  # noqa: E402
+from d2v2scale.train.compile import apply_compile  # noqa: E402
+from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
+from d2v2scale.train.optim import param_groups  # noqa: E402
+
+
+def plain(cfg, ds: dict, compile_: bool):
+    """The step without an engine: the reference's structure, the ds_config's optimizer and clipping."""
+    torch.manual_seed(cfg.seed)
+    model = Data2Vec2(cfg.model_spec()).train()
+    teacher = build_teacher(model, cfg)
+    if compile_:
+        apply_compile(model)
+        apply_compile(teacher.module)
+    opt_params = ds["optimizer"]["params"]
+    wd = opt_params["weight_decay"]
+    opt = torch.optim.AdamW(param_groups(model, wd, {n for n, _ in teacher.module.named_parameters()}),
+                            lr=opt_params["lr"], betas=opt_params["betas"], eps=opt_params["eps"], weight_decay=wd,
+                            fused=opt_params.get("fused"))
+    batch = cfg.data.max_tokens // cfg.data.max_sample_size if cfg.model.modality == "audio" else ds["train_micro_batch_size_per_gpu"]
+    source = synthetic_batch(cfg, batch, torch.Generator().manual_seed(0))
+    ids = torch.arange(batch)
+    clip = ds.get("gradient_clipping", 0.0)
+
+    def step(k: int) -> None:
+        mask = model.make_mask(cfg.seed, k, ids, source)
+        loss = normalize_loss(model(source, model.teacher_fn(teacher.module), mask))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        teacher.update(k + 1)
+
+    return step
+
+
+def engine_path(cfg, ds: dict, dims, device, backend: str, stage: int, compile_: bool):
+    cfg = copy.deepcopy(cfg)
+    cfg.parallel.backend, cfg.model.compile = backend, compile_
+    ds = copy.deepcopy(ds)
+    ds["zero_optimization"] = {"stage": stage}
+    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan_batch(ds, cfg, 1)), plan_batch(ds, cfg, 1), dims, device)
+    tr.model.train()
+    return tr, lambda k: train_step(tr, k)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny_image")
+    p.add_argument("--batch", type=int, default=8, help="samples per step (images, text blocks)")
+    p.add_argument("--clones", type=int, default=8, help="masks per sample M")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dims, device = init_distributed(1)
+    cfg = load_config(args.preset, ["data.kind=synthetic", f"model.clone_batch={args.clones}", "model.mask_noise_std=0",
+                                    f"train.global_batch={args.batch}", "train.allow_long_warmup=true"])
+    ds = load_ds_config(str(ROOT / "ds_configs" / "cpu_tiny.json"))
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = args.batch, 1
+    if cfg.model.modality == "audio":
+        ds["train_micro_batch_size_per_gpu"] = "auto"
+    variants, trainers = {}, {}
+    for compile_ in (False, True):
+        tag = "+compile" if compile_ else ""
+        variants[f"plain{tag}"] = plain(cfg, ds, compile_)
+        for backend, stages in (("deepspeed", (0, 1, 2) if not compile_ else (1,)), ("fsdp2", (0,))):
+            for stage in stages:
+                name = f"{backend} ZeRO-{stage}{tag}" if backend == "deepspeed" else f"fsdp2{tag}"
+                trainers[name], variants[name] = engine_path(cfg, ds, dims, device, backend, stage, compile_)
+    for name in ("deepspeed ZeRO-1", "deepspeed ZeRO-1+compile"):
+        tr = trainers[name]
+        tr.timer = StepTimer(device, enabled=True)
+        tr.model.phase = tr.timer.phase
+    times = {k: [] for k in variants}
+    for k in range(args.warmup + args.steps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn(k)
+            if k >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    tr = trainers["deepspeed ZeRO-1"]
+    shape = StepShape(tr.last_shape["samples"], tr.last_shape["positions"], tr.last_shape["kept"])
+    flops = step_flops(cfg, shape, tr.last_shape["input_len"])
+    peak = device_peak_flops(device, torch.float32)
+    base = statistics.median(times["plain"])
+    print(f"{args.preset}: {shape.samples} samples × M={args.clones}, T={shape.positions} (kept {shape.kept}); "
+          f"median of {args.steps} steps after {args.warmup} warm-up, 1 CPU thread; model FLOPs/step {flops:.3g}, "
+          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:<26} {med * 1e3:8.1f} ms   ×{med / base:5.2f} vs plain   MFU {flops / med / peak:6.1%}")
+    for name in ("deepspeed ZeRO-1", "deepspeed ZeRO-1+compile"):
+        rows = trainers[name].timer.resolve()[args.warmup:]
+        split = {ph: statistics.median(r.get(ph, 0.0) for r in rows) for ph in PHASES}
+        print(f"  phases of {name}: " + ", ".join(f"{ph} {v * 1e3:.1f}" for ph, v in split.items() if v) + " ms")
+
+
+if __name__ == "__main__":
+    main()
