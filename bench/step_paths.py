@@ -1,7 +1,7 @@
 """The step users run against the plain step, side by side in one process (1 CPU thread).
 
-- ``plain``: the data2vec 2.0 step written directly — masks, teacher, student, decoder, backward,
-  clipping, AdamW, EMA — on one model, no engine;
+- ``plain``: the data2vec 2.0 step written directly — the same data loader, masks, teacher,
+  student, decoder, backward, clipping, AdamW, EMA — on one model, no engine;
 - ``deepspeed ZeRO-k``: the same step through ``d2v2scale.train.engine.train_step`` and the
   DeepSpeed backend built from ``ds_configs/cpu_tiny.json`` at stage k (one process);
 - ``fsdp2``: the same through the FSDP2 backend;
@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from d2v2scale.config import load_config  # noqa: E402
-from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
+from d2v2scale.data.loader import StepLoader  # noqa: E402
+from d2v2scale.data.schedule import RankSchedule  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, device_peak_flops, step_flops  # noqa: E402
@@ -43,7 +44,8 @@ from d2v2scale.train.optim import param_groups  # noqa: E402
 
 
 def plain(cfg, ds: dict, compile_: bool):
-    """The step without an engine: the reference's structure, the ds_config's optimizer and clipping."""
+    """The step without an engine: the reference's structure, the ds_config's optimizer and clipping,
+    the data from the same :class:`~d2v2scale.data.loader.StepLoader` the engine path reads."""
     torch.manual_seed(cfg.seed)
     model = Data2Vec2(cfg.model_spec()).train()
     teacher = build_teacher(model, cfg)
@@ -55,14 +57,16 @@ def plain(cfg, ds: dict, compile_: bool):
     opt = torch.optim.AdamW(param_groups(model, wd, {n for n, _ in teacher.module.named_parameters()}),
                             lr=opt_params["lr"], betas=opt_params["betas"], eps=opt_params["eps"], weight_decay=wd,
                             fused=opt_params.get("fused"))
-    batch = cfg.data.max_tokens // cfg.data.max_sample_size if cfg.model.modality == "audio" else ds["train_micro_batch_size_per_gpu"]
-    source = synthetic_batch(cfg, batch, torch.Generator().manual_seed(0))
-    ids = torch.arange(batch)
+    bp = plan_batch(ds, cfg, 1)
+    schedule = RankSchedule(bp.global_batch, bp.micro_batch, bp.grad_accum, 0, 1)
+    loader = StepLoader(cfg, schedule, torch.device("cpu"), torch.float32, verbose=False,
+                        prefetch_steps=cfg.data.prefetch_steps)
     clip = ds.get("gradient_clipping", 0.0)
 
     def step(k: int) -> None:
-        mask = model.make_mask(cfg.seed, k, ids, source)
-        loss = normalize_loss(model(source, model.teacher_fn(teacher.module), mask))
+        (mb,) = loader.step(k)
+        mask = model.make_mask(cfg.seed, k, mb.sample_ids, mb.source, mb.lengths)
+        loss = normalize_loss(model(mb.source, model.teacher_fn(teacher.module), mask, lengths=mb.lengths))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
