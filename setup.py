@@ -17,7 +17,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["d2v2scale", "d2v2scale.*"]),
-    package_data={"d2v2scale": ["presets/*.yaml"]},
+    package_data={"d2v2scale": ["presets/*.yaml", "py.typed"]},
+    entry_points={"console_scripts": [
+        "d2v2scale-pretrain = d2v2scale.pretrain:entry",
+        "d2v2scale-plan = d2v2scale.plan:entry",
+        "d2v2scale-report = d2v2scale.report:entry",
+        "d2v2scale-convert = d2v2scale.convert:entry",
+        "d2v2scale-features = d2v2scale.features:entry",
+    ]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

@@ -172,6 +172,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def run_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the keys only other modalities read (what a run's config.yaml shows)."""
+        out = self.to_dict()
+        for modality, sections in MODALITY_KEYS.items():
+            if modality != self.model.modality:
+                for section, keys in sections.items():
+                    for key in keys:
+                        out[section].pop(key, None)
+        return out
+
     def model_spec(self) -> "ModelSpec":
         """The sections the model reads (``d2v2scale.model`` sees nothing else)."""
         return ModelSpec(self.model, self.decoder, self.masking, self.teacher)
@@ -200,6 +210,14 @@ class ModelSpec:
 
 
 MASK_KINDS = ("auto", "block2d", "block1d", "random")
+# Keys only one modality reads, by section (the others' are left out of a run's config.yaml).
+MODALITY_KEYS = {
+    "image": {"model": ("img_size", "patch_size", "in_chans")},
+    "audio": {"model": ("conv_feature_layers", "conv_pos_width", "conv_pos_depth", "conv_pos_groups", "use_alibi",
+                        "alibi_scale"),
+              "data": ("max_tokens", "min_sample_size", "max_sample_size")},
+    "text": {"model": ("vocab_size", "max_positions", "pad_idx", "embed_dropout")},
+}
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 _SCALARS = ("preset", "seed")
 

@@ -243,7 +243,7 @@ def _from_shards(tag_dir: Path, cfg: Config) -> tuple[dict, dict]:
     """Full fp32 student and teacher weights from a layout-free checkpoint, whatever layout wrote it.
     Frozen weights (fixed positions) are not in checkpoints: they come from the model's own init."""
     from .model import Data2Vec2
-    from .train.shards import ShardReader, ShardFormatError
+    from .train.shards import ShardFormatError, ShardReader
 
     model = Data2Vec2(cfg.model_spec())
     reader = ShardReader(tag_dir)
@@ -321,5 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+
+def entry() -> None:
+    """The ``d2v2scale-convert`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -221,5 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+
+def entry() -> None:
+    """The ``d2v2scale-features`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

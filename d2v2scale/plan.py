@@ -274,5 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+
+def entry() -> None:
+    """The ``d2v2scale-plan`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

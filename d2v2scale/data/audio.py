@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..logs import LOG
 from ..model import counter_rng
 from .files import AUDIO_SUFFIXES, DataError, list_files, log_skipped, screen
 
@@ -236,7 +236,7 @@ class AudioSource:
         except ImportError:
             self.pipe = None
             if verbose:
-                print("[d2v2scale] NVIDIA DALI is not installed: decoding audio with soundfile", file=sys.stderr, flush=True)
+                LOG.warning("NVIDIA DALI is not installed: decoding audio with soundfile")
 
     @property
     def skipped(self) -> int:
@@ -256,7 +256,7 @@ class AudioSource:
         if i not in self.bad:
             self.bad.add(i)
             if self.verbose:
-                print(f"[d2v2scale] skipping {self.utts[i].path}: {reason}", file=sys.stderr, flush=True)
+                LOG.warning(f"skipping {self.utts[i].path}: {reason}")
 
     def _decode(self, members: list[int]) -> list[np.ndarray | None]:
         """Waveforms of ``members``; None for files known or found to be undecodable."""

@@ -9,9 +9,10 @@ loaders at run time (see :mod:`d2v2scale.data.images`).
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..logs import LOG
 
 _MAGIC = {
     ".jpg": (b"\xff\xd8\xff",),
@@ -84,7 +85,7 @@ def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
 def log_skipped(skipped: list[tuple[Path, str]]) -> None:
     """One line per unusable file, with its path and why."""
     for path, reason in skipped:
-        print(f"[d2v2scale] skipping {path}: {reason}", file=sys.stderr, flush=True)
+        LOG.warning(f"skipping {path}: {reason}")
 
 
 @functools.lru_cache(maxsize=8)

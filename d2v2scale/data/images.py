@@ -16,12 +16,12 @@ that is logged once.
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..logs import LOG
 from ..model import counter_rng
 from .files import IMAGE_SUFFIXES, build_index
 from .schedule import epoch_indices
@@ -53,8 +53,8 @@ def relative_window(params: np.ndarray, height: float, width: float) -> tuple[fl
 
 
 def _dali_pipeline(batch_size: int, size: int, device: str, device_id: int | None, threads: int):
-    from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
                   prefetch_queue_depth=1)
@@ -147,8 +147,7 @@ class ImageSource:
         except ImportError:
             self.pipe = None
             if verbose:
-                print("[d2v2scale] NVIDIA DALI is not installed: decoding images with PIL on the CPU (slow)",
-                      file=sys.stderr, flush=True)
+                LOG.warning("NVIDIA DALI is not installed: decoding images with PIL on the CPU (slow)")
         else:
             on_gpu = device.type == "cuda"
             self._pipe_args = (batch_size, img_size, "mixed" if on_gpu else "cpu", device.index if on_gpu else None, threads)
@@ -190,7 +189,7 @@ class ImageSource:
                 raise
             for i in newly:
                 if self.verbose:  # other ranks' finds are logged by rank 0 at the next log step
-                    print(f"[d2v2scale] skipping {self.index.files[i]}: failed to decode", file=sys.stderr, flush=True)
+                    LOG.warning(f"skipping {self.index.files[i]}: failed to decode")
             self.bad.update(newly)
             self.pipe = _dali_pipeline(*self._pipe_args)  # a pipeline that raised is no longer usable
             return self._run_dali(self._encoded(indices), params), None

@@ -29,6 +29,7 @@ from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
 from ..distributed.runtime import all_reduce
 from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, parallelize, tp_slice
+from ..logs import LOG, progress_line
 from ..model import Data2Vec2
 from ..model.counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
@@ -38,8 +39,15 @@ from . import checkpoint
 from .backend import Backend, build_backend
 from .compile import apply_compile
 from .ds_config import BatchPlan
-from .faults import (NonFiniteTraining, Preempted, StopFlag, all_finite, injected_nan_steps, poisoned,
-                     tensors_finite)
+from .faults import (
+    NonFiniteTraining,
+    Preempted,
+    StopFlag,
+    all_finite,
+    injected_nan_steps,
+    poisoned,
+    tensors_finite,
+)
 from .metrics import MetricsWriter
 from .reporting import Diagnostics, log_record
 
@@ -181,6 +189,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     stop = StopFlag()
     stop.install()
     rows, pending, t_last, consecutive = [], [], time.perf_counter(), 0
+    t_start = t_last
     tr.model.train()
     interactive = sys.stderr.isatty()  # batch jobs get one plain line per log step instead of a bar
     bar = tqdm(range(start_step, cfg.train.max_updates), initial=start_step, total=cfg.train.max_updates,
@@ -212,8 +221,10 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                 loss = float(row["loss"])  # "nan"/"inf" are strings in the JSON row
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
                 if rank0 and not interactive:
-                    print(f"[d2v2scale] step {row['step']}/{cfg.train.max_updates} loss {loss:.4f} "
-                          f"lr {row['lr']:.3e} {row['samples_per_s']:.1f} samples/s", flush=True)
+                    elapsed = time.perf_counter() - t_start
+                    eta = elapsed / (step + 1 - start_step) * (cfg.train.max_updates - step - 1)
+                    LOG.info(progress_line(row["step"], cfg.train.max_updates, loss, row["lr"], row["samples_per_s"],
+                                           elapsed, eta))
                 pending, t_last = [], time.perf_counter()
             preempted = stop.agreed(tr.device)
             if (step + 1) % cfg.train.save_every == 0 or done or preempted:

@@ -17,6 +17,7 @@ import signal
 import torch
 
 from ..distributed.runtime import all_reduce
+from ..logs import LOG
 
 EXIT_PREEMPTED = 3
 # Ctrl-C (SIGINT) is a stop request like Slurm's; a second Ctrl-C aborts at once.
@@ -49,8 +50,7 @@ class StopFlag:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
         if signum == signal.SIGINT:
-            print("[d2v2scale] Ctrl-C: finishing this step and checkpointing (press it again to abort without one)",
-                  flush=True)
+            LOG.info("Ctrl-C: finishing this step and checkpointing (press it again to abort without one)")
         self.received = signum
 
     def agreed(self, device: torch.device) -> bool:

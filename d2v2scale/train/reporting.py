@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..distributed.runtime import all_reduce
+from ..logs import LOG
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -29,7 +29,7 @@ def skipped_samples(tr) -> int:
         files = frozenset().union(*gathered)
     if tr.dims.rank == 0:
         for path in sorted(files - own - tr.reported_skips):
-            print(f"[d2v2scale] skipping {path}: unusable (found by another rank)", file=sys.stderr, flush=True)
+            LOG.warning(f"skipping {path}: unusable (found by another rank)")
         tr.reported_skips |= files - own
     return len(files)
 
@@ -105,5 +105,5 @@ class Diagnostics:
                 kind = w.split()[0]
                 if kind not in self.warned:
                     self.warned.add(kind)
-                    print(f"[d2v2scale] WARNING step {step + 1}: possible collapse: {w} (see diagnostics.jsonl)", flush=True)
+                    LOG.warning(f"WARNING step {step + 1}: possible collapse: {w} (see diagnostics.jsonl)")
         return warnings

@@ -13,11 +13,18 @@ import yaml
 
 from ..config import Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
+from ..logs import LOG
 from . import checkpoint
 from .backend import check_ds_config
+from .ds_config import (
+    BatchPlan,
+    describe_optimization,
+    load_ds_config,
+    plan_batch,
+    resolve_ds_config,
+    scale_batch_for_world,
+)
 from .shards import has_shards
-from .ds_config import (BatchPlan, describe_optimization, load_ds_config, plan_batch, resolve_ds_config,
-                        scale_batch_for_world)
 
 SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
@@ -203,7 +210,8 @@ def prepare(args) -> Setup:
         notes.append(f"warning: {args.ds_config} is written for preset '{foreign}', this run is '{cfg.preset}'")
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
     dry_run = getattr(args, "dry_run", False)
-    moved = check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
+    moved = None if getattr(args, "print_config", False) else \
+        check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
     layout = {"backend": backend, "tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
     resume_from = resolve_resume(args.resume, run_dir)
     if resume_from is not None:
@@ -214,8 +222,8 @@ def prepare(args) -> Setup:
             raise AlreadyComplete(f"{run_dir} is already complete at step {done} (train.max_updates="
                                   f"{cfg.train.max_updates}); nothing to do")
     notes = ([moved] if moved else []) + notes
-    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=bool(args.profile or cfg.profiling.enabled),
-                 notes=notes)
+    cfg.profiling.enabled = bool(args.profile or cfg.profiling.enabled)  # config.yaml says what ran
+    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=cfg.profiling.enabled, notes=notes)
 
 
 def _row_step(line: str) -> float:
@@ -242,7 +250,7 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 def _write_run_files(setup: Setup) -> None:
     setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(setup.cfg.to_dict(), sort_keys=False))
+    (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
     (setup.run_dir / "ds_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
 
@@ -259,21 +267,21 @@ def run(setup: Setup) -> int:
         if rank == 0:
             _write_run_files(setup)
             for note in setup.notes:
-                print(f"[d2v2scale] {note}", flush=True)
-            print(f"[d2v2scale] {setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}", flush=True)
+                LOG.info(note)
+            LOG.info(f"{setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}")
         tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
         start = 0
         if setup.resume_from is not None:
             start = checkpoint.load_checkpoint(tr, setup.resume_from, setup.layout)
             tr.counters.update(checkpoint.read_run_info(setup.resume_from).get("counters", {}))
             if rank == 0:
-                print(f"[d2v2scale] resumed from {setup.resume_from} at step {start}", flush=True)
+                LOG.info(f"resumed from {setup.resume_from} at step {start}")
         if rank == 0:
             for name in ("metrics.jsonl", "diagnostics.jsonl"):
                 dropped = drop_rows_after(setup.run_dir / name, start)
                 if dropped:
-                    print(f"[d2v2scale] {name}: dropped {dropped} rows past step {start} written by the interrupted "
-                          "attempt (this run writes them again)", flush=True)
+                    LOG.info(f"{name}: dropped {dropped} rows past step {start} written by the interrupted "
+                             "attempt (this run writes them again)")
         run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.ds_config, "layout": setup.layout}
         profiler = None
         if setup.profile:
@@ -288,21 +296,20 @@ def run(setup: Setup) -> int:
             # A marker next to the checkpoints: under srun a task's exit code can be lost to a second
             # SIGTERM (time limit), so the sbatch scripts requeue on this file as well as on exit code 3.
             (setup.run_dir / PREEMPTED_MARKER).write_text(f"{e}\n")
-            print(f"[d2v2scale] {e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --resume auto)", flush=True)
+            LOG.info(f"{e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --resume auto)")
         shutdown()
         return EXIT_PREEMPTED
     except NonFiniteTraining as e:
-        print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
+        LOG.error(f"ERROR: {e}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         if rank == 0:
             latest = checkpoint.read_latest(setup.run_dir / "checkpoints")
-            print(f"[d2v2scale] interrupted: stopped without a checkpoint (latest: {latest or 'none'})",
-                  file=sys.stderr, flush=True)
+            LOG.error(f"interrupted: stopped without a checkpoint (latest: {latest or 'none'})")
         return EXIT_ERROR
     except checkpoint.CheckpointWriteError as e:
         if rank == 0:  # every rank raises together; rank 0's message has the numbers
-            print(f"[d2v2scale] ERROR: {e}", file=sys.stderr, flush=True)
+            LOG.error(f"ERROR: {e}")
         return EXIT_ERROR
     except Exception:  # noqa: BLE001 - the launcher's contract is an exit code
         traceback.print_exc(file=sys.stderr)

@@ -24,17 +24,26 @@ These read DeepSpeed internals that are stable in 0.19.x (see ``reference/deepsp
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
+from ...logs import adopt
 from ...teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_groups
 from ..faults import all_finite
 from ..optim import param_groups
-from . import MOMENTS, Read, StateRange, adam_state, optimizer_steps, set_optimizer_steps
-
+from . import (
+    MOMENTS,
+    Read,
+    StateRange,
+    adam_state,
+    optimizer_steps,
+    set_optimizer_steps,
+)
 
 # Every DeepSpeed internal the teacher and the fault checks read, by what holds it. A DeepSpeed
 # without one of them fails at start-up naming its version (never a silent fallback).
@@ -59,8 +68,11 @@ def require_internals(obj, holder: str) -> None:
 
 
 def _all_gather_fn(group):
+    # torch 2.13 renamed all_gather_into_tensor (now a deprecated alias that warns on every rank)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
     def gather(out: torch.Tensor, shard: torch.Tensor) -> None:
-        dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+        all_gather(out, shard.contiguous(), group=group)
 
     return gather
 
@@ -147,6 +159,7 @@ def check_ds_config(ds: dict, tp: int) -> None:
 
 def init_comm(device: torch.device) -> None:
     """Let DeepSpeed's communication layer wrap the process group :mod:`d2v2scale.distributed.runtime` started."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # named: DeepSpeed warns on every rank when it guesses
     import deepspeed
 
     if device.type == "cpu":
@@ -156,7 +169,9 @@ def init_comm(device: torch.device) -> None:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger
 
+    adopt(logger)  # DeepSpeed's INFO lines (config dumps, per rank) would drown the run's log
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 
@@ -233,9 +248,9 @@ class DeepSpeedBackend:
 
     def __init__(self, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims: ParallelDims,
                  schedule: EMASchedule, device: torch.device, tracked: set[str]):
+        init_comm(device)  # first: it names the accelerator before DeepSpeed's import guesses it
         import deepspeed
 
-        init_comm(device)
         self.dims, self.device = dims, device
         bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
         wd = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
@@ -313,7 +328,10 @@ class DeepSpeedBackend:
         module = self.engine.module
         out = []
         if self.stage == 3:
-            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+            from deepspeed.utils import (
+                safe_get_local_fp32_param,
+                safe_get_local_optimizer_state,
+            )
 
             for name, p in module.named_parameters():
                 lo, hi = self._z3_range(p)
@@ -378,7 +396,10 @@ class DeepSpeedBackend:
         flats = self._flats()
         set_optimizer_steps(opt, flats, scalars["optimizer_steps"])
         if self.stage == 3:
-            from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+            from deepspeed.utils import (
+                safe_set_local_fp32_param,
+                safe_set_local_optimizer_state,
+            )
 
             for name, p in module.named_parameters():
                 if p.requires_grad:

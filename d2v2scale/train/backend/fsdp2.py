@@ -26,7 +26,14 @@ from ...model.blocks import Block
 from ...teacher import EMASchedule, LocalShardEMA
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
-from . import MOMENTS, Read, StateRange, adam_state, optimizer_steps, set_optimizer_steps
+from . import (
+    MOMENTS,
+    Read,
+    StateRange,
+    adam_state,
+    optimizer_steps,
+    set_optimizer_steps,
+)
 
 OPTIMIZERS = ("AdamW", "Adam")  # Adam only with adam_w_mode (DeepSpeed's default): decoupled weight decay
 
@@ -82,7 +89,11 @@ class FSDP2Backend:
 
     def __init__(self, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims: ParallelDims,
                  schedule: EMASchedule, device: torch.device, tracked: set[str]):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         check_ds_config(ds_config, dims.tp)
         self.dims, self.device = dims, device
