@@ -27,17 +27,22 @@ setup(
     ]},
     include_package_data=True,
     python_requires=">=3.10",
-    install_requires=[
+    install_requires=[  # every runtime import but torch and DeepSpeed (see above)
         "pyyaml",
         "numpy",
         "nvidia-ml-py",
         "matplotlib",
         "tqdm",
+        "pillow",  # image decoding without DALI, and the image checks
+        "soundfile",  # audio decoding without DALI
+        "scikit-learn",  # the digits data of the tiny presets and make demo
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dali-cuda13": ["nvidia-dali-cuda130"],
         "fairseq": ["omegaconf"],  # reading released fairseq checkpoints (--trust_checkpoint)
-        "test": ["pytest", "scikit-learn", "pillow", "soundfile"],
+        "tensorboard": ["tensorboard"],  # ds_config "tensorboard" sink
+        "wandb": ["wandb"],  # ds_config "wandb" sink (offline unless WANDB_MODE says otherwise)
+        "test": ["pytest", "omegaconf", "tensorboard"],
     },
 )

@@ -9,11 +9,27 @@ EXIT_BAD_INPUT = 2
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake prints one line (``prog: error: ...; see --help``), not a usage block."""
+    """argparse, but a usage mistake prints one line (``prog: error: ...; see --help``), not a usage block;
+    descriptions and examples keep their line breaks."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a wrong one is the parser's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: allowed values: integers >= 1")
+    return value
 
 
 def fail(prog: str, error: BaseException) -> int:

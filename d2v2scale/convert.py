@@ -290,7 +290,11 @@ def convert_to_fairseq(path: str, out: str) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="convert", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="convert", description=__doc__.splitlines()[0],
+                      epilog="examples:\n"
+                             "  python -m d2v2scale.convert from-fairseq base_imagenet.pt d2v.pt --trust_checkpoint\n"
+                             "  python -m d2v2scale.convert to-fairseq runs/vit_b/checkpoints/step_00375300 out.pt\n"
+                             "(python -m d2v2scale.convert from-fairseq --help: the arguments of one direction)")
     sub = p.add_subparsers(dest="direction", required=True, parser_class=OneLineParser)
     a = sub.add_parser("from-fairseq", help="fairseq Data2VecMultiModel checkpoint → d2v2scale weights file",
                        description="example: python -m d2v2scale.convert from-fairseq base_libri.pt d2v.pt --trust_checkpoint")
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("overrides", nargs="*", help="section.key=value, applied last (e.g. model.num_heads=12)")
     b = sub.add_parser("to-fairseq", help="d2v2scale weights file or RUN/checkpoints/<tag> → fairseq checkpoint",
                        description="example: python -m d2v2scale.convert to-fairseq runs/x/checkpoints/latest_tag out.pt")
-    b.add_argument("input", help="d2v2scale weights file or a training checkpoint directory (tp=1, ZeRO 0-2)")
+    b.add_argument("input", help="d2v2scale weights file or a training checkpoint directory (layout-free: any layout)")
     b.add_argument("output", help="fairseq .pt to write")
     args = p.parse_args(argv)
     try:

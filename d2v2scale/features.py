@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cli import OneLineParser, fail
+from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, ModelSpec
 from .convert import read_weights
 from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, list_files
@@ -196,13 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help="OUT.npz (names, lengths, features) or OUT.npy (stacked)")
     p.add_argument("--layer", default="-1", help="shared block index (negative from the last) or 'mean' (default -1)")
     p.add_argument("--pool", choices=("mean", "none"), default="mean", help="mean over valid positions, or none")
-    p.add_argument("--batch", type=int, default=16, help="items per forward, after sorting by length (default 16)")
+    p.add_argument("--batch", type=positive_int, default=16, help="items per forward, after sorting by length (default 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     args = p.parse_args(argv)
     if not args.output.endswith((".npz", ".npy")):
         return fail("features", ConfigError(f"OUT {args.output!r} must end in .npz or .npy"))
-    if args.batch < 1:
-        return fail("features", ConfigError(f"--batch {args.batch}: allowed values: integers >= 1"))
     try:
         layer = _layer(args.layer)
         model = load_student(args.weights)

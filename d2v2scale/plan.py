@@ -18,7 +18,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from .cli import OneLineParser, fail
+from .cli import OneLineParser, fail, positive_int
 from .config import Config, ConfigError, load_config
 from .model.blocks import checkpointed_count
 from .planning.cluster import ClusterProfile, load_profile
@@ -206,21 +206,25 @@ def set_micro_batch(cfg: Config, ds: dict, micro: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="plan", description=__doc__.splitlines()[0],
-                      epilog="example: python -m d2v2scale.plan --search --preset vit_h "
-                             "--ds_config ds_configs/vit_h.json --nodes 32")
+                      epilog="examples:\n"
+                             "  python -m d2v2scale.plan --preset vit_h --ds_config ds_configs/vit_h_a100_40gb.json --nodes 32\n"
+                             "  python -m d2v2scale.plan --search --preset vit_h --ds_config ds_configs/vit_h.json --nodes 32\n"
+                             "  python -m d2v2scale.plan --preset vit_h --ds_config ds_configs/vit_h.json parallel.backend=fsdp2\n"
+                             "  python -m d2v2scale.plan --teacher_layouts --nodes 64\n"
+                             "  python -m d2v2scale.plan --paper")
     p.add_argument("--preset", help="preset name or YAML (required unless --paper)")
     p.add_argument("--ds_config", help="DeepSpeed JSON (required unless --paper)")
-    p.add_argument("--nodes", type=int, default=32, help="nodes (default 32)")
-    p.add_argument("--gpus_per_node", type=int, default=None, help="default: the cluster profile's")
+    p.add_argument("--nodes", type=positive_int, default=32, help="nodes (default 32)")
+    p.add_argument("--gpus_per_node", type=positive_int, default=None, help="default: the cluster profile's")
     p.add_argument("--cluster", default=None, help="cluster profile name or JSON file (default: DGX A100 40GB, 8x HDR200)")
     p.add_argument("--calibration", default=None, help="calibration.json from bench/gpu_check.py (replaces the "
                                                        "default efficiency curve)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the preset's parallel.tp)")
-    p.add_argument("--micro_batch", type=int, default=None,
+    p.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel degree (default: the preset's parallel.tp)")
+    p.add_argument("--micro_batch", type=positive_int, default=None,
                    help="override train_micro_batch_size_per_gpu (audio: data.max_tokens, in samples)")
     p.add_argument("--search", action="store_true", help="enumerate TP, micro-batch, ZeRO stage, activation "
                                                          "checkpointing and batch scaling; print the best layouts")
-    p.add_argument("--top", type=int, default=5, help="with --search: how many layouts to print (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="with --search: how many layouts to print (default 5)")
     p.add_argument("--shell", action="store_true", help="with --search: print the choice as shell assignments "
                                                         "on stdout (the explanation goes to stderr); for slurm/")
     p.add_argument("--write_ds_config", default=None, help="with --search: write the chosen DeepSpeed JSON here")

@@ -50,6 +50,7 @@ from .faults import (
 )
 from .metrics import MetricsWriter
 from .reporting import Diagnostics, log_record
+from .sinks import MetricSinks, without_sinks
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Trainer:
     targets: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
     # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
     params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)
+    ds_config: dict = field(default_factory=dict)  # resolved; its monitor sections drive the metric sinks
 
     @property
     def model(self) -> Data2Vec2:
@@ -161,13 +163,13 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
         apply_compile(teacher_module)
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     params = {n: (tuple(p.shape), tp_slice(p, dims)) for n, p in model.named_parameters()}
-    backend = build_backend(cfg.parallel.backend, model, teacher_module, ds_config, dims, ema_schedule(cfg), device,
-                            tracked)
+    backend = build_backend(cfg.parallel.backend, model, teacher_module, without_sinks(ds_config), dims,
+                            ema_schedule(cfg), device, tracked)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps)
     return Trainer(cfg, plan, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
-                   targets=backend.model.teacher_fn(backend.teacher.module), params=params)
+                   targets=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config)
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
@@ -185,6 +187,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     cfg, rank0 = tr.cfg, tr.dims.rank == 0
     run_info = run_info or {}
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank0)
+    sinks = MetricSinks(tr.ds_config, run_dir, enabled=rank0)
     diagnostics = Diagnostics(run_dir / "diagnostics.jsonl", cfg.train, enabled=rank0)
     stop = StopFlag()
     stop.install()
@@ -216,6 +219,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
             done = step + 1 == cfg.train.max_updates
             if (step + 1) % cfg.train.log_every == 0 or done:
                 row = metrics.write(log_record(tr, step, pending, time.perf_counter() - t_last))
+                sinks.write(row)
                 diagnostics.write(tr, step, pending, row)
                 rows.append(row)
                 loss = float(row["loss"])  # "nan"/"inf" are strings in the JSON row
@@ -235,6 +239,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
             profiler.finish(tr)
     finally:
         stop.uninstall()
+        sinks.close()
         bar.close()
         tr.loader.close()
     return rows

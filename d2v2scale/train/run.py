@@ -25,6 +25,7 @@ from .ds_config import (
     scale_batch_for_world,
 )
 from .shards import has_shards
+from .sinks import check_sinks
 
 SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
@@ -42,7 +43,8 @@ RESUMABLE = (
 )
 # The split of the (unchanged) global batch and the sharding may change with the layout.
 _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown", "train_batch_size",
-                 "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization.*")
+                 "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization.*",
+                 "tensorboard.*", "csv_monitor.*", "wandb.*")
 
 
 @dataclass
@@ -179,6 +181,7 @@ def prepare(args) -> Setup:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     backend = cfg.parallel.backend
     check_ds_config(backend, ds, tp)
+    check_sinks(ds)
     if cfg.data.kind not in SUPPORTED_DATA:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
     if cfg.data.kind == "audio" and cfg.data.max_tokens is None:

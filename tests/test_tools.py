@@ -1,0 +1,111 @@
+"""What a user meets first: the command-line tools, the log lines, the metric sinks.
+
+Every tool answers ``--help`` (exit 0, an example in it) and a wrong input with one line and exit
+2, never a traceback; a run's batch-mode log lines carry a parsable timestamp, elapsed time and
+ETA; TensorBoard and CSV sinks configured in the ds_config hold the same series as metrics.jsonl.
+"""
+import csv
+import datetime
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from d2v2scale.logs import TIME_FORMAT
+from d2v2scale.train.metrics import read_metrics
+
+from test_deepspeed_training import ROOT, _env, _launch, _torchrun
+
+TOOLS = {
+    "plan": [["--preset", "nope", "--ds_config", "ds_configs/vit_h.json"],
+             ["--preset", "vit_h", "--ds_config", "ds_configs/vit_h.json", "--nodes", "0"],
+             ["--preset", "vit_h", "--ds_config", "missing.json"]],
+    "report": [["/definitely/not/here"], ["README.md"], ["ds_configs"]],
+    "convert": [["from-fairseq", "/definitely/not/here.pt", "out.pt"], ["to-fairseq", "README.md", "out.pt"],
+                ["sideways", "a", "b"]],
+    "features": [["/definitely/not/here.pt", "x", "out.npz"], ["README.md", "x", "out.npz"],
+                 ["README.md", "x", "out.txt"]],
+}
+
+
+def _tool(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"d2v2scale.{name}", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_every_tool_helps_and_refuses_wrong_input_in_one_line(name, tmp_path):
+    helped = _tool(name, "--help")
+    assert helped.returncode == 0 and "example" in helped.stdout, helped.stdout + helped.stderr
+    for args in TOOLS[name]:
+        line = _one_line(_tool(name, *[str(ROOT / a) if a in ("README.md", "ds_configs") else a for a in args],
+                               cwd=tmp_path))
+        assert line.startswith(f"{name}: error: "), line
+    # a file that does not exist is named as such, not blamed on pickling
+    if name == "convert":
+        assert "does not exist" in _one_line(_tool(name, "from-fairseq", "/no/such.pt", "o.pt", cwd=tmp_path))
+
+
+def test_launcher_lists_presets_and_prints_the_resolved_config():
+    listed = subprocess.run([sys.executable, "launchers/pretrain.py", "--list-presets"], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and all(p in listed.stdout for p in ("vit_h", "audio_large", "tiny_text"))
+    printed = subprocess.run([sys.executable, "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json",
+                              "--preset", "tiny_text", "--print-config", "--profile", "train.max_updates=70"],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    import yaml
+
+    out = yaml.safe_load(printed.stdout)
+    assert printed.returncode == 0 and out["config"]["train"]["max_updates"] == 70
+    assert out["config"]["profiling"]["enabled"] is True  # --profile is what the config says
+    assert "img_size" not in out["config"]["model"] and "vocab_size" in out["config"]["model"]
+    assert out["ds_config"]["gradient_accumulation_steps"] != "auto"  # resolved
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) step (\d+)/(\d+) \((\d+) %\) loss [\d.]+ lr [\d.e+-]+ "
+                      r"[\d.]+ samples/s elapsed (\d+):(\d\d):(\d\d) eta (\d+):(\d\d):(\d\d)$")
+
+
+@pytest.mark.slow
+def test_sinks_hold_the_metrics_series_and_log_lines_are_timestamped(tmp_path):
+    """2 processes, tiny_image, TensorBoard and CSV sinks in the ds_config: the loss and MFU series
+    read back from the event files (TensorBoard's own reader) and the CSVs equal metrics.jsonl; the
+    batch-mode lines carry a parsable timestamp, elapsed time and ETA; only rank 0 writes sinks."""
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["tensorboard"] = {"enabled": True, "job_name": "tb"}
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "job"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    run_dir = tmp_path / "run"
+    proc = _launch(_torchrun(2), "launchers/pretrain.py", "--ds_config", str(tmp_path / "ds.json"), "--preset",
+                   "tiny_image", "--run_dir", str(run_dir), "train.max_updates=6", "train.log_every=2",
+                   "train.allow_long_warmup=true")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    want = {key: [(r["step"], r[key]) for r in rows] for key in ("loss", "mfu")}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    for key, series in want.items():
+        got = [(e.step, e.value) for e in events.Scalars(f"Train/{key}")]
+        assert [s for s, _ in got] == [s for s, _ in series]
+        assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(got, series))  # float32 in events
+        with open(tmp_path / "csv" / "job" / f"Train_{key}.csv") as f:
+            table = list(csv.reader(f))
+        assert table[0] == ["step", key]
+        assert [(int(s), float(v)) for s, v in table[1:]] == series
+    lines = [line for line in proc.stdout.splitlines() if " step " in line]
+    assert len(lines) == 3 and "[rank" not in proc.stdout
+    for line in lines:
+        m = LOG_LINE.match(line)
+        assert m, line
+        datetime.datetime.strptime(m.group(1), TIME_FORMAT)
+        assert int(m.group(4)) == round(100 * int(m.group(2)) / int(m.group(3)))
