@@ -38,6 +38,7 @@ from ..teacher import ShardedEMA, ema_schedule
 from . import checkpoint
 from .backend import Backend, build_backend
 from .compile import apply_compile
+from .kernels import apply_kernels, select_kernels
 from .ds_config import BatchPlan
 from .faults import (
     NonFiniteTraining,
@@ -155,6 +156,10 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     model = Data2Vec2(cfg.model_spec())
     tp_rng = TPRegionRNG(int(combine(cfg.seed, dims.dp_rank, dims.tp_rank, 1)), device)
     model = parallelize(model, dims, tp_rng).to(device)
+    kernels = select_kernels(cfg.model.kernels, device)
+    apply_kernels(model, kernels)
+    if dims.rank == 0:
+        LOG.info(kernels.describe())
     # Default stream (dropout outside TP regions, mask noise): same within a TP group, differs across DP.
     torch.manual_seed(int(combine(cfg.seed, dims.dp_rank, 2)))
     teacher_module = model.teacher_copy()  # before the backend: ZeRO-3 and FSDP2 replace the parameters
