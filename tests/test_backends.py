@@ -27,9 +27,10 @@ PACKAGE = ROOT / "d2v2scale"
 
 # ---------------------------------------------------------------------------------- boundary
 def test_deepspeed_is_named_only_by_its_backend_and_the_config():
-    """``grep -rl deepspeed d2v2scale/``: the backend module, and the config that names the backends."""
+    """``grep -rl deepspeed d2v2scale/``: the backend module, the config that names the backends, and
+    the launcher's command line (its --help example starts ``deepspeed --num_gpus``)."""
     hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "deepspeed" in p.read_text())
-    assert hits == ["config.py", "train/backend/deepspeed.py"]
+    assert hits == ["config.py", "pretrain.py", "train/backend/deepspeed.py"]
     imports = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                if re.search(r"^\s*(import deepspeed|from deepspeed)", p.read_text(), re.M)]
     assert imports == ["train/backend/deepspeed.py"]

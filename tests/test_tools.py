@@ -109,3 +109,18 @@ def test_sinks_hold_the_metrics_series_and_log_lines_are_timestamped(tmp_path):
         assert m, line
         datetime.datetime.strptime(m.group(1), TIME_FORMAT)
         assert int(m.group(4)) == round(100 * int(m.group(2)) / int(m.group(3)))
+
+
+def test_a_sink_without_its_package_is_one_line_before_anything_starts(tmp_path):
+    """W&B is optional: asking for it without the package installed is refused at start, exit 2."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: nothing to refuse")  # not in the test venv: runs in CI
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["wandb"] = {"enabled": True, "project": "x"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--ds_config", str(tmp_path / "ds.json"), "--preset",
+                           "tiny_image", "--run_dir", str(tmp_path / "run")], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert "pip install wandb" in _one_line(proc) and not (tmp_path / "run").exists()
