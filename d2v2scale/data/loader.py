@@ -1,11 +1,13 @@
 """Build the batch source for ``data.kind`` and hand out this rank's micro-batches per step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from ..config import Config
+from ..model.masking import MaskInfo
 from .prefetch import StepPrefetcher
 from .schedule import RankSchedule
 
@@ -15,13 +17,16 @@ class MicroBatch:
     source: torch.Tensor
     sample_ids: torch.Tensor  # global positions: they key the masks
     lengths: torch.Tensor | None
+    mask: MaskInfo | None = None  # made with the batch, off the training step's path (see StepLoader)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "MicroBatch":
         src = self.source.to(device, non_blocking=True)
         if src.is_floating_point():
             src = src.to(dtype)
         lengths = None if self.lengths is None else self.lengths.to(device, non_blocking=True)
-        return MicroBatch(src, self.sample_ids.to(device, non_blocking=True), lengths)
+        mask = None if self.mask is None else MaskInfo(self.mask.mask.to(device, non_blocking=True),
+                                                       self.mask.keep_idx.to(device, non_blocking=True))
+        return MicroBatch(src, self.sample_ids.to(device, non_blocking=True), lengths, mask)
 
 
 def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: bool = True):
@@ -61,12 +66,17 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
 
 class StepLoader:
     """``loader.step(n)`` → this rank's ``grad_accum`` micro-batches of step ``n``, on ``device`` in
-    ``dtype``, read ahead ``prefetch_steps`` steps on a background thread (see :mod:`.prefetch`)."""
+    ``dtype``, read ahead ``prefetch_steps`` steps on a background thread (see :mod:`.prefetch`).
+
+    ``masker(step, micro_batch)`` (the model's ``make_mask``: a pure function of the step, the
+    sample ids and the shapes) makes each micro-batch's masks with it, on the host and ahead of
+    time, so the training step neither spends the time nor reads anything back from the device."""
 
     def __init__(self, cfg: Config, schedule: RankSchedule, device: torch.device, dtype: torch.dtype,
-                 verbose: bool = True, prefetch_steps: int = 0):
+                 verbose: bool = True, prefetch_steps: int = 0,
+                 masker: Callable[[int, MicroBatch], MaskInfo] | None = None):
         self.source = build_source(cfg, schedule.micro_batch, device, verbose)
-        self.schedule, self.device, self.dtype = schedule, device, dtype
+        self.schedule, self.device, self.dtype, self.masker = schedule, device, dtype, masker
         self._skipped: frozenset[str] = frozenset()
         init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None  # device is per thread
         self._prefetcher = StepPrefetcher(self._load, prefetch_steps, cfg.train.max_updates, thread_init=init)
@@ -92,4 +102,6 @@ class StepLoader:
                 source, lengths = self.source.batch(positions)
                 batches.append(MicroBatch(source, positions, lengths))
         skipped = frozenset(self.source.skipped_files()) if hasattr(self.source, "skipped_files") else frozenset()
+        if self.masker is not None:
+            batches = [replace(mb, mask=self.masker(step, mb)) for mb in batches]
         return [mb.to(self.device, self.dtype) for mb in batches], skipped

@@ -2,7 +2,8 @@
 
 One step, top to bottom (:func:`train_step`):
 
-1. fetch this rank's ``grad_accum`` micro-batches and build their masks (shapes only);
+1. fetch this rank's ``grad_accum`` micro-batches with their masks (made by the loader, ahead of
+   time: a pure function of the step, the sample ids and the shapes);
 2. all-reduce the masked-token count over the DP group: the loss of every micro-batch is
    normalised by this *global* count, so any split of the global batch (ranks × micro-batches)
    optimises the same objective;
@@ -108,7 +109,8 @@ def train_step(tr: Trainer, step: int) -> StepStats:
         batches: list[MicroBatch] = tr.loader.step(step)  # on the device; read ahead while the last step ran
     data_time = time.perf_counter() - t0
 
-    masks = [model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths) for mb in batches]
+    masks = [mb.mask if mb.mask is not None else model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths)
+             for mb in batches]
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
     # The backend divides by grad_accum and averages over DP; undo both so grads are sum / global count.
@@ -172,7 +174,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
                             ema_schedule(cfg), device, tracked)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
-    loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps)
+    loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps,
+                        masker=lambda step, mb: model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths))
     return Trainer(cfg, plan, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
                    targets=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config)
 
