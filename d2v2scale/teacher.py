@@ -91,10 +91,13 @@ class ShardedEMA:
         raise ValueError(f"{type(self).__name__}.update needs bound sources")
 
     @torch.no_grad()
-    def update(self, num_updates: int, student: nn.Module | dict[str, torch.Tensor] | None = None) -> float:
+    def update(self, num_updates: int, student: nn.Module | dict[str, torch.Tensor] | None = None,
+               applied: torch.Tensor | None = None) -> float:
         """EMA step after optimizer step ``num_updates``: ``ema ← d·ema + (1-d)·student`` with
         ``d = schedule(num_updates)``. Nothing changes once ``d`` reaches 1 (the teacher is frozen)
-        or when the counter did not advance. Returns the decay used."""
+        or when the counter did not advance. ``applied``: a device bool saying whether the optimizer
+        step was applied (a skipped one leaves the EMA as it was, decided on the device without a
+        host read). Returns the decay used."""
         decay = self.schedule.decay(num_updates)
         if num_updates <= self.num_updates:
             return decay
@@ -102,7 +105,8 @@ class ShardedEMA:
         if decay >= 1.0:
             return decay
         targets, sources = self.pairs(student)
-        torch._foreach_lerp_(targets, sources, 1.0 - decay)
+        weight = 1.0 - decay if applied is None else applied.to(targets[0].dtype) * (1.0 - decay)
+        torch._foreach_lerp_(targets, sources, weight)
         self.publish()
         return decay
 

@@ -13,13 +13,14 @@ import pytest
 
 from test_deepspeed_training import _launch
 
-pytestmark = pytest.mark.slow
+
 
 
 def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
 def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
     runs = "1,1+compile,1+fused" if preset == "tiny_image" else "1,1+compile"
@@ -34,3 +35,37 @@ def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
             assert _rel(got[0], want[0]) < tol and _rel(got[3], want[3]) < tol, (run, got, want)
         for name, norm in eager["teacher_norms"].items():
             assert _rel(out[run]["teacher_norms"][name], norm) < tol, (run, name)
+
+
+@pytest.mark.slow
+def test_a_step_that_neither_logs_nor_saves_reads_nothing_back(tmp_path):
+    """2 processes, FSDP2 with fused AdamW, 6 steps logging every 3rd: Tensor.item/__bool__/__int__/
+    __float__/tolist/cpu/numpy on the training thread are counted per step. Steps 1, 2, 4, 5 make
+    none (the skip decision, the schedule, the EMA gate, the counters and the stop agreement stay on
+    the device or go through the store); the log steps read what they log (the counter works)."""
+    from test_deepspeed_training import _torchrun
+
+    _launch(_torchrun(2), "tests/dist/sync_count.py", str(tmp_path / "out.json"), str(tmp_path / "run"))
+    counts = {int(k): v for k, v in json.loads((tmp_path / "out.json").read_text())["per_step"].items()}
+    assert all(counts.get(step, 0) == 0 for step in (1, 2, 4, 5)), counts
+    assert counts.get(3, 0) > 0 and counts.get(6, 0) > 0, counts
+
+
+def test_schedule_and_counter_rng_give_the_same_numbers_on_host_and_device_paths():
+    """The tensor form of the LR schedule equals DeepSpeed's Python formula at every iteration, and
+    the Python-int counter RNG equals the tensor one (both feed steps that must not read back)."""
+    import torch
+
+    from d2v2scale.model import counter_rng
+    from d2v2scale.train.lr_schedule import WarmupCosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for kind in ("linear", "log"):
+        sched = WarmupCosine(opt, total_num_steps=50, warmup_num_steps=10, warmup_min_ratio=0.1, cos_min_ratio=0.01,
+                             warmup_type=kind)
+        for it in range(-1, 60):
+            assert sched.ratio_tensor(torch.tensor(float(it), dtype=torch.float64)).item() == pytest.approx(
+                sched.ratio(it), rel=1e-12, abs=1e-15), (kind, it)
+    for parts in [(1, 5), (7, 123456789012, 3), (2**40 + 5, 9)]:
+        assert counter_rng.combine(*parts) == int(counter_rng.combine(*[torch.tensor(p) for p in parts]))
+    assert counter_rng.uniform_row(12345, 9, 3) == counter_rng.uniform(torch.tensor([12345]), 9, 3)[0].tolist()

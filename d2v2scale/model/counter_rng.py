@@ -15,15 +15,16 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x, c: int):
     """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow."""
     lo = (x & 0xFFFF) * c
     hi = ((x >> 16) * c) & 0xFFFF
     return (lo + (hi << 16)) & _MASK32
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (Wellons' lowbias32) applied elementwise to int64 values."""
+def hash32(x):
+    """A 32-bit integer finaliser (Wellons' lowbias32) applied elementwise to int64 values (or to a
+    Python int: the same operations, the same result, nothing on a device)."""
     x = x & _MASK32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -33,7 +34,15 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def combine(*parts: int | torch.Tensor) -> torch.Tensor | int:
-    """Fold integers (Python ints or int64 tensors, broadcast together) into one 32-bit key."""
+    """Fold integers (Python ints or int64 tensors, broadcast together) into one 32-bit key: a
+    Python int when every part is one (no tensor to read back), else an int64 tensor."""
+    if all(isinstance(part, int) for part in parts):
+        key_int: int | None = None
+        for part in parts:
+            mixed = hash32(((part & _MASK32) ^ hash32(((part >> 32) & _MASK32) + 0x9E3779B9)))
+            key_int = mixed if key_int is None else hash32(key_int ^ mixed)
+        assert key_int is not None
+        return key_int
     key: torch.Tensor | None = None
     for part in parts:
         part_t = torch.as_tensor(part, dtype=torch.int64)
@@ -44,6 +53,12 @@ def combine(*parts: int | torch.Tensor) -> torch.Tensor | int:
         key = mixed if key is None else hash32(key ^ mixed)
     assert key is not None
     return key
+
+
+def uniform_row(key: int, n: int, stream: int) -> list[float]:
+    """:func:`uniform` of one Python-int key, in Python (exactly the same numbers; no tensors)."""
+    row = hash32(key ^ hash32(stream))
+    return [(hash32(row + hash32(col + 0x632BE5AB)) >> 8) * (1.0 / (1 << 24)) for col in range(n)]
 
 
 def uniform(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import struct
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -218,8 +219,8 @@ class Data2Vec2(nn.Module):
         p = self.cfg.model.layerdrop
         if not self.training or p == 0:
             return [True] * len(self.blocks)
-        u = counter_rng.uniform(torch.tensor([layerdrop_key]), len(self.blocks), _STREAM_LAYERDROP)[0]
-        return (u >= p).tolist()
+        p32 = struct.unpack("f", struct.pack("f", p))[0]  # the float32 threshold a tensor comparison would use
+        return [u >= p32 for u in counter_rng.uniform_row(layerdrop_key, len(self.blocks), _STREAM_LAYERDROP)]
 
     def _decoder_input(self, x: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
         """Kept outputs scattered back to their positions; every other slot gets N(0, σ) noise."""

@@ -9,8 +9,12 @@ One step, top to bottom (:func:`train_step`):
    optimises the same objective;
 3. per micro-batch: forward (teacher targets + student + decoder), ``backend.backward``,
    ``backend.step`` (the backend steps the optimizer, clips and schedules at the accumulation
-   boundary) — unless the loss is not finite, then the step is skipped;
+   boundary, and skips the step when the gradient norm is not finite — a non-finite loss included);
 4. EMA update of the teacher from the new student weights (skipped steps do not update it).
+
+Nothing in a step that neither logs nor checkpoints reads a value back from the device: the skip
+decision, the counters and the stop agreement stay on the device or go through the store; log
+steps read everything at once.
 
 The loop (:func:`train`) adds logging, checkpoints, pre-emption and the non-finite guard.
 """
@@ -97,7 +101,7 @@ class StepStats:
     pred_var: torch.Tensor
     layer_target_var: torch.Tensor | None
     data_time_s: float
-    skipped: bool
+    skipped: torch.Tensor  # device bool: read only at log steps
     flops: float  # model FLOPs of this rank's micro-batches (analytic, from shapes: no sync)
 
 
@@ -119,27 +123,21 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
     zero = torch.zeros((), device=tr.device)
     reg, cls, tvar, pvar, layers = zero.clone(), zero.clone(), zero.clone(), zero.clone(), None
-    skipped = False
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
         out = backend.forward(mb.source, tr.targets, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
         loss = out.loss_sum * scale * poison
-        if i == 0 and not all_finite(loss, None):
-            skipped = True  # nothing accumulated yet: drop the whole step before any backward
-            reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
-            break
         with phase("backward"):
-            backend.backward(loss)  # a later non-finite micro-batch is caught by the backend's norm check
+            backend.backward(loss)  # a non-finite loss makes a non-finite gradient norm: the backend skips the step
         with phase("optimizer"):
             backend.step()
         reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
         tvar, pvar = tvar + out.target_var, pvar + out.pred_var
         layers = out.layer_target_var if layers is None else layers + out.layer_target_var
 
-    skipped = skipped or not backend.step_applied()
-    if not skipped:
-        with phase("ema"):
-            tr.teacher.update(step + 1)
+    applied = torch.as_tensor(backend.step_applied(), device=tr.device)  # a device bool, or a host one sent over
+    with phase("ema"):
+        tr.teacher.update(step + 1, applied=applied)  # a skipped step leaves the teacher as it was
     tr.timer.end_step()
     kept = sum(float(m.keep_idx.numel()) for m in masks)
     flops = sum(step_flops(cfg, StepShape(mb.source.shape[0], m.mask.shape[1], m.num_kept), mb.source.shape[-1])
@@ -148,7 +146,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
                      "kept": masks[0].num_kept, "input_len": batches[0].source.shape[-1]}
     n = len(batches)
     return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), tvar / n, pvar / n,
-                     None if layers is None else layers / n, data_time, skipped, flops)
+                     None if layers is None else layers / n, data_time, ~applied, flops)
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
@@ -199,8 +197,12 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     diagnostics = Diagnostics(run_dir / "diagnostics.jsonl", cfg.train, enabled=rank0)
     stop = StopFlag()
     stop.install()
-    rows, pending, t_last, consecutive = [], [], time.perf_counter(), 0
+    rows, pending, t_last = [], [], time.perf_counter()
     t_start = t_last
+    # skip bookkeeping on the device, read where a step logs or saves anyway
+    in_a_row = torch.zeros((), dtype=torch.int64, device=tr.device)
+    longest = in_a_row.clone()
+    skipped_total = torch.tensor(tr.counters["skipped_updates"], device=tr.device)
     tr.model.train()
     interactive = sys.stderr.isatty()  # batch jobs get one plain line per log step instead of a bar
     bar = tqdm(range(start_step, cfg.train.max_updates), initial=start_step, total=cfg.train.max_updates,
@@ -218,14 +220,21 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                 profiler.step_end(step)
                 profiler.shape = profiler.shape or tr.last_shape
             pending.append(stats)
-            consecutive = consecutive + 1 if stats.skipped else 0
-            tr.counters["skipped_updates"] += int(stats.skipped)
-            if consecutive >= cfg.train.max_consecutive_skips:
-                raise NonFiniteTraining(
-                    f"{consecutive} consecutive steps with a non-finite loss or gradient norm (last: step {step + 1}); "
-                    f"stopping. Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
+            skip = stats.skipped.long()
+            in_a_row = (in_a_row + 1) * skip
+            longest = torch.maximum(longest, in_a_row)
+            skipped_total += skip
             done = step + 1 == cfg.train.max_updates
-            if (step + 1) % cfg.train.log_every == 0 or done:
+            log = (step + 1) % cfg.train.log_every == 0 or done
+            preempted = stop.agreed(step + 1)
+            save = (step + 1) % cfg.train.save_every == 0 or done or preempted
+            if log or save:
+                tr.counters["skipped_updates"] = int(skipped_total)
+                if int(longest) >= cfg.train.max_consecutive_skips:
+                    raise NonFiniteTraining(
+                        f"{int(longest)} consecutive steps with a non-finite loss or gradient norm (by step {step + 1}); "
+                        f"stopping. Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
+            if log:
                 row = metrics.write(log_record(tr, step, pending, time.perf_counter() - t_last))
                 sinks.write(row)
                 diagnostics.write(tr, step, pending, row)
@@ -238,8 +247,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                     LOG.info(progress_line(row["step"], cfg.train.max_updates, loss, row["lr"], row["samples_per_s"],
                                            elapsed, eta))
                 pending, t_last = [], time.perf_counter()
-            preempted = stop.agreed(tr.device)
-            if (step + 1) % cfg.train.save_every == 0 or done or preempted:
+            if save:
                 _save(tr, run_dir, step + 1, run_info)
             if preempted:
                 raise Preempted(f"stop signal {stop.received or 'on another rank'}: checkpoint at step {step + 1} written")

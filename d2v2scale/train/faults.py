@@ -1,13 +1,15 @@
 """Pre-emption signals and non-finite steps.
 
 Slurm sends SIGTERM (or the ``--signal`` of the job, e.g. SIGUSR1) some time before it kills a
-job; Ctrl-C (SIGINT) asks for the same, and a second Ctrl-C aborts without a checkpoint. The handler only raises a flag; the loop finishes the current step, all ranks agree on
-the flag (a one-element all-reduce per step, since the signal reaches ranks at different
-times), write a checkpoint and exit with :data:`EXIT_PREEMPTED` so the sbatch script requeues.
+job; Ctrl-C (SIGINT) asks for the same, and a second Ctrl-C aborts without a checkpoint. The
+handler only raises a flag; the ranks agree (the signal reaches them at different times) through
+the process group's key-value store on a step to stop after — the one after the step in progress
+— then write a checkpoint and exit with :data:`EXIT_PREEMPTED` so the sbatch script requeues.
 
-A step whose loss is not finite on any rank is skipped before its backward (the backend skips a
-step whose gradient norm is not finite); the teacher is not updated either. After ``train.max_consecutive_skips`` skips in a row the run stops with
-:class:`NonFiniteTraining`, never writing a checkpoint with non-finite weights.
+A step whose loss or gradient norm is not finite on any rank is skipped by the backend (a
+non-finite loss gives a non-finite norm), and the teacher is not updated either. After
+``train.max_consecutive_skips`` skips in a row the run stops with :class:`NonFiniteTraining` (checked
+where a step logs or saves), never writing a checkpoint with non-finite weights.
 """
 from __future__ import annotations
 
@@ -24,6 +26,20 @@ EXIT_PREEMPTED = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+STOP_KEY = "d2v2scale/stop_after_step"
+
+
+def _store():
+    """The default process group's store (None in a single process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
 class Preempted(Exception):
     """Raised after the pre-emption checkpoint is written; the launcher exits with code 3."""
 
@@ -35,6 +51,7 @@ class NonFiniteTraining(RuntimeError):
 class StopFlag:
     def __init__(self) -> None:
         self.received: int | None = None
+        self._published = False
         self._previous = {}
 
     def install(self) -> None:
@@ -53,10 +70,19 @@ class StopFlag:
             LOG.info("Ctrl-C: finishing this step and checkpointing (press it again to abort without one)")
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a stop signal (collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        return bool(all_reduce(flag, op="max").item())
+    def agreed(self, completed: int) -> bool:
+        """After ``completed`` steps: True on every rank, at the same step, once any rank got a stop
+        signal. Agreed through the process group's key-value store, not a collective: a rank that
+        got the signal writes "stop after step ``completed + 1``" (the first writer wins); every rank
+        checks the key after each step. Ranks are never a step apart (each step's collectives tie
+        them), so all of them see the key before finishing that step. Nothing is read from the device."""
+        store = _store()
+        if store is None:  # one process
+            return self.received is not None
+        if self.received is not None and not self._published:
+            store.compare_set(STOP_KEY, "", str(completed + 1))
+            self._published = True
+        return store.check([STOP_KEY]) and completed >= int(store.get(STOP_KEY))
 
 
 def all_finite(value: torch.Tensor, group) -> bool:

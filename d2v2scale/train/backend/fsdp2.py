@@ -127,14 +127,23 @@ class FSDP2Backend:
 
         opt = ds_config.get("optimizer", {}).get("params", {})
         wd = opt.get("weight_decay", 0.0)
-        self.optimizer = torch.optim.AdamW(param_groups(model, wd, tracked), lr=opt.get("lr", 1e-3),
-                                           betas=tuple(opt.get("betas", (0.9, 0.999))), eps=opt.get("eps", 1e-8),
-                                           weight_decay=wd, fused=opt.get("fused"), foreach=opt.get("foreach"))
+        # Fused AdamW skips a step on a device flag (found_inf) and takes a tensor lr: then a step
+        # reads nothing back from the device. The unfused path decides on the host.
+        self.sync_free = bool(opt.get("fused"))
+        groups = param_groups(model, wd, tracked)
+        if self.sync_free:
+            for group in groups:
+                group["lr"] = torch.tensor(float(opt.get("lr", 1e-3)), device=device)
+        self.optimizer = torch.optim.AdamW(groups, lr=opt.get("lr", 1e-3), betas=tuple(opt.get("betas", (0.9, 0.999))),
+                                           eps=opt.get("eps", 1e-8), weight_decay=wd, fused=opt.get("fused"),
+                                           foreach=opt.get("foreach"))
         self.scheduler = schedule_from(ds_config, self.optimizer)
         self.clip = float(ds_config.get("gradient_clipping", 0.0))
         self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
-        self.micro_steps = self.global_steps = self.skipped_steps = 0
-        self._applied, self._norm = False, None
+        self.micro_steps = self.global_steps = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._applied: torch.Tensor | bool = False
+        self._norm: torch.Tensor | None = None
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -160,28 +169,39 @@ class FSDP2Backend:
         if self.micro_steps % self.grad_accum:
             return
         self.global_steps += 1
-        norm = self._global_grad_norm()
-        self._norm = float(norm)
-        self._applied = bool(torch.isfinite(norm))
-        if self._applied:
-            coef = self.clip / (self._norm + 1e-6) if self.clip > 0 else 1.0
-            if coef < 1.0:
-                torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], coef)
+        norm = self._norm = self._global_grad_norm()
+        finite = torch.isfinite(norm)
+        self._skipped += ~finite
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.sync_free:
+            if self.clip > 0:
+                torch._foreach_mul_(grads, (self.clip / (norm + 1e-6)).clamp(max=1.0))
+            self.optimizer.found_inf = (~finite).float()  # fused AdamW leaves everything as it was
             self.optimizer.step()
             if self.scheduler is not None:
-                self.scheduler.step()
+                self.scheduler.advance(finite)
+            self._applied = finite
         else:
-            self.skipped_steps += 1
+            self._applied = bool(finite)
+            if self._applied:
+                coef = self.clip / (float(norm) + 1e-6) if self.clip > 0 else 1.0
+                if coef < 1.0:
+                    torch._foreach_mul_(grads, coef)
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step_applied(self) -> bool:
+    def step_applied(self) -> torch.Tensor | bool:
+        """A device bool with fused AdamW (nothing read back), else a Python bool."""
         return self._applied
 
     def grad_norm(self) -> float | None:
-        return self._norm
+        return None if self._norm is None else float(self._norm)
 
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return float(self.optimizer.param_groups[0]["lr"])
+
 
     def local_weights(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.model.parameters()]
@@ -203,8 +223,8 @@ class FSDP2Backend:
 
     def scalars(self) -> dict:
         return {"optimizer_steps": optimizer_steps(self.optimizer),
-                "lr_iteration": None if self.scheduler is None else self.scheduler.last_batch_iteration,
-                "skipped_steps": self.skipped_steps, "global_steps": self.global_steps}
+                "lr_iteration": None if self.scheduler is None else self.scheduler.position(),
+                "skipped_steps": int(self._skipped), "global_steps": self.global_steps}
 
     @torch.no_grad()
     def load_state(self, read: Read, scalars: dict) -> None:
@@ -215,7 +235,8 @@ class FSDP2Backend:
                             scalars["optimizer_steps"])
         if self.scheduler is not None and scalars.get("lr_iteration") is not None:
             self.scheduler.step(scalars["lr_iteration"])
-        self.skipped_steps, self.global_steps = scalars["skipped_steps"], scalars["global_steps"]
+        self._skipped.fill_(scalars["skipped_steps"])
+        self.global_steps = scalars["global_steps"]
         self.micro_steps = self.global_steps * self.grad_accum
 
 
