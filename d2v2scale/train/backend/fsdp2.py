@@ -133,7 +133,10 @@ class FSDP2Backend:
         groups = param_groups(model, wd, tracked)
         if self.sync_free:
             for group in groups:
-                group["lr"] = torch.tensor(float(opt.get("lr", 1e-3)), device=device)
+                # On CPU torch reads a tensor lr as a scalar: float64 keeps it the Python float DeepSpeed's
+                # schedule would give; the CUDA fused kernel reads a float32 lr from device memory.
+                dtype = torch.float64 if device.type == "cpu" else torch.float32
+                group["lr"] = torch.tensor(float(opt.get("lr", 1e-3)), dtype=dtype, device=device)
         self.optimizer = torch.optim.AdamW(groups, lr=opt.get("lr", 1e-3), betas=tuple(opt.get("betas", (0.9, 0.999))),
                                            eps=opt.get("eps", 1e-8), weight_decay=wd, fused=opt.get("fused"),
                                            foreach=opt.get("foreach"))
