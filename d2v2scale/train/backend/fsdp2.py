@@ -12,6 +12,10 @@ The EMA teacher is an FSDP2 module of its own, sharded exactly as the student (d
 TP-local weight over ``dp``): its fp32 shards are the EMA masters, updated with one local
 ``lerp`` towards the student's shards, and its forward gathers one block at a time (reshard after
 forward), so a GPU holds 1/dp of the teacher between forwards instead of a full compute copy.
+
+With fused AdamW (``"fused": true``) a step reads nothing back from the device: the gradient norm
+decides on the device (``found_inf`` skips the update, the LR schedule's counter and the lr are
+tensors), and "was the step applied" is handed to the trainer as a device flag.
 """
 from __future__ import annotations
 
