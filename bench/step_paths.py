@@ -82,7 +82,8 @@ def engine_path(cfg, ds: dict, dims, device, backend: str, stage: int, compile_:
     cfg.parallel.backend, cfg.model.compile = backend, compile_
     ds = copy.deepcopy(ds)
     ds["zero_optimization"] = {"stage": stage}
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan_batch(ds, cfg, 1)), plan_batch(ds, cfg, 1), dims, device)
+    plan = plan_batch(ds, cfg, 1)
+    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
     tr.model.train()
     return tr, lambda k: train_step(tr, k)
 

@@ -248,11 +248,13 @@ def _from_shards(tag_dir: Path, cfg: Config) -> tuple[dict, dict]:
     model = Data2Vec2(cfg.model_spec())
     reader = ShardReader(tag_dir)
 
+    saved = reader.keys()
+
     def fill(state: dict, kind: str) -> dict:
         out = {}
         for name, value in state.items():
             key = f"{kind}/{name}"
-            out[name] = reader.full(key).view_as(value).clone() if key in reader.keys() else value
+            out[name] = reader.full(key).view_as(value).clone() if key in saved else value
         return out
 
     try:

@@ -86,7 +86,6 @@ def schedule_from(ds: dict, optimizer: torch.optim.Optimizer) -> WarmupCosine | 
     sched = ds.get("scheduler")
     if not sched:
         return None
-    if sched.get("type") not in SUPPORTED:
-        raise ConfigError(f"ds_config scheduler.type={sched.get('type')!r} is not supported by parallel.backend=fsdp2; "
-                          f"allowed values: {', '.join(SUPPORTED)}")
+    if sched.get("type") not in SUPPORTED:  # refused earlier, with the other sections (backend.fsdp2.check_ds_config)
+        raise ValueError(f"scheduler.type={sched.get('type')!r}; supported: {', '.join(SUPPORTED)}")
     return WarmupCosine(optimizer, **sched.get("params", {}))

@@ -409,12 +409,17 @@ class DeepSpeedBackend:
                     for k in MOMENTS:
                         safe_set_local_optimizer_state(p, self._z3_padded(read, k, name, p), k)
         elif self.stage:
-            for name, start, stop, values in self.state_ranges():  # this rank's fp32 partition
-                for kind, tensor in values.items():
-                    tensor.copy_(read(kind, name, start, stop))
-            for name, p in module.named_parameters():  # the bit16 module weights, whole on every rank
-                if p.requires_grad:
-                    p.copy_(read("model", name, 0, p.numel()).view_as(p))
+            partition = {name: (start, stop, values) for name, start, stop, values in self.state_ranges()}
+            for name, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                full = read("model", name, 0, p.numel())
+                p.copy_(full.view_as(p))  # the bit16 module weight, whole on every rank
+                if name in partition:  # this rank's fp32 fragment of it, and its moments
+                    start, stop, values = partition[name]
+                    values["model"].copy_(full[start:stop])
+                    for k in MOMENTS:
+                        values[k].copy_(read(k, name, start, stop))
         else:  # stage 0: every rank holds every master, its moments and (bf16) its module weight whole
             params = dict(module.named_parameters())
             for name, master in _stage0_masters(self.engine).items():

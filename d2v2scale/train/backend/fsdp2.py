@@ -28,7 +28,7 @@ from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
 from ...model.blocks import Block
 from ...teacher import EMASchedule, LocalShardEMA
-from ..lr_schedule import schedule_from
+from ..lr_schedule import SUPPORTED as SCHEDULES, schedule_from
 from ..optim import param_groups
 from . import (
     MOMENTS,
@@ -51,9 +51,9 @@ def check_ds_config(ds: dict, tp: int) -> None:
         raise ConfigError(f"ds_config optimizer.type={opt.get('type')!r} is not supported by parallel.backend=fsdp2; "
                           "allowed values: AdamW (or Adam with adam_w_mode)")
     sched = ds.get("scheduler")
-    if sched and sched.get("type") != "WarmupCosineLR":
+    if sched and sched.get("type") not in SCHEDULES:
         raise ConfigError(f"ds_config scheduler.type={sched.get('type')!r} is not supported by parallel.backend=fsdp2; "
-                          "allowed values: WarmupCosineLR")
+                          f"allowed values: {', '.join(SCHEDULES)}")
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError("ds_config fp16.enabled=true is not supported by parallel.backend=fsdp2; allowed: bf16 or fp32")
 
@@ -161,11 +161,14 @@ class FSDP2Backend:
 
     def _global_grad_norm(self) -> torch.Tensor:
         """fp32 L2 norm of the whole model's gradient: shards summed over dp, TP-sharded weights over tp
-        too, TP-replicated ones counted once."""
-        sums = torch.zeros(2, dtype=torch.float32, device=self.device)  # [replicated over tp, sharded over tp]
+        too, TP-replicated ones counted once. One foreach norm per kind, not a kernel per tensor."""
+        local: tuple[list, list] = ([], [])  # [replicated over tp, sharded over tp]
         for name, p in self.model.named_parameters():
             if p.grad is not None:
-                sums[int(name in self.tp_sharded)] += p.grad.to_local().float().pow(2).sum()
+                local[name in self.tp_sharded].append(p.grad.to_local())
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        sums = torch.stack([torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else zero
+                            for grads in local])
         all_reduce(sums, self.dims.dp_group)
         if self.dims.tp > 1:
             all_reduce(sums[1:], self.dims.tp_group)
