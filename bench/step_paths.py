@@ -5,7 +5,8 @@
 - ``deepspeed ZeRO-k``: the same step through ``d2v2scale.train.engine.train_step`` and the
   DeepSpeed backend built from ``ds_configs/cpu_tiny.json`` at stage k (one process);
 - ``fsdp2``: the same through the FSDP2 backend;
-- ``+compile``: with ``model.compile=true`` (regional torch.compile of every block and the decoder).
+- ``+compile``: with ``model.compile=true`` (regional torch.compile of every block, the decoder and
+  the model's tensor math).
 
 Variants run round-robin so machine noise hits them alike; the median after warm-up (which
 includes compilation) is reported with the ratio to the plain eager step, model FLOPs utilisation
@@ -81,7 +82,7 @@ def engine_path(cfg, ds: dict, dims, device, backend: str, stage: int, compile_:
     cfg = copy.deepcopy(cfg)
     cfg.parallel.backend, cfg.model.compile = backend, compile_
     ds = copy.deepcopy(ds)
-    ds["zero_optimization"] = {"stage": stage}
+    ds["zero_optimization"] = {**ds["zero_optimization"], "stage": stage}
     plan = plan_batch(ds, cfg, 1)
     tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
     tr.model.train()
@@ -134,6 +135,9 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:<26} {med * 1e3:8.1f} ms   ×{med / base:5.2f} vs plain   MFU {flops / med / peak:6.1%}")
+    pairs = [(n[: -len("+compile")], n) for n in times if n.endswith("+compile")]
+    print("  compiled / eager, same path: " + ", ".join(
+        f"{eager} {statistics.median(times[comp]) / statistics.median(times[eager]):.2f}" for eager, comp in pairs))
     for name in ("deepspeed ZeRO-1", "deepspeed ZeRO-1+compile"):
         rows = trainers[name].timer.resolve()[args.warmup:]
         split = {ph: statistics.median(r.get(ph, 0.0) for r in rows) for ph in PHASES}

@@ -93,6 +93,9 @@ class Data2Vec2(nn.Module):
 
     # Phase timing from outside: a profiler sets ``model.phase = timer.phase``; off, a shared no-op.
     phase: Callable[[str], ContextManager] = staticmethod(_no_phase)
+    # Methods that are pure tensor math (no parameters, no communication, no RNG): regional
+    # compilation may compile each whole, like a block.
+    TENSOR_MATH = ("targets_from", "layer_spread", "losses")
 
     def __init__(self, cfg: ModelSpec):
         super().__init__()
@@ -203,7 +206,7 @@ class Data2Vec2(nn.Module):
     def _teacher_output(self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor,
                         valid: torch.Tensor | None, lengths: torch.Tensor | None) -> Targets:
         layers = self.teacher_layers(teacher, source, local, valid, lengths)
-        spread = self._layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
+        spread = self.layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
         return Targets(self.targets_from(layers, valid), spread)
 
     # -------------------------------------------------------------------------------- student
@@ -258,13 +261,13 @@ class Data2Vec2(nn.Module):
         with self.phase("decoder_loss"):
             cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
             pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
-            out = self._losses(pred, cls_pred, target.values, mask)
+            out = self.losses(pred, cls_pred, target.values, mask)
             out.layer_target_var = target.layer_spread
         return out
 
     @staticmethod
     @torch.no_grad()
-    def _layer_spread(layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
+    def layer_spread(layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
         """Per target layer, the channel-averaged std of the raw teacher FFN outputs: the first thing
         to shrink when representations collapse, long before normalised targets show it."""
         spreads = []
@@ -274,7 +277,7 @@ class Data2Vec2(nn.Module):
             spreads.append(_std_over_rows(y, w))
         return torch.stack(spreads)
 
-    def _losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
+    def losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
                 mask: MaskInfo) -> StepOutput:
         sample = torch.arange(pred.shape[0], device=pred.device) // self.clones
         y = targets[sample]

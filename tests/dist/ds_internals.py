@@ -17,7 +17,7 @@ def main():
     cfg = load_config("tiny_image")
     dims, device = init_distributed(1)
     checked = {}
-    for stage, bf16, holders in ((0, True, ("bf16 optimizer (ZeRO-0)",)),
+    for stage, bf16, holders in ((0, True, ("bf16 optimizer (ZeRO-0)", "engine")),
                                  (1, False, ("ZeRO-1/2 optimizer", "ZeRO-1/2 parameter")),
                                  (2, True, ("ZeRO-1/2 optimizer", "ZeRO-1/2 parameter")),
                                  (3, False, ("ZeRO-3 optimizer", "ZeRO-3 parameter"))):
@@ -27,7 +27,8 @@ def main():
         tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
         engine = tr.backend.engine
         for holder in holders:
-            obj = next(p for p in engine.module.parameters() if p.requires_grad) if "parameter" in holder else engine.optimizer
+            obj = (next(p for p in engine.module.parameters() if p.requires_grad) if "parameter" in holder
+                   else engine if holder == "engine" else engine.optimizer)
             require_internals(obj, holder)
         train_step(tr, 0)
         checked[f"{stage}/{'bf16' if bf16 else 'fp32'}"] = {"holders": list(holders),

@@ -5,7 +5,9 @@ per-step losses, the teacher checksum and the sharded-teacher check (rank 0) to 
 
 RUNS: comma-separated DeepSpeed ZeRO stages (0-3) and/or ``fsdp2`` (the FSDP2 backend, resharding
 after forward), each optionally with ``+fused`` (fused AdamW) and/or ``+compile`` (model.compile).
-MICRO/GAS may be ``auto`` (audio presets size micro-batches by max_tokens).
+MICRO/GAS may be ``auto`` (audio presets size micro-batches by max_tokens). The ZeRO options
+other than the stage are cpu_tiny.json's (the step users run on CPU; reshard.py and
+ds_internals.py run DeepSpeed's defaults).
 Alongside the sharded teacher, every rank keeps an unsharded fp32 EMA of the full fp32 student
 weights (gathered each step: DeepSpeed's public helpers, or DTensor.full_tensor) as the reference
 it must equal.
@@ -63,7 +65,7 @@ def main():
         ds["optimizer"]["params"]["fused"] = "fused" in options
         ds["train_micro_batch_size_per_gpu"] = "auto" if micro == "auto" else int(micro)
         ds["gradient_accumulation_steps"] = "auto" if gas == "auto" else int(gas)
-        ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
+        ds["zero_optimization"], ds["bf16"] = {**ds["zero_optimization"], "stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
         tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
         reference = full_fp32(tr)

@@ -45,7 +45,7 @@ from . import (
     set_optimizer_steps,
 )
 
-# Every DeepSpeed internal the teacher and the fault checks read, by what holds it. A DeepSpeed
+# Every DeepSpeed internal the teacher, the checkpoints and the dp=1 step read or set, by what holds it. A DeepSpeed
 # without one of them fails at start-up naming its version (never a silent fallback).
 DEEPSPEED_INTERNALS = {
     "ZeRO-1/2 optimizer": ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups", "optimizer"),
@@ -53,6 +53,7 @@ DEEPSPEED_INTERNALS = {
     "ZeRO-1/2 parameter": ("_hp_mapping",),
     "ZeRO-3 optimizer": ("fp32_partitioned_groups_flat", "optimizer"),
     "ZeRO-3 parameter": ("ds_tensor", "ds_numel", "partition_numel"),
+    "engine": ("enable_backward_allreduce",),
 }
 
 
@@ -63,7 +64,7 @@ def require_internals(obj, holder: str) -> None:
         import deepspeed
 
         raise RuntimeError(f"DeepSpeed {deepspeed.__version__}: the {holder} ({type(obj).__name__}) has no "
-                           f"{', '.join(missing)}, which d2v2scale reads to shard the EMA teacher; use DeepSpeed "
+                           f"{', '.join(missing)}, which d2v2scale relies on; use DeepSpeed "
                            "0.19.x (tested: 0.19.8)")
 
 
@@ -262,6 +263,8 @@ class DeepSpeedBackend:
         self._require_internals(bf16)
         if self.stage == 0 and not bf16:
             self.engine.optimizer = SkipNonFinite(self.engine.optimizer, device)
+            if dims.dp == 1:  # the gradient all-reduce over one rank: a flatten, a no-op and a copy back
+                self.engine.enable_backward_allreduce = False
         bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", BUCKET_NUMEL))
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.teacher = build_sharded_teacher(self.engine, teacher_module, schedule, dims, dtype, bucket)
@@ -269,6 +272,7 @@ class DeepSpeedBackend:
 
     def _require_internals(self, bf16: bool) -> None:
         opt, first = self.engine.optimizer, next(p for p in self.engine.module.parameters() if p.requires_grad)
+        require_internals(self.engine, "engine")
         if self.stage == 3:
             require_internals(opt, "ZeRO-3 optimizer")
             require_internals(first, "ZeRO-3 parameter")
