@@ -9,7 +9,9 @@
   the model's tensor math).
 
 Variants run round-robin so machine noise hits them alike; the median after warm-up (which
-includes compilation) is reported with the ratio to the plain eager step, model FLOPs utilisation
+includes compilation) is reported with the ratio to the plain eager step (the median of the
+per-round ratios: each round's steps ran back to back, so a slow spell of the machine cancels),
+model FLOPs utilisation
 against this CPU's measured fp32 matmul rate, and the phase split of the DeepSpeed ZeRO-1 step.
 
     python bench/step_paths.py [--preset tiny_image] [--batch 8] [--clones 8] [--steps 10]
@@ -128,16 +130,19 @@ def main() -> None:
     shape = StepShape(tr.last_shape["samples"], tr.last_shape["positions"], tr.last_shape["kept"])
     flops = step_flops(cfg, shape, tr.last_shape["input_len"])
     peak = device_peak_flops(device, torch.float32)
-    base = statistics.median(times["plain"])
+
+    def ratio(name: str, base: str = "plain") -> float:
+        return statistics.median(t / b for t, b in zip(times[name], times[base], strict=True))
+
     print(f"{args.preset}: {shape.samples} samples × M={args.clones}, T={shape.positions} (kept {shape.kept}); "
           f"median of {args.steps} steps after {args.warmup} warm-up, 1 CPU thread; model FLOPs/step {flops:.3g}, "
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:<26} {med * 1e3:8.1f} ms   ×{med / base:5.2f} vs plain   MFU {flops / med / peak:6.1%}")
+        print(f"  {name:<26} {med * 1e3:8.1f} ms   ×{ratio(name):6.3f} vs plain   MFU {flops / med / peak:6.1%}")
     pairs = [(n[: -len("+compile")], n) for n in times if n.endswith("+compile")]
     print("  compiled / eager, same path: " + ", ".join(
-        f"{eager} {statistics.median(times[comp]) / statistics.median(times[eager]):.2f}" for eager, comp in pairs))
+        f"{eager} {ratio(comp, eager):.3f}" for eager, comp in pairs))
     for name in ("deepspeed ZeRO-1", "deepspeed ZeRO-1+compile"):
         rows = trainers[name].timer.resolve()[args.warmup:]
         split = {ph: statistics.median(r.get(ph, 0.0) for r in rows) for ph in PHASES}
