@@ -11,8 +11,8 @@
 Variants run round-robin so machine noise hits them alike; the median after warm-up (which
 includes compilation) is reported with the ratio to the plain eager step (the median of the
 per-round ratios: each round's steps ran back to back, so a slow spell of the machine cancels),
-model FLOPs utilisation
-against this CPU's measured fp32 matmul rate, and the phase split of the DeepSpeed ZeRO-1 step.
+model FLOPs utilisation against this CPU's measured fp32 matmul rate, and the phase split of the
+DeepSpeed ZeRO-1 step.
 
     python bench/step_paths.py [--preset tiny_image] [--batch 8] [--clones 8] [--steps 10]
 """

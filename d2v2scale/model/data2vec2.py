@@ -278,7 +278,7 @@ class Data2Vec2(nn.Module):
         return torch.stack(spreads)
 
     def losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
-                mask: MaskInfo) -> StepOutput:
+               mask: MaskInfo) -> StepOutput:
         sample = torch.arange(pred.shape[0], device=pred.device) // self.clones
         y = targets[sample]
         weight = mask.mask.to(torch.float32)

@@ -45,8 +45,9 @@ from . import (
     set_optimizer_steps,
 )
 
-# Every DeepSpeed internal the teacher, the checkpoints and the dp=1 step read or set, by what holds it. A DeepSpeed
-# without one of them fails at start-up naming its version (never a silent fallback).
+# Every DeepSpeed internal the teacher, the checkpoints and the dp=1 step read or set, by what
+# holds it. A DeepSpeed without one of them fails at start-up naming its version (never a silent
+# fallback).
 DEEPSPEED_INTERNALS = {
     "ZeRO-1/2 optimizer": ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups", "optimizer"),
     "bf16 optimizer (ZeRO-0)": ("fp16_groups", "fp32_groups", "optimizer"),
