@@ -4,7 +4,9 @@ AdamW against the eager, unfused step (same process, same data, masks and initia
 Tolerances: fp32. Inductor fuses and reorders elementwise work (different rounding, ~1e-7 relative
 per step), and fused AdamW evaluates the same update formula in one kernel; over 5 steps the loss
 stays within 1e-5 (compile) and 1e-6 (fused optimizer), while a real difference (a block compiled
-with stale weights, a missed bias correction) moves it by > 1e-3.
+with stale weights, a missed bias correction) moves it by > 1e-3. That the compiled run did run
+compiled code is checked too: dynamo holds cache entries for the block, the decoder and the
+model's tensor math (none after the eager run).
 """
 import json
 import sys
@@ -28,6 +30,10 @@ def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
             "train.max_updates=5", "model.mask_noise_std=0", timeout=600)
     out = json.loads((tmp_path / "out.json").read_text())
     eager = out["1"]
+    assert eager["compiled"] == []  # the eager run came first: nothing compiled yet
+    decoder = "Decoder2d" if preset == "tiny_image" else "Decoder1d"
+    assert out["1+compile"]["compiled"] == sorted(["Block.forward", f"{decoder}.forward", "Data2Vec2.targets_from",
+                                                  "Data2Vec2.losses"])
     for run, tol in (("1+compile", 1e-5), ("1+fused", 1e-6)):
         if run not in out:
             continue

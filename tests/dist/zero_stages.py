@@ -18,12 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
+from d2v2scale.model import Data2Vec2  # noqa: E402
+from d2v2scale.model.blocks import Block  # noqa: E402
 from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
 
@@ -41,6 +44,14 @@ def full_fp32(tr) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in tr.model.named_parameters() if n in tracked}
+
+
+def compiled_functions(model) -> list[str]:
+    """Which of the regions ``model.compile`` compiles have dynamo cache entries, i.e. ran compiled
+    (cumulative over the runs of this process). ``layer_spread`` is left out: its ``no_grad``
+    wrapper makes dynamo enter through a shared frame of its own."""
+    functions = (Block.forward, type(model.decoder).forward, Data2Vec2.targets_from, Data2Vec2.losses)
+    return sorted(f.__qualname__ for f in functions if _debug_get_cache_entry_list(f.__code__))
 
 
 def resident_teacher_bytes(tr) -> int:
@@ -99,6 +110,7 @@ def main():
         results[run] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),
                         "teacher_bytes_per_rank": bytes_, "teacher_resident_bytes": resident, "dtypes": dtypes,
                         "teacher_norms": {n: p.double().norm().item() for n, p in params.items()},
+                        "compiled": compiled_functions(tr.model),
                         "teacher_full_bytes": sum(p.numel() * p.element_size() for p in params.values())}
     if dims.rank == 0:
         Path(out).write_text(json.dumps(results))
