@@ -43,7 +43,7 @@ class ModelConfig:
     layerdrop: float = 0.0
     clone_batch: int = 1  # M: masked views per sample
     activation_checkpointing: int = 0  # student blocks: 0 off, 1 every block, k every k-th block
-    compile: bool = False  # regional torch.compile of every Transformer block and the decoder (d2v2scale.train.compile)
+    compile: bool = False  # regional torch.compile: blocks, decoder, tensor math (d2v2scale.train.compile)
     kernels: str = "auto"  # auto: apex's fused LayerNorm where apex is installed on a GPU | torch (d2v2scale.train.kernels)
     average_top_k_layers: int = 12
     instance_norm_target_layer: bool = True
@@ -139,6 +139,7 @@ class TrainConfig:
     checkpoint_format: str = "layout_free"  # layout_free (resumes on any layout/backend) | native (the backend's own, same layout)
 
 
+KERNELS = ("auto", "torch")  # model.kernels, chosen in d2v2scale/train/kernels.py
 BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/<name>.py; the first is the default
 
 
@@ -481,7 +482,7 @@ def validate(cfg: Config) -> None:
     _one_of("train.batch_scaling", tr.batch_scaling, ("none", "linear"))
     _one_of("train.checkpoint_format", tr.checkpoint_format, ("layout_free", "native"))
     _one_of("parallel.backend", cfg.parallel.backend, BACKENDS)
-    _one_of("model.kernels", m.kernels, ("auto", "torch"))
+    _one_of("model.kernels", m.kernels, KERNELS)
     _check(tr.checkpoint_format == "layout_free" or cfg.parallel.backend == BACKENDS[0],
            f"train.checkpoint_format=native needs parallel.backend={BACKENDS[0]} (FSDP2 has no native format here); "
            f"allowed with {cfg.parallel.backend}: layout_free")

@@ -106,15 +106,14 @@ class StepStats:
 
 
 def train_step(tr: Trainer, step: int) -> StepStats:
-    cfg, backend, model = tr.cfg, tr.backend, tr.model
+    cfg, backend = tr.cfg, tr.backend
     phase = tr.timer.phase
     t0 = time.perf_counter()
     with phase("data"):
         batches: list[MicroBatch] = tr.loader.step(step)  # on the device; read ahead while the last step ran
     data_time = time.perf_counter() - t0
 
-    masks = [mb.mask if mb.mask is not None else model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths)
-             for mb in batches]
+    masks = [mb.mask for mb in batches]  # the loader made them (build_trainer gives it the model's make_mask)
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
     # The backend divides by grad_accum and averages over DP; undo both so grads are sum / global count.

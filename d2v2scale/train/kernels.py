@@ -16,8 +16,6 @@ from types import ModuleType
 import torch
 from torch import nn
 
-KERNELS = ("auto", "torch")
-
 
 @dataclass(frozen=True)
 class Kernels:

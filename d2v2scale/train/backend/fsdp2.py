@@ -136,10 +136,10 @@ class FSDP2Backend:
         self.sync_free = bool(opt.get("fused"))
         groups = param_groups(model, wd, tracked)
         if self.sync_free:
+            # On CPU torch reads a tensor lr as a scalar: float64 keeps it the Python float DeepSpeed's
+            # schedule would give; the CUDA fused kernel reads a float32 lr from device memory.
+            dtype = torch.float64 if device.type == "cpu" else torch.float32
             for group in groups:
-                # On CPU torch reads a tensor lr as a scalar: float64 keeps it the Python float DeepSpeed's
-                # schedule would give; the CUDA fused kernel reads a float32 lr from device memory.
-                dtype = torch.float64 if device.type == "cpu" else torch.float32
                 group["lr"] = torch.tensor(float(opt.get("lr", 1e-3)), dtype=dtype, device=device)
         self.optimizer = torch.optim.AdamW(groups, lr=opt.get("lr", 1e-3), betas=tuple(opt.get("betas", (0.9, 0.999))),
                                            eps=opt.get("eps", 1e-8), weight_decay=wd, fused=opt.get("fused"),
@@ -211,7 +211,6 @@ class FSDP2Backend:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
 
     def local_weights(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.model.parameters()]
