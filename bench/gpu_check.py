@@ -33,6 +33,7 @@ from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.plan import positions_per_item  # noqa: E402
 from d2v2scale.profiling.flops import PEAK_FLOPS, StepShape, step_flops  # noqa: E402
 from d2v2scale.teacher import build_teacher  # noqa: E402
+from d2v2scale.train.compile import apply_compile  # noqa: E402
 
 CUT_DEPTHS = (2, 4)
 DEVICE = "cuda"
@@ -49,14 +50,18 @@ def gpu_key() -> str:
     raise SystemExit(f"gpu_check: unknown GPU {props.name!r}; add its bf16 peak to profiling/flops.py PEAK_FLOPS")
 
 
-def time_step(preset: str, micro: int, depth: int, steps: int = 5) -> float:
-    """Seconds of one forward + backward + AdamW + EMA step at a cut depth (CUDA events)."""
+def time_step(preset: str, micro: int, depth: int, steps: int = 5, compile_: bool = False) -> float:
+    """Seconds of one forward + backward + AdamW + EMA step at a cut depth (CUDA events); with
+    ``compile_``, regional compile of student and teacher (the warm-up steps compile)."""
     full = load_config(preset)
     cfg = load_config(preset, [f"model.depth={depth}", "model.prenet_depth=0",
                                f"model.average_top_k_layers={min(depth, full.model.average_top_k_layers)}"])
     device = torch.device(DEVICE)
     model = Data2Vec2(cfg.model_spec()).to(device).train()
     teacher = build_teacher(model, cfg)
+    if compile_:
+        apply_compile(model)
+        apply_compile(teacher.module)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     source = synthetic_batch(cfg, micro, torch.Generator().manual_seed(0)).to(device)
     mask = model.make_mask(0, 0, torch.arange(micro), source)
@@ -100,11 +105,23 @@ def calibrate(presets: list[str], micros: list[int], peak: float) -> list[dict]:
     return points
 
 
+def compile_speedup(specs: list[str]) -> None:
+    """``model.compile=true`` against eager, same step, one process: ``preset:micro`` at depth 4."""
+    print("compiled vs eager (one GPU, bf16, depth 4, mean of 20 steps after 2 warm-up steps):", flush=True)
+    for spec in specs:
+        preset, micro = spec.split(":")
+        eager, compiled = (time_step(preset, int(micro), 4, steps=20, compile_=c) for c in (False, True))
+        print(f"  {preset:<12} micro {micro}: eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms, "
+              f"compiled/eager {compiled / eager:.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="calibration.json")
     p.add_argument("--presets", default="vit_l,vit_h,audio_large")
     p.add_argument("--micro", default="1,2,4,8")
+    p.add_argument("--speed", default="vit_b:16,audio_base:4,text_base:16",
+                   help="preset:micro pairs timed eager vs compiled ('' to skip)")
     p.add_argument("--skip_tests", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     tests_ok = True
     if not args.skip_tests:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"], cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-m", "gpu", "tests/gpu"], cwd=ROOT)
         tests_ok = proc.returncode == 0
+    if args.speed:
+        compile_speedup(args.speed.split(","))
     print("calibration (one GPU, bf16):", flush=True)
     points = calibrate(args.presets.split(","), [int(m) for m in args.micro.split(",")], PEAK_FLOPS[key])
     Path(args.out).write_text(json.dumps({"gpu": key, "device_name": torch.cuda.get_device_name(0),
