@@ -98,6 +98,15 @@ def test_masks_are_a_function_of_seed_step_and_sample_index():
     assert len({tuple(r.tolist()) for r in a[0]}) == 16
 
 
+def test_masks_are_made_where_the_sample_ids_are():
+    """Keys (and so masks) live on the sample ids' device: a GPU caller of ``make_mask`` got CPU masks
+    once, because the seed (a Python int) fixed the device. 'meta' stands in for CUDA here."""
+    keys = row_keys(5, 10, torch.arange(3, device="meta"), 4)
+    assert keys.device.type == "meta" and keys.shape == (12,)
+    info = inverse_block_mask_2d(keys, (14, 14), 0.8, 3, 0.07)
+    assert info.mask.device.type == "meta" and info.keep_idx.shape == (12, 39)
+
+
 def test_text_random_masking_counts():
     gen = _generator("text_base")
     info = gen(seed=0, step=0, sample_ids=torch.arange(4), max_len=512)

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2v2scale.config import config_from_dict
+from d2v2scale.train.checkpoint import read_run_info
 from d2v2scale.train.metrics import read_metrics
+from d2v2scale.train.run import check_resume
 
 from test_deepspeed_training import ROOT, _env, _launch, _port, _torchrun
 
@@ -185,6 +188,13 @@ def test_resume_config_checks(tmp_path):
                                                  "model.average_top_k_layers=3", "--resume", "auto")],
                          cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "model.depth" in bad.stderr and "Traceback" not in bad.stderr
-    _launch([sys.executable], *_args("tiny_text", run_dir, "train.max_updates=6", "--resume", "auto"))
+    tag = run_dir / "checkpoints" / "step_00000004"
+    info = read_run_info(tag)
+    for key, value in (("compile", True), ("activation_checkpointing", 1), ("kernels", "torch")):
+        cfg = config_from_dict(info["config"])  # how the same math runs may change (found on a GPU run)
+        setattr(cfg.model, key, value)
+        assert check_resume(tag, cfg, info["ds_config"], info["layout"]) is None
+    _launch([sys.executable], *_args("tiny_text", run_dir, "train.max_updates=6", "model.activation_checkpointing=1",
+                                     "--resume", "auto"))
     assert _last_step(run_dir) == 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"

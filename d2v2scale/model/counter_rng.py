@@ -43,11 +43,10 @@ def combine(*parts: int | torch.Tensor) -> torch.Tensor | int:
             key_int = mixed if key_int is None else hash32(key_int ^ mixed)
         assert key_int is not None
         return key_int
+    device = next(part.device for part in parts if isinstance(part, torch.Tensor))  # where the tensor parts are
     key: torch.Tensor | None = None
     for part in parts:
-        part_t = torch.as_tensor(part, dtype=torch.int64)
-        if key is not None:
-            part_t = part_t.to(key.device)
+        part_t = torch.as_tensor(part, dtype=torch.int64, device=device)
         lo, hi = part_t & _MASK32, (part_t >> 32) & _MASK32
         mixed = hash32(lo ^ hash32(hi + 0x9E3779B9))
         key = mixed if key is None else hash32(key ^ mixed)

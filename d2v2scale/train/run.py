@@ -40,6 +40,7 @@ RESUMABLE = (
     "train.batch_scaling",
     "data.num_workers", "data.prefetch_steps", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
     "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
+    "model.compile", "model.activation_checkpointing", "model.kernels",  # how the same math runs
 )
 # The split of the (unchanged) global batch and the sharding may change with the layout.
 _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown", "train_batch_size",

@@ -50,8 +50,11 @@ def test_bf16_cuda_step_matches_the_fp32_cpu_step(preset):
 
 
 def test_dali_mixed_decode_matches_cpu_decode(tmp_path):
-    """nvJPEG and libjpeg-turbo may round the IDCT differently by a level or two; after the same
-    crop, resize and normalisation that stays below ~0.02 on average (one level ≈ 0.017)."""
+    """nvJPEG and libjpeg-turbo round the IDCT and upsample chroma differently (libjpeg-turbo's
+    "fancy" triangular filter): a level or two per pixel after the same crop, resize and
+    normalisation (one level ≈ 0.017; measured on an H200: mean 0.022, i.e. 1.3 levels). A bound of
+    2 levels on the mean, half a unit anywhere, and equal means (a swapped channel, a wrong scale or
+    crop would shift it) tell a decoder difference from a pipeline one."""
     from PIL import Image
 
     from d2v2scale.data.images import ImageSource
@@ -65,7 +68,8 @@ def test_dali_mixed_decode_matches_cpu_decode(tmp_path):
     gpu = ImageSource(str(tmp_path), 64, 3, 0, 8, torch.device("cuda", 0), verbose=False).batch(positions)[0]
     assert gpu.is_cuda and gpu.shape == cpu.shape
     diff = (gpu.cpu() - cpu).abs()
-    assert diff.mean().item() < 0.02 and diff.max().item() < 0.5
+    assert diff.mean().item() < 0.035 and diff.max().item() < 0.5
+    assert abs(gpu.mean().item() - cpu.mean().item()) < 0.005  # no bias: same channels, scale and crop
 
 
 def test_cuda_event_timers_measure_device_time():
