@@ -5,12 +5,15 @@
 
 1. Runs the tests marked ``gpu`` (tests/gpu): bf16 CUDA step vs the fp32 CPU step, DALI ``mixed``
    decode vs CPU decode, CUDA-event timers, NVML sampling, bit-exact CUDA RNG resume, NCCL
-   collectives over every visible GPU.
-2. Times the single-GPU training step (bf16 autocast, fused AdamW, EMA update) of each preset at
+   collectives over every visible GPU, and the launcher path (deepspeed bf16 ZeRO-1 compiled, then
+   torchrun FSDP2 resuming its checkpoint).
+2. Times the step eager and with ``model.compile=true`` (``--speed preset:micro,...``).
+3. Times the single-GPU training step (bf16 autocast, fused AdamW, EMA update) of each preset at
    micro-batches 1–8. Full-depth models may not fit one GPU, so each is timed at two cut depths
-   and scaled back analytically: per-block time = (t(4) − t(2)) / 2, full = t(2) + per-block ×
-   (all blocks − 2). Efficiency = the full model's FLOPs / (full time × peak).
-3. Writes ``calibration.json`` for ``python -m d2v2scale.plan --calibration`` and prints the table.
+   and scaled back analytically: per-block time = (t(8) − t(4)) / 4, full = t(4) + per-block ×
+   (all blocks − 4). (At depths 2 and 4 an H200 step was launch-bound and the difference noise.)
+   Efficiency = the full model's FLOPs / (full time × peak).
+4. Writes ``calibration.json`` for ``python -m d2v2scale.plan --calibration`` and prints the table.
 
 Without CUDA it prints one line and exits 0. Exit 1 when a ``gpu`` test fails.
 """
@@ -35,7 +38,7 @@ from d2v2scale.profiling.flops import PEAK_FLOPS, StepShape, step_flops  # noqa:
 from d2v2scale.teacher import build_teacher  # noqa: E402
 from d2v2scale.train.compile import apply_compile  # noqa: E402
 
-CUT_DEPTHS = (2, 4)
+CUT_DEPTHS = (4, 8)
 DEVICE = "cuda"
 
 
@@ -87,7 +90,7 @@ def calibrate(presets: list[str], micros: list[int], peak: float) -> list[dict]:
         blocks = full.model.depth + full.model.prenet_depth
         for micro in micros:
             try:
-                t_lo, t_hi = (time_step(preset, micro, d) for d in CUT_DEPTHS)
+                t_lo, t_hi = (time_step(preset, micro, d, steps=10) for d in CUT_DEPTHS)
             except torch.OutOfMemoryError:
                 print(f"  {preset} micro {micro}: out of memory at depth {CUT_DEPTHS[-1]}, skipped", flush=True)
                 torch.cuda.empty_cache()

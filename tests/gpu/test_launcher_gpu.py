@@ -45,8 +45,8 @@ def test_deepspeed_bf16_compiled_run_then_fsdp2_resume(tmp_path):
         assert all(v == v and abs(v) < 1e4 for v in (r["loss"], r["grad_norm"])), r  # finite
         assert r["mfu"] is not None and r["mfu"] > 0 and r["mem_peak_gb"] > 0.1, r
     assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "report" / "report.md").is_file()
-    print(f"deepspeed bf16 ZeRO-1 compiled, step 10: {rows[-1]['step_time_s'] * 1e3:.0f} ms/step, "
-          f"MFU {rows[-1]['mfu']:.1%}, peak {rows[-1]['mem_peak_gb']:.1f} GB")
+    print(f"deepspeed bf16 ZeRO-1 compiled, steps 6-10 (profiler trace on 5-7): "
+          f"{rows[-1]['step_time_s'] * 1e3:.0f} ms/step, peak {rows[-1]['mem_peak_gb']:.1f} GB")
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_port())]
     proc = _launch(torchrun, run, "train.max_updates=20", "parallel.backend=fsdp2", "--resume", "auto")
@@ -56,5 +56,4 @@ def test_deepspeed_bf16_compiled_run_then_fsdp2_resume(tmp_path):
     assert [r["step"] for r in rows] == [5, 10, 15, 20]  # continued at 10, nothing repeated
     assert all(r["loss"] == r["loss"] for r in rows)
     assert (run / "checkpoints" / "step_00000020").is_dir()
-    print(f"fsdp2 bf16 eager after resume, step 20: {rows[-1]['step_time_s'] * 1e3:.0f} ms/step, "
-          f"MFU {rows[-1]['mfu']:.1%}")
+    print(f"fsdp2 bf16 eager after resume, steps 16-20: {rows[-1]['step_time_s'] * 1e3:.0f} ms/step")
