@@ -13,6 +13,22 @@ from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_con
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 
+def _compare_grad_norms(opt) -> list:
+    """Run DeepSpeed's own ``get_grad_norm_direct`` next to the backend's replacement on the same
+    gradients; returns [(deepspeed, ours), ...] per call."""
+    ours, pairs = opt.get_grad_norm_direct, []
+    assert ours.__name__ == "grad_norm_direct", ours  # the backend installed its replacement
+
+    def both(gradients, params, norm_type=2):
+        theirs = type(opt).get_grad_norm_direct(opt, gradients, params, norm_type)
+        mine = ours(gradients, params, norm_type)
+        pairs.append((float(theirs), float(mine)))
+        return mine
+
+    opt.get_grad_norm_direct = both
+    return pairs
+
+
 def main():
     cfg = load_config("tiny_image")
     dims, device = init_distributed(1)
@@ -30,10 +46,12 @@ def main():
             obj = (next(p for p in engine.module.parameters() if p.requires_grad) if "parameter" in holder
                    else engine if holder == "engine" else engine.optimizer)
             require_internals(obj, holder)
+        norms = _compare_grad_norms(engine.optimizer) if stage in (1, 2) else []
         train_step(tr, 0)
         checked[f"{stage}/{'bf16' if bf16 else 'fp32'}"] = {"holders": list(holders),
                                                             "names": [list(DEEPSPEED_INTERNALS[h]) for h in holders],
-                                                            "step_applied": engine.was_step_applied()}
+                                                            "step_applied": engine.was_step_applied(),
+                                                            "grad_norms": norms}
     Path(sys.argv[1]).write_text(json.dumps(checked))
     shutdown()
 
