@@ -42,7 +42,7 @@ def test_deepspeed_bf16_compiled_run_then_fsdp2_resume(tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == [5, 10]
     for r in rows:
-        assert all(v == v and abs(v) < 1e4 for v in (r["loss"], r["grad_norm"])), r  # finite
+        assert all(isinstance(v, float) and abs(v) < 1e4 for v in (r["loss"], r["grad_norm"])), r  # "nan" is a str
         assert r["mfu"] is not None and r["mfu"] > 0 and r["mem_peak_gb"] > 0.1, r
     assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "report" / "report.md").is_file()
     print(f"deepspeed bf16 ZeRO-1 compiled, steps 6-10 (profiler trace on 5-7): "
@@ -54,6 +54,6 @@ def test_deepspeed_bf16_compiled_run_then_fsdp2_resume(tmp_path):
     assert "backend deepspeed → fsdp2" in out and "resumed from" in out and "step_00000010" in out
     rows = _rows(run)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]  # continued at 10, nothing repeated
-    assert all(r["loss"] == r["loss"] for r in rows)
+    assert all(isinstance(r["loss"], float) for r in rows)  # finite: non-finite values are written as strings
     assert (run / "checkpoints" / "step_00000020").is_dir()
     print(f"fsdp2 bf16 eager after resume, steps 16-20: {rows[-1]['step_time_s'] * 1e3:.0f} ms/step")
