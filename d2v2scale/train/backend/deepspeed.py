@@ -254,6 +254,7 @@ def foreach_grad_norm(opt) -> None:
     DeepSpeed's own to fp32 rounding (``tests/dist/ds_internals.py`` runs both on the same
     gradients); p-norms other than 2 keep DeepSpeed's."""
     original = opt.get_grad_norm_direct
+    reduce_dp = dist.get_world_size(opt.dp_process_group) > 1  # the group is fixed: decided once
 
     def grad_norm_direct(gradients, params, norm_type=2):
         if float(norm_type) != 2.0:
@@ -265,7 +266,7 @@ def foreach_grad_norm(opt) -> None:
                       or opt.model_parallel_rank == 0)]
         total = (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum() if grads
                  else torch.zeros((), dtype=torch.float32, device=opt.device))
-        if dist.get_world_size(opt.dp_process_group) > 1:
+        if reduce_dp:
             dist.all_reduce(total, group=opt.dp_process_group)
         opt._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.sqrt()
