@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from d2v2scale.config import load_config  # noqa: E402
+from d2v2scale.cli import fail  # noqa: E402
+from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.plan import positions_per_item  # noqa: E402
@@ -108,12 +109,23 @@ def calibrate(presets: list[str], micros: list[int], peak: float) -> list[dict]:
     return points
 
 
-def compile_speedup(specs: list[str]) -> None:
+def speed_specs(text: str) -> list[tuple[str, int]]:
+    """``--speed`` as (preset, micro-batch) pairs: ``vit_b:16,audio_base:4``; '' for none."""
+    pairs = []
+    for spec in filter(None, text.split(",")):
+        preset, _, micro = spec.partition(":")
+        if not micro.isdigit() or int(micro) < 1:
+            raise ValueError(f"--speed {spec!r}: expected preset:micro-batch, e.g. vit_b:16")
+        load_config(preset)  # an unknown preset is a ConfigError naming the shipped ones
+        pairs.append((preset, int(micro)))
+    return pairs
+
+
+def compile_speedup(specs: list[tuple[str, int]]) -> None:
     """``model.compile=true`` against eager, same step, one process: ``preset:micro`` at depth 4."""
     print("compiled vs eager (one GPU, bf16, depth 4, mean of 20 steps after 2 warm-up steps):", flush=True)
-    for spec in specs:
-        preset, micro = spec.split(":")
-        eager, compiled = (time_step(preset, int(micro), 4, steps=20, compile_=c) for c in (False, True))
+    for preset, micro in specs:
+        eager, compiled = (time_step(preset, micro, 4, steps=20, compile_=c) for c in (False, True))
         print(f"  {preset:<12} micro {micro}: eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms, "
               f"compiled/eager {compiled / eager:.3f}", flush=True)
 
@@ -127,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="preset:micro pairs timed eager vs compiled ('' to skip)")
     p.add_argument("--skip_tests", action="store_true")
     args = p.parse_args(argv)
+    try:
+        speed = speed_specs(args.speed)
+        presets = args.presets.split(",")
+        for preset in presets:
+            load_config(preset)
+    except (ValueError, ConfigError) as e:
+        return fail("gpu_check", e)
     if not torch.cuda.is_available():
         print("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False here); nothing to check")
         return 0
@@ -137,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-m", "gpu", "tests/gpu"], cwd=ROOT)
         tests_ok = proc.returncode == 0
-    if args.speed:
-        compile_speedup(args.speed.split(","))
+    if speed:
+        compile_speedup(speed)
     print("calibration (one GPU, bf16):", flush=True)
-    points = calibrate(args.presets.split(","), [int(m) for m in args.micro.split(",")], PEAK_FLOPS[key])
+    points = calibrate(presets, [int(m) for m in args.micro.split(",")], PEAK_FLOPS[key])
     Path(args.out).write_text(json.dumps({"gpu": key, "device_name": torch.cuda.get_device_name(0),
                                           "points": points}, indent=1))
     print(f"wrote {args.out} ({len(points)} points): python -m d2v2scale.plan --calibration {args.out} ...")

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from d2v2scale.config import load_config  # noqa: E402
+from d2v2scale.cli import fail  # noqa: E402
+from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.data.loader import StepLoader  # noqa: E402
 from d2v2scale.data.schedule import RankSchedule  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
@@ -97,7 +98,7 @@ def engine_path(cfg, ds: dict, dims, device, backend: str, stage: int, compile_:
     return tr, lambda k: train_step(tr, k)
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny_image")
     p.add_argument("--batch", type=int, default=8, help="samples per step (images, text blocks)")
@@ -107,12 +108,16 @@ def main() -> None:
     p.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "cpu_tiny.json"))
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the bench's own")
     args = p.parse_args()
+    try:  # bad input is one line, before any process group
+        cfg = load_config(args.preset, ["data.kind=synthetic", f"model.clone_batch={args.clones}",
+                                        "model.mask_noise_std=0", f"train.global_batch={args.batch}",
+                                        "train.allow_long_warmup=true", *args.overrides])
+        ds = load_ds_config(args.ds_config)
+    except ConfigError as e:
+        return fail("step_paths", e)
     dims, device = init_distributed(1)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    cfg = load_config(args.preset, ["data.kind=synthetic", f"model.clone_batch={args.clones}", "model.mask_noise_std=0",
-                                    f"train.global_batch={args.batch}", "train.allow_long_warmup=true", *args.overrides])
-    ds = load_ds_config(args.ds_config)
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = args.batch, 1
     if cfg.model.modality == "audio":
         ds["train_micro_batch_size_per_gpu"] = "auto"
@@ -162,7 +167,8 @@ def main() -> None:
         rows = trainers[name].timer.resolve()[args.warmup:]
         split = {ph: statistics.median(r.get(ph, 0.0) for r in rows) for ph in PHASES}
         print(f"  phases of {name}: " + ", ".join(f"{ph} {v * 1e3:.1f}" for ph, v in split.items() if v) + " ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

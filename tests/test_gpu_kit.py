@@ -26,3 +26,13 @@ def test_without_cuda_the_kit_says_so_and_skips():
                          capture_output=True, text=True)
     assert run.returncode == 0 and " skipped" in run.stdout and "passed" not in run.stdout
     assert "needs a CUDA GPU" in run.stdout
+
+
+def test_bad_kit_arguments_are_one_line_and_exit_2():
+    """Checked before the CUDA check, so a typo fails here, not minutes into a GPU lease."""
+    for args, needle in ((["--speed", "vit_b"], "expected preset:micro-batch"),
+                         (["--speed", "vitb:16"], "unknown preset 'vitb'"),
+                         (["--presets", "vit_l,nope"], "unknown preset 'nope'")):
+        out = subprocess.run([sys.executable, "bench/gpu_check.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        assert out.stderr.startswith("gpu_check: error: ") and needle in out.stderr and len(out.stderr.splitlines()) == 1
