@@ -53,6 +53,11 @@ class ModelConfig:
     loss_scale: float | None = None  # None: 1/sqrt(embed_dim), as the reference
     loss_beta: float = 0.0  # > 0 switches the regression loss to smooth-L1 with this beta
     cls_loss: float = 0.0
+    # The CLS term's weight per view is cls_loss × this / train.global_batch: fairseq weighted it by
+    # its per-GPU micro-batch (``cls_loss × sample_size``), so a preset pins the one of the run it
+    # reproduces, and every split of the global batch optimises that objective. None: the global
+    # batch itself (one micro-batch per update, as a 1-process fairseq run).
+    cls_loss_reference_micro_batch: int | None = None
     mask_noise_std: float = 0.01
     num_extra_tokens: int = 0
     # image
@@ -457,6 +462,9 @@ def validate(cfg: Config) -> None:
         _check(m.num_extra_tokens >= 0, "model.num_extra_tokens must be >= 0")
         _check(m.cls_loss == 0 or m.num_extra_tokens >= 1,
                f"model.cls_loss={m.cls_loss} needs model.num_extra_tokens >= 1 (the CLS token)")
+        ref = m.cls_loss_reference_micro_batch
+        _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed values: "
+                                        "null (the global batch) or integers >= 1")
     else:
         _check(m.num_extra_tokens == 0, f"model.num_extra_tokens={m.num_extra_tokens}: allowed values for {m.modality}: 0")
         _check(m.cls_loss == 0, f"model.cls_loss={m.cls_loss}: allowed values for {m.modality}: 0 (CLS loss is image-only)")

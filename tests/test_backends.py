@@ -156,29 +156,34 @@ def test_resharding_resume_on_two_processes(tmp_path):
             assert loss == ref_loss if pair == "z1>z1" else _rel(loss, ref_loss) < 2e-3, (pair, loss, ref_loss)
 
 
-CLI = ["launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny_zero1_mb16.json", "--preset", "tiny_image",
-       "train.global_batch=64", "train.max_updates=6", "train.allow_long_warmup=true", "train.log_every=1",
-       "train.save_every=3", "model.mask_noise_std=0"]
+MB16 = "ds_configs/cpu_tiny_zero1_mb16.json"
+CLI = ["launchers/pretrain.py", "--preset", "tiny_image", "train.global_batch=64", "train.max_updates=6",
+       "train.allow_long_warmup=true", "train.log_every=1", "train.save_every=3", "model.mask_noise_std=0"]
 
 
 @pytest.mark.slow
 def test_resharding_resume_across_world_sizes(tmp_path):
     """The launcher resumes a run on another number of processes: dp 2 → 1 and 2 → 4 (DeepSpeed
-    ZeRO-1), 1 → 2 (onto FSDP2 under torchrun). The global batch (64) and micro-batch (16) stay, the
-    accumulation steps absorb the change; the resume says what changed; steps 4-6 match the
-    uninterrupted run that wrote the checkpoint (1e-5)."""
+    ZeRO-1), 1 → 2 (onto FSDP2 under torchrun), with the micro-batch of 16 kept (the accumulation
+    steps absorb the change), and dp 2 → 1 with one micro-batch of 64 (cpu_tiny.json: "auto"). The
+    CLS loss is on (tiny_image), so its weight must not follow the micro-batch. The resume says what
+    changed; steps 4-6 match the uninterrupted run that wrote the checkpoint (1e-5)."""
     runs = {"dp2": (_torchrun(2), []), "dp1": ([sys.executable], [])}
     for name, (prefix, extra) in runs.items():
-        _launch(prefix, *CLI, "--run_dir", str(tmp_path / name), *extra)
-    resumes = [("dp2", "to_dp1", [sys.executable], [], "dp 2 → 1"),
-               ("dp2", "to_dp4", _torchrun(4), [], "dp 2 → 4"),
-               ("dp1", "to_dp2_fsdp2", _torchrun(2), ["parallel.backend=fsdp2"], "backend deepspeed → fsdp2, dp 1 → 2")]
-    for source, name, prefix, extra, change in resumes:
+        _launch(prefix, *CLI, "--ds_config", MB16, "--run_dir", str(tmp_path / name), *extra)
+    resumes = [("dp2", "to_dp1", [sys.executable], MB16, [], "dp 2 → 1"),
+               ("dp2", "to_dp1_mb64", [sys.executable], "ds_configs/cpu_tiny.json", [], "dp 2 → 1"),
+               ("dp2", "to_dp4", _torchrun(4), MB16, [], "dp 2 → 4"),
+               ("dp1", "to_dp2_fsdp2", _torchrun(2), MB16, ["parallel.backend=fsdp2"],
+                "backend deepspeed → fsdp2, dp 1 → 2")]
+    for source, name, prefix, ds_config, extra, change in resumes:
         run_dir = tmp_path / name
         shutil.copytree(tmp_path / source, run_dir)
         (run_dir / "checkpoints" / "latest").write_text("step_00000003\n")
-        proc = _launch(prefix, *CLI, "--run_dir", str(run_dir), "--resume", "auto", *extra)
+        proc = _launch(prefix, *CLI, "--ds_config", ds_config, "--run_dir", str(run_dir), "--resume", "auto", *extra)
         assert f"resharding step_00000003 to a new layout: {change}" in proc.stdout
+        micro = 64 if ds_config.endswith("cpu_tiny.json") else 16
+        assert f"= micro-batch {micro} × grad-accum" in proc.stdout
         assert "resumed from" in proc.stdout
         assert "returned a view tensor" not in proc.stderr  # FSDP2's warning, explained in backend/fsdp2.py
         want = {r["step"]: r for r in read_metrics(tmp_path / source / "metrics.jsonl")}
@@ -194,7 +199,7 @@ def test_native_checkpoints_resume_only_on_their_own_layout(tmp_path):
     """``train.checkpoint_format=native`` (DeepSpeed's save_checkpoint): the same layout resumes;
     another is refused in one line, exit 2, before any process group starts."""
     run_dir = tmp_path / "run"
-    native = [*CLI[:5], "train.max_updates=4", "train.allow_long_warmup=true", "train.save_every=2",
+    native = [*CLI[:3], "--ds_config", MB16, "train.max_updates=4", "train.allow_long_warmup=true", "train.save_every=2",
               "train.checkpoint_format=native", "--run_dir", str(run_dir)]
     _launch([sys.executable], *native)
     assert (run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt").is_file()

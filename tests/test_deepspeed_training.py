@@ -100,7 +100,7 @@ def test_bf16_zero2_and_zero3_track_fp32(tmp_path):
         # (weights ≲ 0.25 here: 2^-9 · 0.25 ≈ 5e-4)
         assert runs[stage]["ema_vs_unsharded"] <= 1e-3
         d = runs[stage]["dtypes"]
-        assert d["loss"] == d["target_var"] == "torch.float32" and d["teacher_masters"] == ["torch.float32"]
+        assert d["loss"] == "torch.float32" and d["spreads"] == "torch.float64" and d["teacher_masters"] == ["torch.float32"]
         assert d["teacher_compute"] == ["torch.bfloat16"]
     assert runs["2"]["dtypes"]["targets"] == "torch.float32"
     assert ref["dtypes"]["teacher_compute"] == ["torch.float32"]

@@ -8,7 +8,7 @@ from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2
 from d2v2scale.teacher import build_teacher
-from d2v2scale.train.reporting import Diagnostics
+from d2v2scale.train.reporting import Diagnostics, Interval
 
 
 def test_a_collapsing_teacher_is_reported(tmp_path, caplog):
@@ -27,7 +27,9 @@ def test_a_collapsing_teacher_is_reported(tmp_path, caplog):
                 blk.mlp.fc2.bias.mul_(shrink)
             out = model(source, model.teacher_fn(teacher.module), mask)
         row = {"target_var": out.target_var.item(), "pred_var": out.pred_var.item()}
-        diagnostics.write(tr, step, [SimpleNamespace(layer_target_var=out.layer_target_var)], row)
+        stats = SimpleNamespace(loss_reg=out.loss_reg, loss_cls=out.loss_cls, masked=out.sample_size,
+                                kept=out.sample_size, flops=0.0, data_time_s=0.0, spreads=out.moments())
+        diagnostics.write(tr, step, Interval([stats]), row)
     rows = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["warnings"] == [] and rows[1]["warnings"] == []

@@ -1,5 +1,5 @@
 """data2vec 2.0 model code: single-device PyTorch, no process groups."""
-from .data2vec2 import Data2Vec2, StepOutput, Targets, TeacherFn, normalize_loss
+from .data2vec2 import Data2Vec2, StepOutput, Targets, TeacherFn, cls_share, normalize_loss
 from .masking import MaskGenerator, MaskInfo
 
-__all__ = ["Data2Vec2", "StepOutput", "Targets", "TeacherFn", "normalize_loss", "MaskGenerator", "MaskInfo"]
+__all__ = ["Data2Vec2", "StepOutput", "Targets", "TeacherFn", "cls_share", "normalize_loss", "MaskGenerator", "MaskInfo"]

@@ -9,9 +9,11 @@ is one training step's forward for B samples:
    order), then the conv decoder predicts every position from the kept outputs plus N(0, σ) noise;
 4. L2 loss on masked positions (× 1/sqrt(D) unless configured) and, for images, the CLS loss.
 
-Losses come back as **sums**; the caller divides by the *global* masked-token count
-(:func:`normalize_loss`), which is what makes the objective independent of how the batch is split
-across ranks and micro-batches.
+Losses and spread statistics come back as **sums** over this forward's positions and views, so
+that any split of the global batch (ranks × micro-batches × steps) adds up to the same totals.
+:func:`normalize_loss` turns them into the objective: the regression sum over the *global*
+masked-token count, plus the CLS sum with a per-view weight that does not depend on the split
+(:func:`cls_share`).
 """
 from __future__ import annotations
 
@@ -45,46 +47,81 @@ def _no_phase(name: str) -> ContextManager:
 
 @dataclass
 class Targets:
-    """What the student regresses: per-sample (B, T, D) fp32 targets, and the raw spread of each
-    target layer (for collapse diagnostics; None when the targets were made elsewhere)."""
+    """What the student regresses: per-sample (B, T, D) fp32 targets, and the :func:`spread_moments`
+    of each raw target layer (K, 3, D) for collapse diagnostics (None when made elsewhere)."""
 
     values: torch.Tensor
-    layer_spread: torch.Tensor | None = None
+    layer_moments: torch.Tensor | None = None
 
 
 # (source, the student's local features, valid mask, lengths) → targets: how the teacher reaches the model
 TeacherFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], Targets]
 
 
+def spread_moments(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(3, D) float64 sums ``[Σw, Σw·y, Σw·y²]`` over the weighted rows of ``y`` (N, D). Moments of
+    disjoint rows add up, so the spread of a whole step (or log interval) is the same however its
+    rows were split over micro-batches and ranks; float64 sums make the total order-independent."""
+    w = weight.to(y.dtype).unsqueeze(-1)
+    yw = y * w
+    count = weight.sum(dtype=torch.float64).expand(y.shape[-1])
+    return torch.stack([count, yw.sum(0, dtype=torch.float64), (yw * y).sum(0, dtype=torch.float64)])
+
+
+def spread(moments: torch.Tensor) -> torch.Tensor:
+    """fairseq ``compute_var`` from :func:`spread_moments` (..., 3, D): the per-channel std
+    (unbiased, + 1e-6 under the root) averaged over channels."""
+    count, s1, s2 = moments.unbind(-2)
+    count = count.clamp_min(2.0)
+    var = (s2 - s1 * s1 / count) / (count - 1)
+    return torch.sqrt(var.clamp_min(0.0) + 1e-6).mean(-1)
+
+
 @dataclass
 class StepOutput:
-    """Per-rank sums and statistics of one forward; ``sample_size`` = masked tokens (a tensor)."""
+    """Per-rank sums of one forward: ``loss_reg`` over masked positions, ``loss_cls`` (= cls_loss ×
+    Σ over views) over views, ``sample_size`` = masked positions, and :func:`spread_moments` of the
+    targets and predictions at masked positions (and of the raw target layers, (K, 3, D))."""
 
     loss_reg: torch.Tensor
     loss_cls: torch.Tensor
     sample_size: torch.Tensor
-    target_var: torch.Tensor
-    pred_var: torch.Tensor
-    layer_target_var: torch.Tensor | None = None  # (K,) raw teacher-layer spread, for collapse diagnostics
+    target_moments: torch.Tensor
+    pred_moments: torch.Tensor
+    layer_moments: torch.Tensor | None = None
 
     @property
-    def loss_sum(self) -> torch.Tensor:
-        return self.loss_reg + self.loss_cls
+    def target_var(self) -> torch.Tensor:
+        return spread(self.target_moments)
+
+    @property
+    def pred_var(self) -> torch.Tensor:
+        return spread(self.pred_moments)
+
+    @property
+    def layer_target_var(self) -> torch.Tensor | None:
+        return None if self.layer_moments is None else spread(self.layer_moments)
+
+    def moments(self) -> torch.Tensor:
+        """(2 + K, 3, D): the spread moments of the targets, the predictions, then the K target layers."""
+        layers = [] if self.layer_moments is None else [self.layer_moments]
+        return torch.cat([self.target_moments[None], self.pred_moments[None], *layers])
 
 
-def normalize_loss(out: StepOutput, global_sample_size: torch.Tensor | float | None = None) -> torch.Tensor:
-    """The objective: summed losses over the global masked-token count (local count if None)."""
+def cls_share(reference_micro_batch: int | None, global_batch: int) -> float:
+    """The factor on ``cls_loss × Σ_views err`` in the objective: fairseq's ``sample_size_micro /
+    sample_size_global`` at the split it ran (``reference_micro_batch`` samples per micro-batch of
+    ``global_batch``; None: one micro-batch per update). Fixed per run, so every split of the
+    global batch optimises the same objective."""
+    return 1.0 if reference_micro_batch is None else reference_micro_batch / global_batch
+
+
+def normalize_loss(out: StepOutput, global_sample_size: torch.Tensor | float | None = None,
+                   cls_weight: float = 1.0) -> torch.Tensor:
+    """The objective's share of this forward: the regression sum over the global masked-token count
+    (the local count if None) plus the CLS sum × ``cls_weight`` (:func:`cls_share`)."""
     denom = out.sample_size if global_sample_size is None else global_sample_size
-    return out.loss_sum / denom
-
-
-def _std_over_rows(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fairseq ``compute_var``: per-channel std over the weighted rows of (N, D), averaged over D."""
-    w = weight.unsqueeze(-1)
-    n = w.sum().clamp_min(2.0)
-    mean = (y * w).sum(0) / n
-    var = (((y - mean) ** 2) * w).sum(0) / (n - 1)
-    return torch.sqrt(var + 1e-6).mean()
+    return out.loss_reg / denom + out.loss_cls * cls_weight
 
 
 class Data2Vec2(nn.Module):
@@ -95,7 +132,7 @@ class Data2Vec2(nn.Module):
     phase: Callable[[str], ContextManager] = staticmethod(_no_phase)
     # Methods that are pure tensor math (no parameters, no communication, no RNG): regional
     # compilation may compile each whole, like a block.
-    TENSOR_MATH = ("targets_from", "layer_spread", "losses")
+    TENSOR_MATH = ("targets_from", "layer_moments", "losses")
 
     def __init__(self, cfg: ModelSpec):
         super().__init__()
@@ -206,8 +243,8 @@ class Data2Vec2(nn.Module):
     def _teacher_output(self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor,
                         valid: torch.Tensor | None, lengths: torch.Tensor | None) -> Targets:
         layers = self.teacher_layers(teacher, source, local, valid, lengths)
-        spread = self.layer_spread(layers[-self.cfg.model.average_top_k_layers :], valid)
-        return Targets(self.targets_from(layers, valid), spread)
+        moments = self.layer_moments(layers[-self.cfg.model.average_top_k_layers :], valid)
+        return Targets(self.targets_from(layers, valid), moments)
 
     # -------------------------------------------------------------------------------- student
     def make_mask(
@@ -262,20 +299,21 @@ class Data2Vec2(nn.Module):
             cls_pred = x[:, self.num_extra - 1] if self.num_extra else None
             pred = self.decoder(self._decoder_input(x[:, self.num_extra :], mask))
             out = self.losses(pred, cls_pred, target.values, mask)
-            out.layer_target_var = target.layer_spread
+            out.layer_moments = target.layer_moments
         return out
 
     @staticmethod
     @torch.no_grad()
-    def layer_spread(layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
-        """Per target layer, the channel-averaged std of the raw teacher FFN outputs: the first thing
-        to shrink when representations collapse, long before normalised targets show it."""
-        spreads = []
+    def layer_moments(layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
+        """(K, 3, D) :func:`spread_moments` of the raw teacher FFN outputs per target layer: their
+        spread is the first thing to shrink when representations collapse, long before normalised
+        targets show it."""
+        moments = []
         for layer in layers:
             y = layer.float().reshape(-1, layer.shape[-1])
-            w = valid.reshape(-1).float() if valid is not None else torch.ones(y.shape[0], device=y.device)
-            spreads.append(_std_over_rows(y, w))
-        return torch.stack(spreads)
+            w = valid.reshape(-1) if valid is not None else torch.ones(y.shape[0], device=y.device)
+            moments.append(spread_moments(y, w))
+        return torch.stack(moments)
 
     def losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
                mask: MaskInfo) -> StepOutput:
@@ -284,19 +322,17 @@ class Data2Vec2(nn.Module):
         weight = mask.mask.to(torch.float32)
         err = self._elementwise_loss(pred.float(), y).sum(-1)
         loss_reg = (err * weight).sum()
-        sample_size = weight.sum()
         loss_cls = loss_reg.new_zeros(())
         m = self.cfg.model
         if cls_pred is not None and m.cls_loss > 0:
-            cls_err = self._elementwise_loss(cls_pred.float(), targets.mean(1)[sample]).sum()
-            # Reference semantics: scaled by the local masked count, so that after the division
-            # by the masked count it is a per-view sum (fairseq ``d2v_loss(...) * cls_loss * sample_size``).
-            loss_cls = cls_err * m.cls_loss * sample_size.detach()
+            # A sum over views; fairseq multiplies it by the micro-batch's masked count before the
+            # global division, which made its weight depend on the split: see cls_share.
+            loss_cls = self._elementwise_loss(cls_pred.float(), targets.mean(1)[sample]).sum() * m.cls_loss
         flat_w = weight.reshape(-1)
         with torch.no_grad():
-            target_var = _std_over_rows(y.reshape(-1, y.shape[-1]), flat_w)
-            pred_var = _std_over_rows(pred.detach().float().reshape(-1, pred.shape[-1]), flat_w)
-        return StepOutput(loss_reg, loss_cls, sample_size, target_var, pred_var)
+            target_moments = spread_moments(y.reshape(-1, y.shape[-1]), flat_w)
+            pred_moments = spread_moments(pred.detach().float().reshape(-1, pred.shape[-1]), flat_w)
+        return StepOutput(loss_reg, loss_cls, weight.sum(), target_moments, pred_moments)
 
     def _elementwise_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         beta = self.cfg.model.loss_beta

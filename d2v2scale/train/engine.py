@@ -4,9 +4,10 @@ One step, top to bottom (:func:`train_step`):
 
 1. fetch this rank's ``grad_accum`` micro-batches with their masks (made by the loader, ahead of
    time: a pure function of the step, the sample ids and the shapes);
-2. all-reduce the masked-token count over the DP group: the loss of every micro-batch is
-   normalised by this *global* count, so any split of the global batch (ranks × micro-batches)
-   optimises the same objective;
+2. all-reduce the masked-token count over the DP group: the regression loss of every micro-batch
+   is normalised by this *global* count and the CLS loss carries a fixed per-view weight
+   (:func:`~d2v2scale.model.cls_share`), so any split of the global batch (ranks × micro-batches ×
+   accumulation × TP) optimises the same objective;
 3. per micro-batch: forward (teacher targets + student + decoder), ``backend.backward``,
    ``backend.step`` (the backend steps the optimizer, clips and schedules at the accumulation
    boundary, and skips the step when the gradient norm is not finite — a non-finite loss included);
@@ -35,7 +36,7 @@ from ..distributed.dims import ParallelDims
 from ..distributed.runtime import all_reduce
 from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, parallelize, tp_slice
 from ..logs import LOG, progress_line
-from ..model import Data2Vec2
+from ..model import Data2Vec2, cls_share, normalize_loss
 from ..model.counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
@@ -55,7 +56,7 @@ from .faults import (
     tensors_finite,
 )
 from .metrics import MetricsWriter
-from .reporting import Diagnostics, log_record
+from .reporting import Diagnostics, Interval, log_record
 from .sinks import MetricSinks, without_sinks
 
 
@@ -79,6 +80,7 @@ class Trainer:
     # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
     params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)  # resolved; its monitor sections drive the metric sinks
+    cls_weight: float = 1.0  # the CLS sum's weight in the objective (model.cls_share), fixed for the run
 
     @property
     def model(self) -> Data2Vec2:
@@ -93,13 +95,11 @@ class Trainer:
 class StepStats:
     """Sums over this rank's micro-batches, kept on the device until a log step needs them."""
 
-    loss_reg: torch.Tensor
-    loss_cls: torch.Tensor
+    loss_reg: torch.Tensor  # Σ over masked positions
+    loss_cls: torch.Tensor  # this rank's share of the step's CLS term (already weighted: sums over ranks)
     masked: torch.Tensor
     kept: torch.Tensor
-    target_var: torch.Tensor
-    pred_var: torch.Tensor
-    layer_target_var: torch.Tensor | None
+    spreads: torch.Tensor  # (2 + K, 3, D) spread moments: targets, predictions, the K raw target layers
     data_time_s: float
     skipped: torch.Tensor  # device bool: read only at log steps
     flops: float  # model FLOPs of this rank's micro-batches (analytic, from shapes: no sync)
@@ -116,23 +116,22 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     masks = [mb.mask for mb in batches]  # the loader made them (build_trainer gives it the model's make_mask)
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
-    # The backend divides by grad_accum and averages over DP; undo both so grads are sum / global count.
-    scale = tr.plan.dp * tr.plan.grad_accum / global_masked
+    # The backend divides by grad_accum and averages over DP; undo both so the gradient is the objective's.
+    scale = tr.plan.dp * tr.plan.grad_accum
 
     layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
     zero = torch.zeros((), device=tr.device)
-    reg, cls, tvar, pvar, layers = zero.clone(), zero.clone(), zero.clone(), zero.clone(), None
+    reg, cls, spreads = zero.clone(), zero.clone(), None
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
         out = backend.forward(mb.source, tr.targets, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
-        loss = out.loss_sum * scale * poison
+        loss = normalize_loss(out, global_masked, tr.cls_weight) * scale * poison
         with phase("backward"):
             backend.backward(loss)  # a non-finite loss makes a non-finite gradient norm: the backend skips the step
         with phase("optimizer"):
             backend.step()
-        reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach()
-        tvar, pvar = tvar + out.target_var, pvar + out.pred_var
-        layers = out.layer_target_var if layers is None else layers + out.layer_target_var
+        reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach() * tr.cls_weight
+        spreads = out.moments() if spreads is None else spreads + out.moments()
 
     applied = torch.as_tensor(backend.step_applied(), device=tr.device)  # a device bool, or a host one sent over
     with phase("ema"):
@@ -143,9 +142,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
                 for mb, m in zip(batches, masks))
     tr.last_shape = {"samples": batches[0].source.shape[0], "positions": masks[0].mask.shape[1],
                      "kept": masks[0].num_kept, "input_len": batches[0].source.shape[-1]}
-    n = len(batches)
-    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), tvar / n, pvar / n,
-                     None if layers is None else layers / n, data_time, ~applied, flops)
+    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), spreads, data_time, ~applied, flops)
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
@@ -174,7 +171,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps,
                         masker=lambda step, mb: model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths))
     return Trainer(cfg, plan, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
-                   targets=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config)
+                   targets=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config,
+                   cls_weight=cls_share(cfg.model.cls_loss_reference_micro_batch, plan.global_batch))
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
@@ -196,7 +194,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     diagnostics = Diagnostics(run_dir / "diagnostics.jsonl", cfg.train, enabled=rank0)
     stop = StopFlag()
     stop.install()
-    rows, pending, t_last = [], [], time.perf_counter()
+    rows, pending, t_last = [], Interval(), time.perf_counter()
     t_start = t_last
     # skip bookkeeping on the device, read where a step logs or saves anyway
     in_a_row = torch.zeros((), dtype=torch.int64, device=tr.device)
@@ -218,7 +216,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
             if profiler is not None:
                 profiler.step_end(step)
                 profiler.shape = profiler.shape or tr.last_shape
-            pending.append(stats)
+            pending.add(stats)
             skip = stats.skipped.long()
             in_a_row = (in_a_row + 1) * skip
             longest = torch.maximum(longest, in_a_row)
@@ -245,7 +243,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                     eta = elapsed / (step + 1 - start_step) * (cfg.train.max_updates - step - 1)
                     LOG.info(progress_line(row["step"], cfg.train.max_updates, loss, row["lr"], row["samples_per_s"],
                                            elapsed, eta))
-                pending, t_last = [], time.perf_counter()
+                pending, t_last = Interval(), time.perf_counter()
             if save:
                 _save(tr, run_dir, step + 1, run_info)
             if preempted:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import resource
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
 from ..distributed.runtime import all_reduce
 from ..logs import LOG
+from ..model.data2vec2 import spread
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -34,30 +36,57 @@ def skipped_samples(tr) -> int:
     return len(files)
 
 
-def log_record(tr, step: int, stats: list, wall: float) -> dict:
-    """Reduce the interval's statistics over steps and DP ranks (the only host sync) into one row."""
-    per_step = torch.stack([
-        torch.stack([s.loss_reg, s.loss_cls, s.masked, s.kept, s.target_var, s.pred_var]).float() for s in stats
-    ])
-    reg, cls, masked, kept, tvar, pvar = all_reduce(per_step.sum(0), tr.dims.dp_group).tolist()
-    tvar, pvar = tvar / len(stats) / tr.plan.dp, pvar / len(stats) / tr.plan.dp
-    grad_norm = tr.backend.grad_norm()
-    flops = all_reduce(torch.tensor([sum(st.flops for st in stats)], dtype=torch.float64, device=tr.device), tr.dims.dp_group)
-    flops_per_s_device = float(flops) / wall / tr.dims.world_size
+class Interval:
+    """The steps since the last log step, summed on the device as they come (memory does not grow
+    with ``train.log_every``). Losses and spreads pool every position of the interval on every
+    DP rank, so a row is the same however the global batch was split."""
+
+    def __init__(self, stats: Iterable = ()):
+        self.steps, self.data_time_s = 0, 0.0
+        self.sums: torch.Tensor | None = None  # float64: loss_reg, loss_cls, masked, kept, FLOPs
+        self.spreads: torch.Tensor | None = None  # (2 + K, 3, D) spread moments (engine.StepStats)
+        self._totals: tuple[list[float], list[float]] | None = None
+        for s in stats:
+            self.add(s)
+
+    def add(self, s) -> None:
+        """Fold in one :class:`~d2v2scale.train.engine.StepStats`."""
+        sums = torch.stack([s.loss_reg, s.loss_cls, s.masked, s.kept]).double()
+        sums = torch.cat([sums, sums.new_tensor([s.flops])])
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.spreads = s.spreads if self.spreads is None else self.spreads + s.spreads
+        self.steps += 1
+        self.data_time_s += s.data_time_s
+
+    def totals(self, group) -> tuple[list[float], list[float]]:
+        """(sums over DP ranks, spreads of targets, predictions and each target layer): one
+        all-reduce, the interval's only host sync, done once however many readers ask."""
+        if self._totals is None:
+            n = self.sums.numel()
+            flat = all_reduce(torch.cat([self.sums, self.spreads.reshape(-1)]), group)
+            self._totals = flat[:n].tolist(), spread(flat[n:].view_as(self.spreads)).tolist()
+        return self._totals
+
+
+def log_record(tr, step: int, interval: Interval, wall: float) -> dict:
+    """The ``metrics.jsonl`` row of the interval ending at ``step``."""
+    (reg, cls, masked, kept, flops), spreads = interval.totals(tr.dims.dp_group)
+    steps = interval.steps
+    flops_per_s_device = flops / wall / tr.dims.world_size
     return {
         "step": step + 1,
-        "loss": (reg + cls) / masked,
+        "loss": reg / masked + cls / steps,
         "loss_reg": reg / masked,
-        "loss_cls": cls / masked,
+        "loss_cls": cls / steps,
         "lr": tr.backend.lr(),
         "ema_decay": tr.teacher.decay(step + 1),
-        "grad_norm": grad_norm,
-        "target_var": tvar,
-        "pred_var": pvar,
+        "grad_norm": tr.backend.grad_norm(),
+        "target_var": spreads[0],
+        "pred_var": spreads[1],
         "masked_frac": masked / (masked + kept),
-        "samples_per_s": tr.plan.global_batch * len(stats) / wall,
-        "step_time_s": wall / len(stats),
-        "data_time_s": sum(s.data_time_s for s in stats) / len(stats),
+        "samples_per_s": tr.plan.global_batch * steps / wall,
+        "step_time_s": wall / steps,
+        "data_time_s": interval.data_time_s / steps,
         "tflops_per_device": flops_per_s_device / 1e12,
         "mfu": None if tr.peak_flops is None else flops_per_s_device / tr.peak_flops,
         "mem_peak_gb": peak_memory_gb(tr.device),
@@ -80,12 +109,8 @@ class Diagnostics:
         self.first_layer_var: list[float] | None = None
         self.warned: set[str] = set()
 
-    def write(self, tr, step: int, stats: list, row: dict) -> list[str]:
-        layers = [s.layer_target_var for s in stats if s.layer_target_var is not None]
-        layer_var = []
-        if layers:
-            mean = all_reduce(torch.stack(layers).mean(0).float(), tr.dims.dp_group) / tr.plan.dp
-            layer_var = [round(v, 6) for v in mean.tolist()]
+    def write(self, tr, step: int, interval: Interval, row: dict) -> list[str]:
+        layer_var = [round(v, 6) for v in interval.totals(tr.dims.dp_group)[1][2:]]
         warnings = []
         if row["target_var"] is not None and row["target_var"] < self.min_target:
             warnings.append(f"target_var {row['target_var']:.4g} < train.warn_target_var {self.min_target}")

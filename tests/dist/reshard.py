@@ -23,6 +23,7 @@ from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.train import checkpoint  # noqa: E402
 from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
+from d2v2scale.train.reporting import Interval  # noqa: E402
 
 LAYOUTS = {f"z{s}": ("deepspeed", s, 1) for s in range(4)} | {"tp2": ("deepspeed", 1, 2), "fsdp2": ("fsdp2", 3, 1)}
 
@@ -56,7 +57,7 @@ def main():
         losses = []
         for step in range(first, last):
             stats = train_step(tr, step)
-            row = log_record(tr, step, [stats], 1.0)
+            row = log_record(tr, step, Interval([stats]), 1.0)
             losses.append([row["loss"], row["grad_norm"]])
             if save_dir is not None and step + 1 == k:
                 checkpoint.save_checkpoint(tr, save_dir, k, 10, {"layout": layout_info})

@@ -29,6 +29,7 @@ from d2v2scale.model import Data2Vec2  # noqa: E402
 from d2v2scale.model.blocks import Block  # noqa: E402
 from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
+from d2v2scale.train.reporting import Interval  # noqa: E402
 
 
 def _full(p) -> torch.Tensor:
@@ -83,14 +84,14 @@ def main():
         losses, dtypes = [], {}
         for step in range(cfg.train.max_updates):
             stats = train_step(tr, step)
-            dtypes = {"loss": str(stats.loss_reg.dtype), "target_var": str(stats.target_var.dtype),
+            dtypes = {"loss": str(stats.loss_reg.dtype), "spreads": str(stats.spreads.dtype),
                       "teacher_masters": sorted({str(t.dtype) for t in tr.teacher.masters}),
                       "teacher_compute": sorted({str(p.dtype) for n, p in tr.teacher.module.named_parameters()
                                                  if n in reference})}
             decay = tr.teacher.decay(step + 1)
             for name, value in full_fp32(tr).items():
                 reference[name].lerp_(value, 1.0 - decay)
-            row = log_record(tr, step, [stats], 1.0)
+            row = log_record(tr, step, Interval([stats]), 1.0)
             losses.append([row["loss"], row["loss_reg"], row["loss_cls"], row["grad_norm"]])
         params = {n: _full(p) for n, p in tr.teacher.module.named_parameters()}
         ema_diff = max((params[n].float() - v).abs().max().item() for n, v in reference.items())
