@@ -9,12 +9,16 @@ configuration comes from the checkpoint's ``cfg.model``, field by field (fields 
 honour are refused by name); without one, the architecture is derived from the tensor shapes
 and what shapes cannot tell (the head count, the CNN strides) must come from ``key=value`` or
 ``--preset``. Every tensor is then checked against the model that config builds. The output is a
-d2v2scale weights file: ``{"format", "config", "student", "teacher"}``.
+d2v2scale weights file: ``{"format", "config", "student", "teacher"}``. fairseq weighted the image
+CLS loss by its per-GPU batch; the checkpoint's ``cfg.dataset.batch_size`` becomes
+``model.cls_loss_reference_micro_batch``, so training on from here optimises the same objective at
+any layout (without it, the preset's value is used and a note says so).
 
 ``to-fairseq`` takes such a file or a training checkpoint directory (``RUN/checkpoints/<tag>``:
 a layout-free one from any layout and backend, a native one at tp=1, ZeRO stage 0–2) and writes ``{"model": state_dict, "cfg": {"model": ...}}``: the student in
 fairseq's names, the teacher under ``_ema`` in the layout fairseq's EMA restore expects, and the
-``Data2VecMultiConfig`` values that rebuild the model.
+``Data2VecMultiConfig`` values that rebuild the model, and a note on the per-GPU ``batch_size`` that
+keeps the CLS loss's weight when training goes on in fairseq.
 
 Released fairseq checkpoints embed omegaconf objects, so ``torch.load`` can only read them with
 ``weights_only=False``, which executes pickled code from the file: that needs the explicit
@@ -85,15 +89,18 @@ def load_torch_file(path: str, trust: bool = False) -> Any:
         raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def read_fairseq(path: str, trust: bool) -> tuple[dict, dict | None]:
-    """(state_dict, ``cfg.model`` as a plain dict or None) of a fairseq checkpoint."""
+def read_fairseq(path: str, trust: bool) -> tuple[dict, dict | None, int | None]:
+    """(state_dict, ``cfg.model`` as a plain dict or None, ``cfg.dataset.batch_size`` or None) of a
+    fairseq checkpoint."""
     blob = load_torch_file(path, trust)
     if not isinstance(blob, dict):
         raise ConfigError(f"{path} holds a {type(blob).__name__}, not a checkpoint dict")
     state = next((blob[k] for k in ("model", "state_dict") if isinstance(blob.get(k), dict)), blob)
     cfg = blob.get("cfg")
-    cfg_model = _plain(cfg["model"]) if cfg is not None and hasattr(cfg, "get") and cfg.get("model") else None
-    return state, cfg_model
+    cfg = cfg if cfg is not None and hasattr(cfg, "get") else {}
+    cfg_model = _plain(cfg["model"]) if cfg.get("model") else None
+    batch = (_plain(cfg.get("dataset")) or {}).get("batch_size")
+    return state, cfg_model, batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else None
 
 
 def _count(keys, prefix: str) -> int:
@@ -181,9 +188,24 @@ def check_against_model(cfg: Config, student: dict, teacher: dict | None) -> Non
             raise KeyMappingError(f"{name}: shape mismatches (set the config to match): {'; '.join(wrong[:5])}")
 
 
-def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: list[str], trust: bool) -> tuple[Config, bool]:
-    """Write a d2v2scale weights file; returns (config, whether it came from the checkpoint)."""
-    state, cfg_model = read_fairseq(path, trust)
+CLS_REFERENCE = "model.cls_loss_reference_micro_batch"
+
+
+def _cls_reference_note(cfg: Config, batch: int | None, overrides: list[str]) -> str | None:
+    """What the CLS weighting was taken from, when the checkpoint does not say (one line), else None."""
+    if cfg.model.cls_loss == 0 or batch is not None or _given(CLS_REFERENCE, overrides):
+        return None
+    return (f"{CLS_REFERENCE}={cfg.model.cls_loss_reference_micro_batch} (preset {cfg.preset}): the checkpoint does "
+            "not record the per-GPU batch it was trained with (cfg.dataset.batch_size), which weights fairseq's CLS "
+            f"loss; pass {CLS_REFERENCE}=N to continue another objective")
+
+
+def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: list[str],
+                         trust: bool) -> tuple[Config, bool, str | None]:
+    """Write a d2v2scale weights file; returns (config, whether it came from the checkpoint, a note
+    on what was assumed for the CLS weighting or None). fairseq weighted the CLS loss by its per-GPU
+    batch (``cfg.dataset.batch_size``): that becomes ``model.cls_loss_reference_micro_batch``."""
+    state, cfg_model, batch = read_fairseq(path, trust)
     modality = detect_modality(state)
     if cfg_model is not None:
         values = config_values(cfg_model, modality)
@@ -193,10 +215,12 @@ def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: lis
     else:
         student, teacher = from_fairseq(state, modality)
         values = _values_without_config(student, teacher, modality, preset, overrides)
+    if batch is not None:
+        values[CLS_REFERENCE] = batch
     cfg = load_config(preset or BASE_PRESET[modality], overrides, values)
     check_against_model(cfg, student, teacher)
     _save(out, {"format": FORMAT, "config": cfg.to_dict(), "student": student, "teacher": teacher})
-    return cfg, cfg_model is not None
+    return cfg, cfg_model is not None, _cls_reference_note(cfg, batch, overrides)
 
 
 def _save(path: str, obj: Any) -> None:
@@ -278,6 +302,16 @@ def _assemble_teacher(shards: list[dict], student: dict) -> dict:
     return out
 
 
+def to_fairseq_cls_note(cfg: Config) -> str | None:
+    """fairseq weights the CLS loss by its per-GPU batch: the setting that keeps this run's objective."""
+    if cfg.model.cls_loss == 0:
+        return None
+    ref = cfg.model.cls_loss_reference_micro_batch or cfg.train.global_batch
+    return (f"to continue this objective in fairseq, train with dataset.batch_size={ref} per GPU: fairseq weights "
+            f"the CLS loss by its per-GPU batch, so at another batch_size its weight changes in proportion "
+            f"(here: cls_loss × {ref} / global batch per view)")
+
+
 def convert_to_fairseq(path: str, out: str) -> Config:
     cfg, student, teacher = read_weights(path)
     if teacher is not None:
@@ -313,15 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.direction == "from-fairseq":
-            cfg, from_ckpt = convert_from_fairseq(args.input, args.output, args.preset, args.overrides,
-                                                  args.trust_checkpoint)
+            cfg, from_ckpt, note = convert_from_fairseq(args.input, args.output, args.preset, args.overrides,
+                                                        args.trust_checkpoint)
             source = "the checkpoint's cfg.model" if from_ckpt else f"tensor shapes + preset {cfg.preset}"
             print(f"converted {args.input} ({cfg.model.modality}, {cfg.model.depth} blocks, width "
                   f"{cfg.model.embed_dim}, {cfg.model.num_heads} heads; config from {source}) → {args.output}")
         else:
-            convert_to_fairseq(args.input, args.output)
+            cfg = convert_to_fairseq(args.input, args.output)
+            note = to_fairseq_cls_note(cfg)
             print(f"exported {args.input} → {args.output} (fairseq Data2VecMultiModel: 'model' with the teacher "
                   "under _ema, 'cfg.model')")
+        if note:
+            print(f"note: {note}")
     except (ConfigError, KeyMappingError) as e:
         return fail("convert", e)
     return 0

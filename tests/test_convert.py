@@ -167,6 +167,31 @@ def test_round_trip_of_the_parity_fixture_is_identical(tmp_path, fairseq_fixture
     assert all(torch.equal(returned["_ema"][k], v) for k, v in original["_ema"].items())
 
 
+def test_the_cls_weighting_comes_from_fairseqs_per_gpu_batch(tmp_path, capsys):
+    """fairseq's CLS weight followed its per-GPU batch (``cfg.dataset.batch_size``): it becomes
+    model.cls_loss_reference_micro_batch; without it the preset's value is used and a note says so
+    (an override silences it); to-fairseq says which batch_size keeps the objective in fairseq."""
+    path, _, _ = _official_checkpoint(tmp_path, "image")
+    plain = torch.load(path, weights_only=True)
+    with_batch = tmp_path / "with_batch.pt"
+    torch.save({**plain, "cfg": {**plain["cfg"], "dataset": {"batch_size": 8}}}, with_batch)
+
+    def convert(src, *overrides) -> tuple[int, str]:
+        assert convert_main(["from-fairseq", str(src), str(tmp_path / "o.pt"), *overrides]) == 0
+        blob = torch.load(tmp_path / "o.pt", weights_only=True)
+        return config_from_dict(blob["config"]).model.cls_loss_reference_micro_batch, capsys.readouterr().out
+
+    ref, out = convert(with_batch)
+    assert ref == 8 and "note:" not in out
+    assert convert_main(["to-fairseq", str(tmp_path / "o.pt"), str(tmp_path / "back.pt")]) == 0
+    assert "note: to continue this objective in fairseq, train with dataset.batch_size=8 per GPU" in capsys.readouterr().out
+    ref, out = convert(path)
+    assert ref == 16 and "note: model.cls_loss_reference_micro_batch=16 (preset vit_b): the checkpoint does not " \
+                         "record the per-GPU batch" in out
+    ref, out = convert(path, "model.cls_loss_reference_micro_batch=4")
+    assert ref == 4 and "note:" not in out
+
+
 @pytest.mark.parametrize("modality, message", [
     ("image", "model.num_heads is not recoverable from tensors; pass model.num_heads=N or --preset"),
     ("audio", "model.num_heads is not recoverable from tensors"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v2scale.config import config_from_dict
+from d2v2scale.config import ConfigError, config_from_dict
 from d2v2scale.train.checkpoint import read_run_info
 from d2v2scale.train.metrics import read_metrics
 from d2v2scale.train.run import check_resume
@@ -196,5 +196,19 @@ def test_resume_config_checks(tmp_path):
         assert check_resume(tag, cfg, info["ds_config"], info["layout"]) is None
     _launch([sys.executable], *_args("tiny_text", run_dir, "train.max_updates=6", "model.activation_checkpointing=1",
                                      "--resume", "auto"))
+    # a checkpoint from before model.cls_loss_reference_micro_batch weighted its CLS loss by the
+    # micro-batch it ran with: that value continues it, another one is a change of objective
+    old = {**info, "config": {**info["config"], "model": {**info["config"]["model"], "cls_loss": 0.01}},
+           "ds_config": {**info["ds_config"], "train_micro_batch_size_per_gpu": 4}}
+    old["config"]["model"].pop("cls_loss_reference_micro_batch")
+    tag = tmp_path / "before_the_key"
+    tag.mkdir()
+    (tag / "run.json").write_text(json.dumps(old))  # all check_resume reads on the same layout
+    cfg = config_from_dict(info["config"])
+    cfg.model.cls_loss, cfg.model.cls_loss_reference_micro_batch = 0.01, 4
+    assert check_resume(tag, cfg, info["ds_config"], info["layout"]) is None
+    cfg.model.cls_loss_reference_micro_batch = None
+    with pytest.raises(ConfigError, match="model.cls_loss_reference_micro_batch was 4 in the checkpoint, is None now"):
+        check_resume(tag, cfg, info["ds_config"], info["layout"])
     assert _last_step(run_dir) == 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"

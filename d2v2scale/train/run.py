@@ -99,12 +99,23 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def _saved_config(info: dict) -> dict:
+    """A checkpoint's config, with ``model.cls_loss_reference_micro_batch`` filled in for one written
+    before that key existed: its CLS weight followed the micro-batch it ran with, so that is the
+    value that continues its objective."""
+    saved, model = info["config"], info["config"].get("model", {})
+    if "cls_loss_reference_micro_batch" in model or not model.get("cls_loss"):
+        return saved
+    micro = info.get("ds_config", {}).get("train_micro_batch_size_per_gpu")
+    return {**saved, "model": {**model, "cls_loss_reference_micro_batch": micro}}
+
+
 def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | None:
     """The checkpoint must come from the same model, data and optimisation (the global batch
     included). A layout-free checkpoint resumes on any layout: returns the line saying how it
     changes; a native DeepSpeed one only on the layout that wrote it."""
     info = checkpoint.read_run_info(tag_dir)
-    diff = _first_difference(info["config"], cfg.to_dict(), RESUMABLE)
+    diff = _first_difference(_saved_config(info), cfg.to_dict(), RESUMABLE)
     if diff:
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: {key} was {old!r} in the checkpoint, is {new!r} now; keys that "

@@ -45,10 +45,6 @@ def main():
         dims = dims_by_tp[tp]
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
         ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
-        if cfg.model.modality != "audio":
-            # Masks are equalised within a micro-batch (as in fairseq): the same objective needs the
-            # same micro-batch size in every layout, the accumulation steps absorb the change of dp.
-            ds["train_micro_batch_size_per_gpu"] = 16
         plan = plan_batch(ds, cfg, dims.dp)
         layout_info = {"backend": backend, "tp": tp, "dp": dims.dp, "zero_stage": stage}
         return build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device), layout_info
