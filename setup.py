@@ -24,6 +24,7 @@ setup(
         "d2v2scale-report = d2v2scale.report:entry",
         "d2v2scale-convert = d2v2scale.convert:entry",
         "d2v2scale-features = d2v2scale.features:entry",
+        "d2v2scale-prepare = d2v2scale.prepare:entry",
     ]},
     include_package_data=True,
     python_requires=">=3.10",

@@ -126,6 +126,9 @@ class DataConfig:
     min_sample_size: int = 32_000
     max_sample_size: int = 320_000
     sample_length: int | None = None  # synthetic audio/text: samples or tokens per item
+    # images/audio: where the job's index of data.path is built once and read by every rank
+    # (d2v2scale.data.index); null: RUN/data.d2v2index. A prepared index needs none.
+    index_cache: str | None = None
 
 
 @dataclass

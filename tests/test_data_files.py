@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from d2v2scale.data.build_tokens import build, byte_tokenizer
-from d2v2scale.data.files import DataError, build_index, IMAGE_SUFFIXES
-from d2v2scale.data.images import MEAN, STD, ImageSource, crop_params
+from d2v2scale.data.files import DataError, IMAGE_SUFFIXES
+from d2v2scale.data.images import MEAN, STD, ImageSource, crop_params, substitute
+from d2v2scale.data.index import build_index
 from d2v2scale.data.schedule import RankSchedule, epoch_indices
 from d2v2scale.data.text import TokenBlocks
 
@@ -22,12 +23,34 @@ def jpeg_dir(tmp_path_factory):
     return root
 
 
-def test_screen_skips_empty_truncated_and_wrong_format(jpeg_dir):
-    index = build_index(jpeg_dir, IMAGE_SUFFIXES, log=False)
-    assert len(index) == 25  # 24 good + the one with valid markers around garbage (caught at decode time)
-    reasons = sorted(r for _, r in index.skipped)
-    assert len(reasons) == 3
-    assert reasons[0] == "empty file" and "not a JPG" in reasons[1] and "truncated" in reasons[2]
+def test_unusable_files_are_found_at_read_time_and_replaced_the_same_way_in_every_split(jpeg_dir, dali):
+    """Indexing opens no image; reading an epoch finds the empty, truncated and wrong-format files
+    (bytes) and the undecodable one (DALI), and every split of the positions gets the same pixels:
+    each unusable position reads the substitute its position names."""
+    index = build_index(jpeg_dir, "images", IMAGE_SUFFIXES)
+    assert len(index) == 28 and index.skipped == []  # 24 good + 4 bad, none opened
+    whole = ImageSource(index, 32, 3, seed=0, batch_size=28, device=torch.device("cpu"), verbose=False)
+    x, _ = whole.batch(torch.arange(28))
+    reasons = sorted(whole.bad.values())
+    assert len(reasons) == 4 and torch.isfinite(x).all()
+    assert reasons[0] == "empty file" and reasons[1] == "failed to decode" and "not a JPG" in reasons[2] \
+        and "truncated" in reasons[3]
+    split = ImageSource(index, 32, 3, seed=0, batch_size=7, device=torch.device("cpu"), verbose=False)
+    assert torch.equal(torch.cat([split.batch(torch.arange(k, k + 7))[0] for k in range(0, 28, 7)]), x)
+    files = epoch_indices(torch.arange(28), 28, 0).tolist()
+    for position, file in enumerate(files):
+        if file in whole.bad:  # its substitute: the first usable file of the position's own sequence
+            sub = next(s for s in (substitute(0, position, a, 28) for a in range(1, 64)) if s not in whole.bad)
+            alone = ImageSource(index, 32, 3, seed=0, batch_size=1, device=torch.device("cpu"), verbose=False)
+            assert torch.equal(_with_file(alone, sub, position), x[position])
+
+
+def _with_file(src, file: int, position: int) -> torch.Tensor:
+    """What ``src`` makes of ``file`` at ``position`` (its crop and flip), read directly."""
+    from d2v2scale.data.images import crop_params
+
+    data = np.fromfile(src.index.path(file), dtype=np.uint8)
+    return src._run_dali([data], crop_params(src.seed, torch.tensor([position])))[0]
 
 
 def test_image_batches_shape_normalisation_and_determinism(jpeg_dir, dali):
@@ -65,10 +88,10 @@ def test_every_file_once_per_epoch_across_dp_ranks():
 
 
 def test_decode_failure_is_skipped_and_counted(jpeg_dir, dali):
-    src = ImageSource(str(jpeg_dir), 32, 3, seed=0, batch_size=25, device=torch.device("cpu"))
-    x, _ = src.batch(torch.arange(25))  # one epoch: includes the file with garbage between valid markers
-    assert x.shape == (25, 3, 32, 32) and torch.isfinite(x).all()
-    assert src.skipped == 4 and len(src.bad) == 1
+    src = ImageSource(str(jpeg_dir), 32, 3, seed=0, batch_size=28, device=torch.device("cpu"))
+    x, _ = src.batch(torch.arange(28))  # one epoch: includes the file with garbage between valid markers
+    assert x.shape == (28, 3, 32, 32) and torch.isfinite(x).all()
+    assert src.skipped == 4 and list(src.bad.values()).count("failed to decode") == 1
 
 
 def test_crop_params_are_keyed_by_position():
@@ -79,10 +102,22 @@ def test_crop_params_are_keyed_by_position():
     assert (np.exp(a[:, 1]) >= 0.75 - 1e-6).all() and (np.exp(a[:, 1]) <= 4 / 3 + 1e-6).all()
 
 
-def test_no_usable_files_fails_clearly(tmp_path):
+def test_no_usable_files_fails_clearly(tmp_path, dali):
+    """No image files, or only unusable ones among those the builder samples: refused at indexing.
+    Files that all break after indexing: one DataError at read time (the launcher exits 2)."""
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="has no usable files"):
+        build_index(tmp_path, "images", IMAGE_SUFFIXES)
     (tmp_path / "x.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match="no usable files"):
-        build_index(tmp_path, IMAGE_SUFFIXES, log=False)
+    with pytest.raises(DataError, match="has no usable files .*x.jpg: empty file"):
+        build_index(tmp_path, "images", IMAGE_SUFFIXES)
+    make_jpegs(tmp_path, 2)
+    src = ImageSource(build_index(tmp_path, "images", IMAGE_SUFFIXES), 32, 3, seed=0, batch_size=1,
+                      device=torch.device("cpu"), verbose=False)
+    for path in tmp_path.rglob("*.jpg"):
+        path.write_bytes(b"")
+    with pytest.raises(DataError, match="unusable for position 0"):
+        src.batch(torch.arange(1))
 
 
 def test_token_blocks(tmp_path):
@@ -115,8 +150,8 @@ def test_tiny_image_trains_on_jpegs_with_ten_percent_bad_files(tmp_path, dali):
     bad = make_jpegs(tmp_path / "jpegs", 90, corrupt=10)["bad"]
     rows = _pretrain(_torchrun(2), "tiny_image", tmp_path / "run", "data.kind=images",
                      f"data.path={tmp_path / 'jpegs'}", "train.max_updates=8", "train.log_every=4")
-    # 8 bad files are screened out at start; the 2 with valid markers around garbage fail to decode
-    # and are met within these 256 samples (3 epochs of 83 files)
+    # every bad file is met within these 256 samples (3 epochs of 100 files), at read time: 8 by
+    # their bytes, the 2 with valid markers around garbage when they fail to decode
     assert rows[-1]["step"] == 8 and rows[-1]["skipped_samples"] == 10
     for path in bad:  # each logged exactly once in the run, whichever rank met it
         assert _pretrain.output.count(f"skipping {path}:") == 1, (path, _pretrain.output[-3000:])
@@ -144,22 +179,24 @@ def test_audio_index_batches_and_crops(audio_dir, dali):
     from d2v2scale.data.audio import AudioSource, header_length
 
     src = AudioSource(str(audio_dir), max_tokens=32000, min_size=4000, max_size=12000, seed=0, verbose=False)
-    assert len(src.utts) == 16 and src.skipped == 3
+    length = src.index.length
+    assert len(src.rows) == 16 and src.skipped == 3
     # header lengths of the 44.1 kHz files are converted to 16 kHz
     frames, rate = header_length(sorted(audio_dir.glob("utt0001.*"))[0])
-    assert rate == 44100 and src.utts[1].length == frames * 16000 // 44100
-    for members in src.batches:
-        assert len(members) * max(min(src.utts[i].length, 12000) for i in members) <= 32000
-    assert sorted(i for b in src.batches for i in b) == list(range(16))  # each file once per epoch
-    for batch_id in range(len(src.batches)):
+    assert rate == 44100 and length[1] == frames * 16000 // 44100
+    batches = [src.batch_rows(k).tolist() for k in range(src.num_batches)]
+    for members in batches:
+        assert len(members) * max(min(length[i], 12000) for i in members) <= 32000
+    assert sorted(i for b in batches for i in b) == list(range(16))  # each file once per epoch
+    for batch_id in range(src.num_batches):
         x, lengths, ids = src.batch_by_id(batch_id)
         assert x.shape[0] == len(lengths) == len(ids) and x.shape[1] == int(lengths.max())
         assert bool((lengths <= 12000).all()) and bool((lengths >= 4000).all())
         assert x.numel() <= 32000
         for row, n, i in zip(x, lengths, ids):
-            member = src.utts[src._batch_members(batch_id)[int(i) - batch_id * src.max_count]]
+            member = length[src._batch_members(batch_id)[int(i) - batch_id * src.max_count]]
             # decoded at 16 kHz: the uncropped waveform has the header length (±1 from resampling)
-            assert n == min(member.length, 12000) or abs(int(n) - member.length) <= 1
+            assert n == min(member, 12000) or abs(int(n) - member) <= 1
             assert abs(float(row[:n].std()) - 1.0) < 0.2 and bool((row[n:] == 0).all())
     again = AudioSource(str(audio_dir), max_tokens=32000, min_size=4000, max_size=12000, seed=0, verbose=False)
     assert torch.equal(again.batch_by_id(3)[0], src.batch_by_id(3)[0])  # a TP peer reads the same

@@ -372,7 +372,7 @@ def test_malformed_audio_files_sweep(tmp_path, capsys, dali):
 
     usable, unusable = _audio_cases(tmp_path)
     src = AudioSource(str(tmp_path / "a"), max_tokens=24000, min_size=4000, max_size=8000, seed=0)
-    for batch_id in range(2 * len(src.batches)):
+    for batch_id in range(2 * src.num_batches):
         try:
             wav, lengths, _ = src.batch_by_id(batch_id)
         except RuntimeError as e:  # a micro-batch made only of files that failed at decode time
@@ -391,12 +391,13 @@ def test_malformed_audio_files_sweep(tmp_path, capsys, dali):
 
 
 def test_float32_wav_is_indexed_with_its_length(tmp_path):
-    from d2v2scale.data.audio import index_audio
+    from d2v2scale.data.files import AUDIO_SUFFIXES
+    from d2v2scale.data.index import build_index
 
     (tmp_path / "a").mkdir()
     _wav(tmp_path / "a" / "f.wav", np.zeros(5000, np.float32) + 0.1, "FLOAT")
-    utts, skipped = index_audio(str(tmp_path / "a"), 4000, False)
-    assert [u.length for u in utts] == [5000] and skipped == []
+    index = build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES)
+    assert index.length.tolist() == [5000] and index.skipped == []
 
 
 def test_logs_directory_ships_with_the_repository():

@@ -1,23 +1,27 @@
 """Speech (Libri-light / LibriSpeech style) through DALI's CPU audio decoder.
 
-Inputs: a fairseq/wav2vec manifest (``.tsv``: first line the root folder, then ``path<TAB>num_samples``)
-or a folder of ``.wav``/``.flac`` files (lengths read from the file headers). Each utterance is
-decoded to 16 kHz mono float (DALI ``decoders.audio``: CPU only, the GPU takes over from the
-model's first layer), normalised per utterance (zero mean, unit variance: fairseq's
-``normalize: true``), and randomly cropped to ``data.max_sample_size``; utterances shorter than
-``data.min_sample_size`` are dropped at indexing time.
+Inputs: a fairseq/wav2vec manifest (``.tsv``: first line the root folder, then
+``path<TAB>num_samples``, optionally ``<TAB>offset`` for a segment of a longer recording, as
+``python -m d2v2scale.prepare audio`` writes), a folder of ``.wav``/``.flac`` files (lengths read
+from the headers, once per job, see :mod:`.index`), or a prepared index. Whole files are decoded to
+16 kHz mono float (DALI ``decoders.audio``: CPU only, the GPU takes over from the model's first
+layer); a segment is read by a seek and a range read of its frames only (libsndfile, see
+:mod:`.segments`), never by decoding its whole recording. Each utterance is normalised (zero mean,
+unit variance: fairseq's ``normalize: true``) and randomly cropped to ``data.max_sample_size``;
+utterances shorter than ``data.min_sample_size`` are left out.
 
 Batching is by total samples: utterances are sorted by length and cut into micro-batches whose
 padded size (count × longest) stays within ``data.max_tokens`` — length bucketing keeps padding
 small. The list of micro-batches is fixed; every epoch visits it in a new seeded order. Step ``s``
 on DP rank ``r`` reads micro-batches ``(s·dp + r)·grad_accum + i``, so which audio a rank reads,
-and its crop offsets, are functions of the step: no loader state beyond it.
+and its crop offsets, are functions of the step: no loader state beyond it. A file that fails to
+read or decode is logged once and its slot takes the next usable member of the same micro-batch
+(the budget still holds, and the choice is the same in every layout).
 """
 from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,9 @@ import torch
 
 from ..logs import LOG
 from ..model import counter_rng
-from .files import AUDIO_SUFFIXES, DataError, list_files, log_skipped, screen
+from .files import AUDIO_SUFFIXES, DataError, log_skipped, read_file
+from .index import DataIndex, as_index
+from .segments import read_range
 
 RATE = 16_000
 _STREAM_CROP = 12
@@ -74,83 +80,20 @@ def header_length(path: Path) -> tuple[int, int]:
     return info & ((1 << 36) - 1), info >> 44
 
 
-@dataclass
-class Utterance:
-    path: Path
-    length: int  # samples at 16 kHz
-
-
-def index_manifest(path: Path) -> list[tuple[Path, int]]:
-    """(file, length in samples) of a fairseq/wav2vec ``.tsv`` manifest: the first line is the root
-    folder, then ``relative/path<TAB>num_samples``."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"manifest {path} cannot be read ({e})") from None
-    if not lines or not lines[0].strip():
-        raise DataError(f"manifest {path}: the first line must be the audio root folder")
-    base = Path(lines[0].strip())
-    out = []
-    for k, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2 or not fields[1].strip().isdigit():
-            raise DataError(f"manifest {path}:{k}: expected 'relative/path<TAB>num_samples', got {line[:80]!r}")
-        out.append((base / fields[0], int(fields[1])))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def index_audio(path: str, min_size: int, verbose: bool) -> tuple[list[Utterance], list[tuple[Path, str]]]:
-    """Usable utterances and (path, reason) for every skipped file (memoised, like
-    :func:`~d2v2scale.data.files.build_index`)."""
-    root = Path(path)
-    entries: list[tuple[Path, int | None, int | None]] = []
-    if root.suffix == ".tsv":
-        entries = [(p, n, None) for p, n in index_manifest(root)]
-    else:
-        entries = [(p, None, None) for p in list_files(root, AUDIO_SUFFIXES)]
-    usable, skipped = [], []
-    for p, frames, rate in entries:
-        reason = screen(p)
-        if reason is None:
-            try:
-                hdr_frames, rate = header_length(p)
-                frames = frames if frames is not None else hdr_frames
-            except (OSError, ValueError, EOFError, struct.error) as e:
-                reason = f"unreadable audio header ({e})"
-        if reason is None and rate and frames == 0:
-            reason = "no audio samples"
-        if reason is not None:
-            skipped.append((p, reason))
-            continue
-        length = int(frames * RATE // rate) if rate else int(frames)
-        if length >= min_size:
-            usable.append(Utterance(p, length))
-    if not usable:
-        example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-        raise DataError(f"data.path '{path}' has no usable audio of at least {min_size} samples "
-                        f"({len(entries)} listed, {len(skipped)} unusable{example})")
-    if verbose:
-        log_skipped(skipped)
-    return usable, skipped
-
-
-def bucket_batches(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:
-    """Greedy batches over length-sorted utterances with count × padded length ≤ max_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (min(lengths[i], max_size), i))
-    batches, current, longest = [], [], 0
-    for i in order:
-        n = min(lengths[i], max_size)
-        if current and (len(current) + 1) * max(longest, n) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
+def bucket_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy batches over length-sorted utterances with count × padded length ≤ max_tokens, as
+    (members in batch order, batch bounds): batch k is ``order[bounds[k]:bounds[k + 1]]``."""
+    clipped = np.minimum(np.asarray(lengths, dtype=np.int64), max_size)
+    order = np.argsort(clipped, kind="stable")
+    bounds, count, longest = [0], 0, 0
+    for k, n in enumerate(clipped[order].tolist()):
+        if count and (count + 1) * max(longest, n) > max_tokens:
+            bounds.append(k)
+            count, longest = 0, 0
+        count += 1
         longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    bounds.append(len(order))
+    return order, np.asarray(bounds, dtype=np.int64)
 
 
 def _decoder_pipeline(max_batch: int, threads: int):
@@ -206,10 +149,10 @@ def sample_problem(wav: np.ndarray) -> str | None:
 def load_audio(path: str | Path) -> np.ndarray:
     """An audio file as the model's input: 16 kHz mono float32, normalised as in training."""
     path = Path(path)
-    reason = screen(path)
+    data, reason = read_file(path)
     if reason is not None:
         raise DataError(f"{path}: {reason}")
-    wav = decode_audio(np.fromfile(path, dtype=np.uint8))
+    wav = decode_audio(data)
     reason = sample_problem(wav)
     if reason is not None:
         raise DataError(f"{path}: {reason}")
@@ -221,16 +164,22 @@ class AudioSource:
 
     by_batch = True
 
-    def __init__(self, path: str, max_tokens: int, min_size: int, max_size: int, seed: int,
+    def __init__(self, index: DataIndex | str, max_tokens: int, min_size: int, max_size: int, seed: int,
                  threads: int = 2, verbose: bool = True):
-        self.utts, self.screened = index_audio(path, min_size, verbose)
+        self.index = as_index(index, "audio", AUDIO_SUFFIXES)
         if max_size > max_tokens:
             raise DataError(f"data.max_sample_size={max_size} exceeds data.max_tokens={max_tokens}: "
                             "a single crop would not fit a micro-batch")
+        self.rows = np.flatnonzero(self.index.length >= min_size)  # the usable rows of the index
+        if not len(self.rows):
+            raise DataError(f"data.path '{self.index.meta.get('signature', {}).get('source', self.index.root)}' has "
+                            f"no audio of at least {min_size} samples ({len(self.index)} indexed)")
         self.max_size, self.seed, self.verbose = max_size, seed, verbose
-        self.batches = bucket_batches([u.length for u in self.utts], max_tokens, max_size)
-        self.max_count = max(len(b) for b in self.batches)
-        self.bad: set[int] = set()
+        self.order, self.bounds = bucket_batches(self.index.length[self.rows], max_tokens, max_size)
+        self.max_count = int(np.diff(self.bounds).max())
+        self.bad: dict[int, str] = {}  # row → why it is unusable (found by this rank, at read time)
+        if verbose:
+            log_skipped(self.index.skipped)
         try:
             self.pipe = _decoder_pipeline(self.max_count, threads)
         except ImportError:
@@ -239,48 +188,72 @@ class AudioSource:
                 LOG.warning("NVIDIA DALI is not installed: decoding audio with soundfile")
 
     @property
+    def num_batches(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
     def skipped(self) -> int:
-        return len(self.screened) + len(self.bad)
+        return len(self.index.skipped) + len(self.bad)
 
     def skipped_files(self) -> set[str]:
-        return {str(p) for p, _ in self.screened} | {str(self.utts[i].path) for i in self.bad}
+        return {p for p, _ in self.index.skipped} | {str(self.index.path(i)) for i in self.bad}
+
+    def batch_rows(self, k: int) -> np.ndarray:
+        """The index rows of bucket ``k``."""
+        return self.rows[self.order[self.bounds[k] : self.bounds[k + 1]]]
 
     def _batch_members(self, batch_id: int) -> list[int]:
-        n = len(self.batches)
+        n = self.num_batches
         epoch, k = divmod(batch_id, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        return self.batches[int(perm[k])]
+        return self.batch_rows(int(_epoch_order(n, self.seed, epoch)[k])).tolist()
 
     def mark_bad(self, i: int, reason: str) -> None:
-        """Never read utterance ``i`` again; one log line per file per run."""
+        """Never read row ``i`` again; one log line per file per run."""
         if i not in self.bad:
-            self.bad.add(i)
+            self.bad[i] = reason
             if self.verbose:
-                LOG.warning(f"skipping {self.utts[i].path}: {reason}")
+                LOG.warning(f"skipping {self.index.path(i)}: {reason}")
 
     def _decode(self, members: list[int]) -> list[np.ndarray | None]:
-        """Waveforms of ``members``; None for files known or found to be undecodable."""
+        """Waveforms of ``members``; None for rows known or found to be unusable."""
         todo = [i for i in members if i not in self.bad]
-        decoded = dict(zip(todo, self._decode_all(todo))) if todo else {}
+        offset = self.index.offset
+        segments = {i for i in todo if offset is not None and offset[i] >= 0}
+        whole = [i for i in todo if i not in segments]
+        decoded = dict(zip(whole, self._decode_all(whole))) if whole else {}
+        decoded.update({i: self._read_segment(i) for i in segments})
         return [decoded.get(i) for i in members]
 
+    def _read_segment(self, i: int) -> np.ndarray | None:
+        """A segment's frames only: a seek and a range read, resampled to 16 kHz."""
+        try:
+            wav, rate = read_range(self.index.path(i), int(self.index.offset[i]), int(self.index.length[i]))
+        except DataError as e:
+            self.mark_bad(i, str(e).split(": ", 1)[-1])
+            return None
+        return _to_mono_16k(wav, rate)
+
     def _decode_all(self, members: list[int]) -> list[np.ndarray | None]:
-        data = [np.fromfile(self.utts[i].path, dtype=np.uint8) for i in members]
-        if self.pipe is not None:
+        read = [read_file(self.index.path(i)) for i in members]
+        for i, (_, problem) in zip(members, read):
+            if problem is not None:
+                self.mark_bad(i, problem)
+        ok = [(i, data) for i, (data, problem) in zip(members, read) if problem is None]
+        out = dict.fromkeys(members)
+        if self.pipe is not None and ok:
             try:
-                self.pipe.feed_input("encoded", data)
-                (out,) = self.pipe.run()
-                return [np.array(out[j]).reshape(-1) for j in range(len(members))]
+                self.pipe.feed_input("encoded", [data for _, data in ok])
+                (decoded,) = self.pipe.run()
+                out.update({i: np.array(decoded[j]).reshape(-1) for j, (i, _) in enumerate(ok)})
+                return [out[i] for i in members]
             except Exception:  # noqa: BLE001 - DALI reports decoder failures with several exception types
                 self.pipe = _decoder_pipeline(self.max_count, 1)  # a pipeline that raised is no longer usable
-        out = []
-        for i, d in zip(members, data):  # one at a time, to find the file that fails
+        for i, data in ok:  # one at a time, to find the file that fails
             try:
-                out.append(decode_audio(d))
+                out[i] = decode_audio(data)
             except Exception:  # noqa: BLE001 - DataError from DALI, soundfile's own errors without it
                 self.mark_bad(i, "failed to decode")
-                out.append(None)
-        return out
+        return [out[i] for i in members]
 
     def batch_by_id(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(waveforms (B, S) zero-padded, lengths (B,), sample ids (B,)) of one micro-batch."""
@@ -291,13 +264,16 @@ class AudioSource:
             if reason is not None:
                 waves[j] = None
                 self.mark_bad(i, reason)
-        keep = [j for j, w in enumerate(waves) if w is not None]
-        if not keep:
+        good = [j for j, w in enumerate(waves) if w is not None]
+        if not good:
             raise RuntimeError(f"every file of micro-batch {batch_id} failed to decode")
-        ids = torch.tensor([batch_id * self.max_count + j for j in keep], dtype=torch.int64)
+        # an unusable member's slot takes the next usable member (cyclically): same budget, same in every layout
+        waves = [w if w is not None else waves[min(good, key=lambda g: (g - j) % len(waves))]
+                 for j, w in enumerate(waves)]
+        ids = torch.arange(batch_id * self.max_count, batch_id * self.max_count + len(members), dtype=torch.int64)
         offsets = counter_rng.uniform(counter_rng.combine(self.seed, ids).reshape(-1), 1, _STREAM_CROP)[:, 0]
         crops = []
-        for w, u in zip((waves[j] for j in keep), offsets.tolist()):
+        for w, u in zip(waves, offsets.tolist()):
             w = normalize(w)
             if len(w) > self.max_size:
                 start = int(u * (len(w) - self.max_size + 1))
@@ -308,6 +284,12 @@ class AudioSource:
         for j, c in enumerate(crops):
             out[j, : len(c)] = c
         return out, lengths, ids
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_batches: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order an epoch visits the micro-batches in (cached: it is drawn once per epoch, not per read)."""
+    return torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def _to_mono_16k(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -1,16 +1,16 @@
-"""Listing data files and screening out unusable ones before training starts.
+"""Data files: their suffixes, and why a file's bytes cannot be trained on.
 
-A corrupt file must cost one log line, not a crashed 64-node job. The screen is cheap (a few
-bytes from each end of each file): empty files, files whose magic bytes do not match their
-format, and JPEGs without an end-of-image marker (the usual truncation) are skipped, counted and
-logged with their path. Files that pass the screen but still fail to decode are caught by the
-loaders at run time (see :mod:`d2v2scale.data.images`).
+A corrupt file must cost one log line, not a crashed 64-node job, and finding it must not cost an
+open per file per rank at start-up: files are checked when a batch reads them (the bytes are in
+memory then, so the check is free). Empty files, files whose magic bytes do not match their format
+and JPEGs without an end-of-image marker (the usual truncation) are caught here; files that pass
+but still fail to decode are caught by the loaders (see :mod:`d2v2scale.data.images`).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..logs import LOG
 
@@ -32,48 +32,38 @@ class DataError(RuntimeError):
 JPEG_TAIL = 64 * 1024  # bytes searched for the end-of-image marker (cameras append data after it)
 
 
-def screen(path: Path) -> str | None:
-    """Why ``path`` is unusable, or None when it passes the cheap checks."""
-    if path.is_symlink() and not path.exists():
-        return "broken symbolic link"
-    if path.is_dir():
-        return "a directory, not a file"
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return "empty file"
-        with open(path, "rb") as f:
-            head = f.read(16)
-            f.seek(max(0, size - JPEG_TAIL))
-            tail = f.read(JPEG_TAIL)
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    magic = _MAGIC.get(path.suffix.lower())
+def bytes_problem(data: np.ndarray | bytes, suffix: str) -> str | None:
+    """Why a file's bytes are unusable (empty, wrong format, truncated JPEG), or None."""
+    head = bytes(data[:16])
+    if len(data) == 0:
+        return "empty file"
+    magic = _MAGIC.get(suffix.lower())
     if magic and not head.startswith(magic):
-        return f"not a {path.suffix.lower()[1:].upper()} file (magic bytes {head[:4].hex()})"
-    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in tail:
+        return f"not a {suffix.lower()[1:].upper()} file (magic bytes {head[:4].hex()})"
+    if suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in bytes(data[-JPEG_TAIL:]):
         return "truncated JPEG (no end-of-image marker)"
     return None
 
 
-@dataclass
-class FileIndex:
-    """The usable files under a data path, in a fixed (sorted) order, and what was skipped."""
-
-    files: list[Path]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.files)
+def read_file(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(bytes, None), or (None, why the file cannot be used): unreadable, or :func:`bytes_problem`."""
+    if path.is_symlink() and not path.exists():
+        return None, "broken symbolic link"
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except IsADirectoryError:
+        return None, "a directory, not a file"
+    except OSError as e:
+        return None, f"unreadable ({e.strerror})"
+    problem = bytes_problem(data, path.suffix)
+    return (None, problem) if problem else (data, None)
 
 
 def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """A folder (searched recursively, e.g. ImageNet's class folders) or a text file listing paths
-    (relative paths are taken relative to the list file)."""
+    """A folder (searched recursively) or a text file listing paths (relative paths are taken
+    relative to the list file); for tools that take a handful of files (features)."""
     root = Path(root)
     if root.is_dir():
-        # every entry with a data suffix, so that directories named x.jpg and broken links are screened
-        # out with a log line instead of vanishing
         return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes)
     if root.is_file():
         base = root.parent
@@ -86,23 +76,3 @@ def log_skipped(skipped: list[tuple[Path, str]]) -> None:
     """One line per unusable file, with its path and why."""
     for path, reason in skipped:
         LOG.warning(f"skipping {path}: {reason}")
-
-
-@functools.lru_cache(maxsize=8)
-def build_index(root: str | Path, suffixes: tuple[str, ...], log: bool = True) -> FileIndex:
-    """The usable files under ``root`` (memoised: the start-up check and the loader share one scan)."""
-    files = list_files(root, suffixes)
-    usable, skipped = [], []
-    for path in files:
-        reason = screen(path)
-        if reason is None:
-            usable.append(path)
-        else:
-            skipped.append((path, reason))
-    if not usable:
-        example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-        raise DataError(f"data.path '{root}' has no usable files with suffixes {', '.join(suffixes)} "
-                        f"({len(files)} found, {len(skipped)} skipped as unusable{example})")
-    if log:
-        log_skipped(skipped)
-    return FileIndex(usable, skipped)

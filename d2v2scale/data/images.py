@@ -10,6 +10,11 @@ come from the counter-based RNG keyed by (seed, position) and are fed to DALI wi
 bytes. So every layout of the same global batch sees identical pixels, two TP ranks get identical
 batches, and a resumed run continues exactly — no loader state beyond the step.
 
+The file list comes from a :class:`~d2v2scale.data.index.DataIndex` (built once per job; no image
+is opened to build it). A file that cannot be read or decoded is found when a batch reads it:
+it is logged once, counted, and the sample is replaced by another file chosen by the counter RNG
+from (seed, position, attempt) — so the substitute is the same in every layout and after a resume.
+
 Without DALI installed, a PIL + torch implementation of the same crop parameters is used, and
 that is logged once.
 """
@@ -23,7 +28,8 @@ import torch.nn.functional as F
 
 from ..logs import LOG
 from ..model import counter_rng
-from .files import IMAGE_SUFFIXES, build_index
+from .files import IMAGE_SUFFIXES, DataError, read_file
+from .index import DataIndex, as_index
 from .schedule import epoch_indices
 
 MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +37,8 @@ STD = (0.229, 0.224, 0.225)
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
 _STREAM_AUGMENT = 11
+_STREAM_SUBSTITUTE = 13
+MAX_ATTEMPTS = 64  # substitutes tried for one position before the data set is declared unusable
 
 
 def crop_params(seed: int, positions: torch.Tensor) -> np.ndarray:
@@ -132,16 +140,22 @@ def _decodes(data: np.ndarray) -> bool:
         return False
 
 
+def substitute(seed: int, position: int, attempt: int, num_files: int) -> int:
+    """The file read in place of an unusable one at ``position`` (``attempt`` = 1, 2, ...): a pure
+    function of the position, so every layout and every resume reads the same substitute."""
+    return int(counter_rng.combine(seed, _STREAM_SUBSTITUTE, position, attempt)) % num_files
+
+
 class ImageSource:
     """Batches of augmented images for given global positions (see :mod:`d2v2scale.data.schedule`)."""
 
-    def __init__(self, path: str, img_size: int, in_chans: int, seed: int, batch_size: int, device: torch.device,
-                 threads: int = 2, verbose: bool = True):
+    def __init__(self, index: DataIndex | str, img_size: int, in_chans: int, seed: int, batch_size: int,
+                 device: torch.device, threads: int = 2, verbose: bool = True):
         if in_chans != 3:
             raise ValueError(f"data.kind=images produces RGB; model.in_chans={in_chans}")
-        self.index = build_index(path, IMAGE_SUFFIXES, log=verbose)
+        self.index = as_index(index, "images", IMAGE_SUFFIXES)
         self.size, self.seed, self.batch_size, self.verbose = img_size, seed, batch_size, verbose
-        self.bad: set[int] = set()
+        self.bad: dict[int, str] = {}  # file → why it is unusable (found by this rank, at read time)
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
@@ -158,41 +172,59 @@ class ImageSource:
 
     @property
     def skipped(self) -> int:
-        """Files screened out at start (the same on every rank) plus those this rank failed to decode."""
-        return len(self.index.skipped) + len(self.bad)
+        """Files this rank found unusable so far."""
+        return len(self.bad)
 
     def skipped_files(self) -> set[str]:
-        return {str(p) for p, _ in self.index.skipped} | {str(self.index.files[i]) for i in self.bad}
+        return {str(self.index.path(i)) for i in self.bad}
 
-    def _encoded(self, indices: list[int]) -> list[np.ndarray]:
-        data = [np.fromfile(self.index.files[i], dtype=np.uint8) for i in indices]
-        for k, i in enumerate(indices):  # files found undecodable earlier: reuse a good sample of the batch
-            if i in self.bad:
-                good = next((j for j, idx in enumerate(indices) if idx not in self.bad), None)
-                if good is None:
-                    raise RuntimeError("every file of a batch failed to decode")
-                data[k] = data[good]
-        return data
+    def mark_bad(self, i: int, reason: str) -> None:
+        """Never read file ``i`` again; one log line per file (other ranks' finds: rank 0, at log steps)."""
+        if i not in self.bad:
+            self.bad[i] = reason
+            if self.verbose:
+                LOG.warning(f"skipping {self.index.path(i)}: {reason}")
+
+    def _read(self, position: int, index: int) -> tuple[int, np.ndarray]:
+        """(file, bytes) for ``position``: its own file, or the first readable substitute."""
+        for attempt in range(MAX_ATTEMPTS):
+            i = index if attempt == 0 else substitute(self.seed, position, attempt, len(self))
+            if i not in self.bad:
+                data, problem = read_file(self.index.path(i))
+                if problem is None:
+                    return i, data
+                self.mark_bad(i, problem)
+        raise DataError(f"{MAX_ATTEMPTS} files in a row were unusable for position {position} "
+                           f"({len(self.bad)} found so far under {self.index.root}): is the data set damaged?")
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, None]:
         indices = epoch_indices(positions, len(self), self.seed).tolist()
         params = crop_params(self.seed, positions)
-        data = self._encoded(indices)
+        files, data = zip(*(self._read(p, i) for p, i in zip(positions.tolist(), indices)))
         if self.pipe is None:
-            return torch.stack([_pil_decode(d, p, self.size) for d, p in zip(data, params)]), None
-        try:
-            return self._run_dali(data, params), None
-        except RuntimeError:
-            # A file passed the screen but does not decode: find it, skip it from now on, retry.
-            newly = sorted({i for i, d in zip(indices, data) if i not in self.bad and not _decodes(d)})
-            if not newly:
-                raise
-            for i in newly:
-                if self.verbose:  # other ranks' finds are logged by rank 0 at the next log step
-                    LOG.warning(f"skipping {self.index.files[i]}: failed to decode")
-            self.bad.update(newly)
-            self.pipe = _dali_pipeline(*self._pipe_args)  # a pipeline that raised is no longer usable
-            return self._run_dali(self._encoded(indices), params), None
+            return torch.stack([self._pil(*args) for args in zip(positions.tolist(), files, data, params)]), None
+        while True:
+            try:
+                return self._run_dali(list(data), params), None
+            except RuntimeError:
+                # A file passed the byte checks but does not decode: find it, never read it again,
+                # read its position's substitute, retry (a pipeline that raised is rebuilt).
+                newly = [k for k, d in enumerate(data) if not _decodes(d)]
+                if not newly:
+                    raise
+                files, data = list(files), list(data)
+                for k in newly:
+                    self.mark_bad(files[k], "failed to decode")
+                    files[k], data[k] = self._read(positions[k].item(), files[k])
+                self.pipe = _dali_pipeline(*self._pipe_args)
+
+    def _pil(self, position: int, file: int, data: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        while True:
+            try:
+                return _pil_decode(data, params, self.size)
+            except Exception:  # noqa: BLE001 - any decoder failure means the file is unusable
+                self.mark_bad(file, "failed to decode")
+                file, data = self._read(position, file)
 
     def _run_dali(self, data: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
         self.pipe.feed_input("encoded", data)

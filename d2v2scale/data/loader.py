@@ -8,6 +8,7 @@ import torch
 
 from ..config import Config
 from ..model.masking import MaskInfo
+from .index import DataIndex
 from .prefetch import StepPrefetcher
 from .schedule import RankSchedule
 
@@ -29,8 +30,10 @@ class MicroBatch:
         return MicroBatch(src, self.sample_ids.to(device, non_blocking=True), lengths, mask)
 
 
-def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: bool = True):
-    """The batch source for ``data.kind``; ``micro_batch`` sizes the DALI pipeline."""
+def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: bool = True,
+                 index: DataIndex | None = None):
+    """The batch source for ``data.kind``; ``micro_batch`` sizes the DALI pipeline; ``index`` is the
+    job's index of ``data.path`` (images, audio; None: the source indexes the path itself)."""
     kind = cfg.data.kind
     if kind == "synthetic":
         from .synthetic import SyntheticSource
@@ -46,7 +49,7 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
         from .images import ImageSource
 
         m = cfg.model
-        return ImageSource(cfg.data.path, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
+        return ImageSource(index or cfg.data.path, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
                            threads=max(1, cfg.data.num_workers), verbose=verbose)
     if kind == "audio":
         from .audio import AudioSource
@@ -54,7 +57,7 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
         d = cfg.data
         if d.max_tokens is None:
             raise ValueError("data.kind=audio needs data.max_tokens (samples per micro-batch per rank)")
-        return AudioSource(d.path, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
+        return AudioSource(index or d.path, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
                            threads=max(1, d.num_workers), verbose=verbose)
     if kind == "text":
         from .text import TokenBlocks
@@ -74,8 +77,8 @@ class StepLoader:
 
     def __init__(self, cfg: Config, schedule: RankSchedule, device: torch.device, dtype: torch.dtype,
                  verbose: bool = True, prefetch_steps: int = 0,
-                 masker: Callable[[int, MicroBatch], MaskInfo] | None = None):
-        self.source = build_source(cfg, schedule.micro_batch, device, verbose)
+                 masker: Callable[[int, MicroBatch], MaskInfo] | None = None, index: DataIndex | None = None):
+        self.source = build_source(cfg, schedule.micro_batch, device, verbose, index)
         self.schedule, self.device, self.dtype, self.masker = schedule, device, dtype, masker
         self._skipped: frozenset[str] = frozenset()
         init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None  # device is per thread

@@ -1,25 +1,50 @@
 """What can be wrong with ``data.path``, found before any process group starts.
 
-Indexing is the cheap half of reading a data set (listing, the byte-level screen, audio headers,
-the token file's metadata); doing it here turns "no usable images" into a one-line exit 2 instead
-of a traceback on every rank after start-up. The indexes are memoised per process, so the loader
-built later reuses them instead of scanning twice.
+Indexing is the cheap half of reading a data set, and it is done once per job: rank 0 (the
+builder) indexes ``data.path`` here (or finds its index current), so that "no usable images" is a
+one-line exit 2 instead of a traceback on every rank after start-up; the other ranks only check
+that the path exists and read the index after the process group meets (:func:`shared_index`).
 """
 from __future__ import annotations
 
+import functools
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
 from ..config import Config
-from .files import IMAGE_SUFFIXES, build_index
+from ..logs import LOG
+from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
+from .index import IndexSpec, ensure_index
+
+_SUFFIXES = {"images": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}
 
 
-def check_data(cfg: Config, verbose: bool) -> None:
+def index_spec(cfg: Config) -> IndexSpec | None:
+    """How ``data.path`` is indexed (None: synthetic, digits and token files need no index)."""
+    d = cfg.data
+    if d.kind not in _SUFFIXES:
+        return None
+    return IndexSpec(str(d.path), d.kind, _SUFFIXES[d.kind], d.index_cache, max(1, d.num_workers))
+
+
+def check_data(cfg: Config, builder: bool, verbose: bool) -> None:
     """Raise :class:`~d2v2scale.data.files.DataError` when ``cfg.data`` cannot feed a run."""
     d, m = cfg.data, cfg.model
-    if d.kind == "images":
-        build_index(d.path, IMAGE_SUFFIXES, log=verbose)
-    elif d.kind == "audio":
-        from .audio import index_audio
-
-        index_audio(d.path, d.min_sample_size, verbose)
+    spec = index_spec(cfg)
+    if spec is not None and not builder:
+        if not Path(spec.source).exists():
+            raise DataError(f"data.path '{spec.source}' does not exist")
+    elif spec is not None:
+        t0 = time.perf_counter()
+        progress = functools.partial(tqdm, desc=f"indexing {d.kind} headers", disable=not (verbose and sys.stderr.isatty()))
+        index = ensure_index(spec, progress)
+        if verbose:
+            how = f"built in {time.perf_counter() - t0:.1f} s" if index.origin == "built" else index.origin
+            LOG.info(f"data index of {spec.source}: {len(index)} rows of {index.num_files} files ({how}; "
+                     f"{index.nbytes() / 1e6:.1f} MB{'; cache ' + spec.cache if spec.cache else ''})")
     elif d.kind == "text":
         from .text import TokenBlocks
 

@@ -45,6 +45,12 @@ def all_reduce(t: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def barrier() -> None:
+    """Every rank waits here for the others (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Leave together: rank 0 hosts the rendezvous store, and a peer still talking to it when
     rank 0 exits can abort, turning a finished run into a failed one."""

@@ -36,9 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ..distributed.runtime import all_reduce
+from ..distributed.runtime import all_reduce, barrier
 from .shards import Piece, ShardReader, has_shards, write_shards
 
 LATEST = "latest"
@@ -55,11 +54,6 @@ def step_of(tag: str) -> int:
 
 def rank_file(tp_rank: int, dp_rank: int) -> str:
     return f"rank_tp{tp_rank:02d}_dp{dp_rank:05d}.pt"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -169,7 +163,7 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
     if rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
-    _barrier()
+    barrier()
     check_free_space(ckpt_dir, step, tr.device, measure=rank0)
     failure: BaseException | None = None
     native = tr.cfg.train.checkpoint_format == "native"
@@ -190,14 +184,14 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         failure = e
     if _any_rank(failure is not None, tr.device):
         reason = _why(failure, ckpt_dir) if failure is not None else "another rank failed to write its part"
-        _barrier()
+        barrier()
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"cannot write checkpoint {tmp}: {reason}; removed the partial checkpoint, "
                                    f"latest stays {read_latest(ckpt_dir)}")
     _crash_point("before_fsync", step)
     _fsync_tree(tmp)
-    _barrier()
+    barrier()
     if rank0:
         _crash_point("before_rename", step)
         if final.exists():  # the same step saved before (a resumed run ending where it started)
@@ -205,7 +199,7 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         os.replace(tmp, final)
         _write_latest(ckpt_dir, tag)
         _prune(ckpt_dir, keep_last, tag)
-    _barrier()
+    barrier()
     return final
 
 

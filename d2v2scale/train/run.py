@@ -29,6 +29,7 @@ from .sinks import check_sinks
 
 SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
+INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.index)
 EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
 PREEMPTED_MARKER = "PREEMPTED"
 
@@ -38,7 +39,7 @@ RESUMABLE = (
     "preset", "train.max_updates", "train.allow_long_warmup", "train.log_every", "train.save_every", "train.keep_last",
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
     "train.batch_scaling",
-    "data.num_workers", "data.prefetch_steps", "data.path", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
+    "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
     "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
     "model.compile", "model.activation_checkpointing", "model.kernels",  # how the same math runs
 )
@@ -200,12 +201,15 @@ def prepare(args) -> Setup:
         raise ConfigError("data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
     if cfg.data.kind in NEEDS_PATH and not cfg.data.path:
         raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
+    run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
+    if cfg.data.kind in INDEXED and cfg.data.index_cache is None:
+        cfg.data.index_cache = str(run_dir / "data.d2v2index")  # config.yaml says where it is
     if cfg.data.kind in NEEDS_PATH and not getattr(args, "dry_run", False):
         from ..data.files import DataError
         from ..data.precheck import check_data
 
-        try:
-            check_data(cfg, verbose=env.rank == 0)
+        try:  # rank 0 indexes the data once for the job; the others read its index after the group meets
+            check_data(cfg, builder=env.rank == 0, verbose=env.rank == 0)
         except DataError as e:
             raise ConfigError(str(e)) from None
     scaling_note = scale_batch_for_world(ds, cfg, env.world_size // tp)
@@ -223,7 +227,6 @@ def prepare(args) -> Setup:
     foreign = _preset_of_ds_config(args.ds_config)
     if foreign and foreign != cfg.preset:
         notes.append(f"warning: {args.ds_config} is written for preset '{foreign}', this run is '{cfg.preset}'")
-    run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
     dry_run = getattr(args, "dry_run", False)
     moved = None if getattr(args, "print_config", False) else \
         check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
@@ -271,6 +274,7 @@ def _write_run_files(setup: Setup) -> None:
 
 def run(setup: Setup) -> int:
     """Start the process group, build the engine, resume if asked, train. Returns the exit code."""
+    from ..data.files import DataError
     from ..distributed.runtime import init_distributed, shutdown
     from .engine import build_trainer, train
     from .faults import EXIT_PREEMPTED, NonFiniteTraining, Preempted
@@ -317,6 +321,9 @@ def run(setup: Setup) -> int:
     except NonFiniteTraining as e:
         LOG.error(f"ERROR: {e}")
         return EXIT_ERROR
+    except DataError as e:  # the data set itself, found at read time (e.g. every file unusable)
+        LOG.error(f"ERROR: {e}")
+        return EXIT_BAD_CONFIG
     except KeyboardInterrupt:
         if rank == 0:
             latest = checkpoint.read_latest(setup.run_dir / "checkpoints")
