@@ -67,10 +67,14 @@ def _image_items(path: Path, size: int) -> list[Item]:
 
 
 def _audio_items(path: Path) -> list[Item]:
-    from .data.audio import header_length, index_manifest, load_audio
+    from .data.audio import header_length, load_audio
+    from .data.index import read_manifest
 
     if path.suffix == ".tsv":
-        entries = index_manifest(path)
+        root, names, frames, offsets = read_manifest(path)
+        if offsets is not None:
+            raise DataError(f"{path} lists segments (an offset column): extract features from whole files")
+        entries = [(Path(root) / name, int(n)) for name, n in zip(names, frames)]
     else:
         entries = []
         for p in _files(path, AUDIO_SUFFIXES, "audio"):

@@ -65,8 +65,8 @@ def test_a_failing_step_raises_when_that_step_is_requested():
 
 
 def test_step_loader_batches_and_skip_counts_do_not_depend_on_read_ahead(tmp_path):
-    """Images through DALI with a file that only fails at decode time: the read-ahead loader hands
-    out bit-identical tensors, and counts that file at the same step as the on-demand loader."""
+    """Images through DALI with unusable files (one fails only at decode time): the read-ahead loader
+    hands out bit-identical tensors, and counts each file at the same step as the on-demand loader."""
     import_or_missing("nvidia.dali", "nvidia.dali is not installed (make test installs nvidia-dali-cuda130)")
     make_jpegs(tmp_path, 24, corrupt=4)
     cfg = load_config("tiny_image", [f"data.path={tmp_path}", "data.kind=images", "train.max_updates=4"])
@@ -84,4 +84,5 @@ def test_step_loader_batches_and_skip_counts_do_not_depend_on_read_ahead(tmp_pat
         counts.append(len(loaders[1].skipped_files()))
     for loader in loaders:
         loader.close()
-    assert counts[0] == 3 and counts[-1] == 4  # 3 screened at start; the 4th found when first decoded
+    # found as they are read (none at start-up): the 4 bad files are all met within the 32 positions
+    assert counts == sorted(counts) and counts[0] < 4 and counts[-1] == 4, counts

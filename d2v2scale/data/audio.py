@@ -29,7 +29,7 @@ import torch
 
 from ..logs import LOG
 from ..model import counter_rng
-from .files import AUDIO_SUFFIXES, DataError, log_skipped, read_file
+from .files import AUDIO_SUFFIXES, DataError, log_once, read_file
 from .index import DataIndex, as_index
 from .segments import read_range
 
@@ -178,8 +178,9 @@ class AudioSource:
         self.order, self.bounds = bucket_batches(self.index.length[self.rows], max_tokens, max_size)
         self.max_count = int(np.diff(self.bounds).max())
         self.bad: dict[int, str] = {}  # row → why it is unusable (found by this rank, at read time)
-        if verbose:
-            log_skipped(self.index.skipped)
+        self.logged: set[str] = set()  # paths already logged in this run (by this rank, or rank 0 for others)
+        for path, reason in self.index.skipped:  # found by the builder: its header did not read
+            log_once(self.logged, path, reason, verbose)
         try:
             self.pipe = _decoder_pipeline(self.max_count, threads)
         except ImportError:
@@ -211,8 +212,7 @@ class AudioSource:
         """Never read row ``i`` again; one log line per file per run."""
         if i not in self.bad:
             self.bad[i] = reason
-            if self.verbose:
-                LOG.warning(f"skipping {self.index.path(i)}: {reason}")
+            log_once(self.logged, str(self.index.path(i)), reason, self.verbose)
 
     def _decode(self, members: list[int]) -> list[np.ndarray | None]:
         """Waveforms of ``members``; None for rows known or found to be unusable."""

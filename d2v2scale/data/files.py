@@ -72,7 +72,8 @@ def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     raise DataError(f"data.path '{root}' does not exist")
 
 
-def log_skipped(skipped: list[tuple[Path, str]]) -> None:
-    """One line per unusable file, with its path and why."""
-    for path, reason in skipped:
+def log_once(logged: set[str], path: str, reason: str, enabled: bool = True) -> None:
+    """One line per unusable file per run, with its path and why (``logged``: the paths said so far)."""
+    if enabled and path not in logged:
+        logged.add(path)
         LOG.warning(f"skipping {path}: {reason}")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..logs import LOG
 from ..model import counter_rng
-from .files import IMAGE_SUFFIXES, DataError, read_file
+from .files import IMAGE_SUFFIXES, DataError, log_once, read_file
 from .index import DataIndex, as_index
 from .schedule import epoch_indices
 
@@ -156,6 +156,7 @@ class ImageSource:
         self.index = as_index(index, "images", IMAGE_SUFFIXES)
         self.size, self.seed, self.batch_size, self.verbose = img_size, seed, batch_size, verbose
         self.bad: dict[int, str] = {}  # file → why it is unusable (found by this rank, at read time)
+        self.logged: set[str] = set()  # paths already logged in this run (by this rank, or rank 0 for others)
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
@@ -182,8 +183,7 @@ class ImageSource:
         """Never read file ``i`` again; one log line per file (other ranks' finds: rank 0, at log steps)."""
         if i not in self.bad:
             self.bad[i] = reason
-            if self.verbose:
-                LOG.warning(f"skipping {self.index.path(i)}: {reason}")
+            log_once(self.logged, str(self.index.path(i)), reason, self.verbose)
 
     def _read(self, position: int, index: int) -> tuple[int, np.ndarray]:
         """(file, bytes) for ``position``: its own file, or the first readable substitute."""

@@ -359,6 +359,8 @@ class IndexSpec:
 def is_index_file(path: Path) -> bool:
     """Whether ``path`` is an index file (by its first bytes: any name works)."""
     try:
+        if not path.is_file():
+            return False
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:

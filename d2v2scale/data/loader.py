@@ -8,6 +8,7 @@ import torch
 
 from ..config import Config
 from ..model.masking import MaskInfo
+from .files import log_once
 from .index import DataIndex
 from .prefetch import StepPrefetcher
 from .schedule import RankSchedule
@@ -91,6 +92,12 @@ class StepLoader:
     def skipped_files(self) -> frozenset[str]:
         """Data files this rank found unusable up to the last step handed out (not the read-ahead)."""
         return self._skipped
+
+    def log_found_elsewhere(self, paths: set[str]) -> None:
+        """Log, once per run, unusable files other ranks found (rank 0 speaks for the run)."""
+        logged = getattr(self.source, "logged", set())
+        for path in sorted(paths):
+            log_once(logged, path, "unusable (found by another rank)")
 
     def close(self) -> None:
         self._prefetcher.close()

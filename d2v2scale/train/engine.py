@@ -77,7 +77,6 @@ class Trainer:
     timer: StepTimer = field(default_factory=lambda: StepTimer(torch.device("cpu"), enabled=False))
     last_shape: dict | None = None  # the last micro-batch's shape, for the profiling report
     nan_steps: set = field(default_factory=injected_nan_steps)
-    reported_skips: set = field(default_factory=set)  # unusable files other ranks found, logged by rank 0
     targets: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
     # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
     params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)

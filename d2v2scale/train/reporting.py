@@ -22,7 +22,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def skipped_samples(tr) -> int:
     """Unusable data files seen by any rank so far (each file counted once). Rank 0 logs its own
-    when it meets them; the ones only other ranks met are logged here, once, by rank 0."""
+    when it meets them, and the ones only other ranks met here: each once per run."""
     own = tr.loader.skipped_files()
     files = own
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -30,9 +30,7 @@ def skipped_samples(tr) -> int:
         dist.all_gather_object(gathered, own)
         files = frozenset().union(*gathered)
     if tr.dims.rank == 0:
-        for path in sorted(files - own - tr.reported_skips):
-            LOG.warning(f"skipping {path}: unusable (found by another rank)")
-        tr.reported_skips |= files - own
+        tr.loader.log_found_elsewhere(files - own)
     return len(files)
 
 
