@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES  # noqa: E402
-from d2v2scale.data.index import IndexSpec, ensure_index, read_built_index  # noqa: E402
+from d2v2scale.data.index import SUFFIX, save_index  # noqa: E402
+from d2v2scale.data.indexing import IndexSpec, build_index, ensure_index, publish, read_ticket  # noqa: E402
 from d2v2scale.prepare import main as prepare  # noqa: E402
 
 PER_FOLDER = 1000
@@ -71,12 +72,14 @@ def audio_manifest(root: Path, n: int, pool: Path) -> Path:
 
 
 def in_process(source: Path, kind: str, suffixes: tuple, cache: Path) -> tuple[float, float, float]:
-    """(builder s, reader s, MB in memory) of one index, each from a fresh spec (no memo)."""
+    """(builder s: index and publish, reader s: map the published file, MB in memory)."""
     cache.unlink(missing_ok=True)
+    spec = IndexSpec(str(source), kind, suffixes, str(cache), 8)
     t0 = time.perf_counter()
-    built = ensure_index(IndexSpec(str(source), kind, suffixes, str(cache), 8))
+    built = ensure_index(spec)
+    ticket = publish(built, spec)
     t1 = time.perf_counter()
-    read_built_index(IndexSpec(str(source), kind, suffixes, str(cache), 9))
+    read_ticket(ticket)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, built.nbytes() / 1e6
 
@@ -111,7 +114,7 @@ def table(title: str, sizes: list[int], rows: dict[str, list[float]]) -> None:
     for name, values in rows.items():
         growth = (values[-1] - values[0]) / (sizes[-1] - sizes[0]) * 1e6 if len(values) > 1 else float("nan")
         unit = "bytes" if name.endswith("MB") else "µs"
-        cells = " | ".join(f"{v:>9.3f}" for v in values)
+        cells = " | ".join(f"{v:>9.4g}" for v in values)
         print(f"| {name:36} | {cells} | {growth:>8.2f} {unit:5} |")
 
 
@@ -162,8 +165,6 @@ def main() -> None:
         for folder in folders:
             assert prepare(["images", str(folder), str(folder) + ".d2v2index"]) == 0
         for manifest in manifests:  # the index prepare writes beside a manifest, from the manifest alone
-            from d2v2scale.data.index import SUFFIX, build_index, save_index
-
             save_index(build_index(manifest, "audio", AUDIO_SUFFIXES), Path(str(manifest) + SUFFIX))
         image_args = ["--preset", "tiny_image", "data.kind=images"]
         audio_args = ["--preset", "tiny_audio", "data.kind=audio", "data.max_tokens=640000",

@@ -67,8 +67,9 @@ def _image_items(path: Path, size: int) -> list[Item]:
 
 
 def _audio_items(path: Path) -> list[Item]:
-    from .data.audio import header_length, load_audio
-    from .data.index import read_manifest
+    from .data.audio import load_audio
+    from .data.headers import header_length
+    from .data.manifest import read_manifest
 
     if path.suffix == ".tsv":
         root, names, frames, offsets = read_manifest(path)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from .cli import OneLineParser, fail, positive_int
 from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
-from .data.index import SUFFIX, build_index, is_index_file, load_index, save_index
+from .data.index import SUFFIX, is_index_file, load_index, save_index
+from .data.indexing import build_index
 from .data.manifest import build_manifest
 
 

@@ -8,7 +8,7 @@ import torch
 from d2v2scale.data.build_tokens import build, byte_tokenizer
 from d2v2scale.data.files import DataError, IMAGE_SUFFIXES
 from d2v2scale.data.images import MEAN, STD, ImageSource, crop_params, substitute
-from d2v2scale.data.index import build_index
+from d2v2scale.data.indexing import build_index
 from d2v2scale.data.schedule import RankSchedule, epoch_indices
 from d2v2scale.data.text import TokenBlocks
 
@@ -176,7 +176,8 @@ def audio_dir(tmp_path_factory):
 
 
 def test_audio_index_batches_and_crops(audio_dir, dali):
-    from d2v2scale.data.audio import AudioSource, header_length
+    from d2v2scale.data.audio import AudioSource
+    from d2v2scale.data.headers import header_length
 
     src = AudioSource(str(audio_dir), max_tokens=32000, min_size=4000, max_size=12000, seed=0, verbose=False)
     length = src.index.length

@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
-from d2v2scale.data.index import (
-    IndexSpec,
-    build_index,
-    ensure_index,
-    is_current,
-    load_index,
-    read_built_index,
-    save_index,
-)
+from d2v2scale.data.index import load_index, save_index
+from d2v2scale.data.indexing import IndexSpec, build_index, ensure_index, is_current, publish, read_ticket
 from d2v2scale.prepare import main as prepare_main
 from d2v2scale.train.metrics import read_metrics
 
@@ -92,13 +85,16 @@ def test_a_folder_is_listed_once_and_only_its_changed_folders_again(tmp_path):
     for k in range(2, 6):
         (tmp_path / "data" / f"class{k}").mkdir()
         shutil.copy(tmp_path / "data" / "class0" / "img0000.jpg", tmp_path / "data" / f"class{k}" / "a.jpg")
+    settled = time.time_ns() - 10**10  # a data set written 10 s ago (folders changed within 2 s of a build are re-listed)
+    for folder in [tmp_path / "data", *(tmp_path / "data").iterdir()]:
+        os.utime(folder, ns=(settled, settled))
     spec = IndexSpec(str(tmp_path / "data"), "images", IMAGE_SUFFIXES, str(tmp_path / "cache.idx"))
     with Opens(tmp_path / "data") as opens:
         index = ensure_index(spec)
+    publish(index, spec)
     assert len(index) == 44 and index.origin == "built"
     assert set(opens.listed.values()) == {1} and len(opens.listed) == 7  # the root and its 6 folders
     assert sum(opens.files.values()) <= 8 and max(opens.files.values()) == 1  # the sample only
-    time.sleep(0.01)
     shutil.copy(tmp_path / "data" / "class0" / "img0000.jpg", tmp_path / "data" / "class3" / "b.jpg")
     stale = load_index(tmp_path / "cache.idx")
     assert not is_current(stale, tmp_path / "data", "images")
@@ -108,19 +104,25 @@ def test_a_folder_is_listed_once_and_only_its_changed_folders_again(tmp_path):
     assert len(fresh) == 45 and is_current(fresh, tmp_path / "data", "images")
     assert [fresh.name(i) for i in range(45)] == [build_index(tmp_path / "data", "images", IMAGE_SUFFIXES).name(i)
                                                   for i in range(45)]
+    (tmp_path / "cache.idx").write_bytes(b"D2V2IDX1 and then garbage")  # a damaged cache is rebuilt, not fatal
+    again = ensure_index(IndexSpec(spec.source, "images", IMAGE_SUFFIXES, spec.cache, 3))
+    assert again.origin == "built" and len(again) == 45
 
 
-def test_readers_trust_the_builders_cache_and_wait_for_it(tmp_path):
-    """A reading rank opens no data file: it maps the builder's cache, waiting while it is not
-    there yet, and says in one line when it never comes."""
+def test_readers_map_only_the_builders_file(tmp_path):
+    """A reading rank opens no data file: it maps the file the builder's ticket names once that file
+    shows the builder's stamp; an earlier build at the same path (a stale cache, another job's) is
+    never taken for it — the reader waits, then says so in one line."""
     make_audio(tmp_path / "a", 6)
     spec = IndexSpec(str(tmp_path / "a"), "audio", AUDIO_SUFFIXES, str(tmp_path / "cache.idx"))
-    with pytest.raises(DataError, match="did not appear within 1 s"):
-        read_built_index(spec, wait_s=1)
-    built = build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES)
-    save_index(built, tmp_path / "cache.idx")
+    save_index(build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES), tmp_path / "cache.idx")  # an earlier build
+    built = build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES)  # this job's builder
+    ticket = {"path": str(tmp_path / "cache.idx"), "built": built.meta["built"], "rows": len(built)}
+    with pytest.raises(DataError, match="not visible here after 1 s"):
+        read_ticket(ticket, wait_s=1)
+    assert publish(built, spec) == ticket  # the builder writes its own build over the old one
     with Opens(tmp_path / "a") as opens:
-        got = read_built_index(IndexSpec(spec.source, "audio", AUDIO_SUFFIXES, spec.cache, 2), wait_s=1)
+        got = read_ticket(ticket, wait_s=1)
     assert not opens.files and not opens.listed
     assert got.length.tolist() == built.length.tolist()
 

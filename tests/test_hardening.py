@@ -392,7 +392,7 @@ def test_malformed_audio_files_sweep(tmp_path, capsys, dali):
 
 def test_float32_wav_is_indexed_with_its_length(tmp_path):
     from d2v2scale.data.files import AUDIO_SUFFIXES
-    from d2v2scale.data.index import build_index
+    from d2v2scale.data.indexing import build_index
 
     (tmp_path / "a").mkdir()
     _wav(tmp_path / "a" / "f.wav", np.zeros(5000, np.float32) + 0.1, "FLOAT")

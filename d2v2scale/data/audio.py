@@ -21,7 +21,6 @@ read or decode is logged once and its slot takes the next usable member of the s
 from __future__ import annotations
 
 import functools
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -30,54 +29,15 @@ import torch
 from ..logs import LOG
 from ..model import counter_rng
 from .files import AUDIO_SUFFIXES, DataError, log_once, read_file
-from .index import DataIndex, as_index
+from .headers import RATE
+from .index import DataIndex
+from .indexing import as_index
+from .schedule import epoch_permutation
 from .segments import read_range
 
-RATE = 16_000
 _STREAM_CROP = 12
-
-
-WAV_ENCODINGS = {1: "PCM", 3: "IEEE float", 0xFFFE: "extensible"}
-
-
-def wav_header(path: Path) -> tuple[int, int]:
-    """(frames, sample rate) of a RIFF/WAVE file: PCM or IEEE-float, any chunk order. The frame
-    count is capped by the bytes actually present (a truncated file or a header-only one)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            raise ValueError("not a RIFF/WAVE file")
-        block = rate = None
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                raise ValueError("no data chunk")
-            cid, length = chunk[:4], int.from_bytes(chunk[4:], "little")
-            if cid == b"fmt ":
-                body = f.read(length + (length & 1))
-                tag, channels, rate = struct.unpack("<HHI", body[:8])
-                block = struct.unpack("<H", body[12:14])[0]
-                if tag not in WAV_ENCODINGS or not channels or not block:
-                    raise ValueError(f"unsupported WAV encoding {tag}, {channels} channels")
-            elif cid == b"data":
-                if block is None:
-                    raise ValueError("data chunk before the fmt chunk")
-                return min(length, size - f.tell()) // block, rate
-            else:
-                f.seek(length + (length & 1), 1)
-
-
-def header_length(path: Path) -> tuple[int, int]:
-    """(frames, sample rate) from a WAV or FLAC header, without decoding."""
-    if path.suffix.lower() == ".wav":
-        return wav_header(path)
-    with open(path, "rb") as f:
-        head = f.read(42)  # "fLaC" + metadata block header (4) + STREAMINFO (34)
-    if len(head) < 42 or head[:4] != b"fLaC":
-        raise ValueError("no FLAC STREAMINFO")
-    info = int.from_bytes(head[18:26], "big")  # 20 bits rate, 3 channels, 5 bps, 36 total samples
-    return info & ((1 << 36) - 1), info >> 44
+_STREAM_SUBSTITUTE = 14
+MAX_ATTEMPTS = 64  # micro-batches tried for one id before the data set is declared unusable
 
 
 def bucket_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +134,7 @@ class AudioSource:
         if not len(self.rows):
             raise DataError(f"data.path '{self.index.meta.get('signature', {}).get('source', self.index.root)}' has "
                             f"no audio of at least {min_size} samples ({len(self.index)} indexed)")
-        self.max_size, self.seed, self.verbose = max_size, seed, verbose
+        self.max_size, self.seed, self.verbose, self.threads = max_size, seed, verbose, threads
         self.order, self.bounds = bucket_batches(self.index.length[self.rows], max_tokens, max_size)
         self.max_count = int(np.diff(self.bounds).max())
         self.bad: dict[int, str] = {}  # row → why it is unusable (found by this rank, at read time)
@@ -206,7 +166,7 @@ class AudioSource:
     def _batch_members(self, batch_id: int) -> list[int]:
         n = self.num_batches
         epoch, k = divmod(batch_id, n)
-        return self.batch_rows(int(_epoch_order(n, self.seed, epoch)[k])).tolist()
+        return self.batch_rows(int(epoch_permutation(n, self.seed, epoch)[k])).tolist()
 
     def mark_bad(self, i: int, reason: str) -> None:
         """Never read row ``i`` again; one log line per file per run."""
@@ -247,7 +207,7 @@ class AudioSource:
                 out.update({i: np.array(decoded[j]).reshape(-1) for j, (i, _) in enumerate(ok)})
                 return [out[i] for i in members]
             except Exception:  # noqa: BLE001 - DALI reports decoder failures with several exception types
-                self.pipe = _decoder_pipeline(self.max_count, 1)  # a pipeline that raised is no longer usable
+                self.pipe = _decoder_pipeline(self.max_count, self.threads)  # one that raised is no longer usable
         for i, data in ok:  # one at a time, to find the file that fails
             try:
                 out[i] = decode_audio(data)
@@ -255,22 +215,36 @@ class AudioSource:
                 self.mark_bad(i, "failed to decode")
         return [out[i] for i in members]
 
-    def batch_by_id(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(waveforms (B, S) zero-padded, lengths (B,), sample ids (B,)) of one micro-batch."""
-        members = self._batch_members(batch_id)
+    def _usable(self, members: list[int]) -> list[np.ndarray | None]:
         waves = self._decode(members)
         for j, (i, w) in enumerate(zip(members, waves)):
             reason = None if w is None else sample_problem(w)
             if reason is not None:
                 waves[j] = None
                 self.mark_bad(i, reason)
-        good = [j for j, w in enumerate(waves) if w is not None]
-        if not good:
-            raise RuntimeError(f"every file of micro-batch {batch_id} failed to decode")
-        # an unusable member's slot takes the next usable member (cyclically): same budget, same in every layout
-        waves = [w if w is not None else waves[min(good, key=lambda g: (g - j) % len(waves))]
-                 for j, w in enumerate(waves)]
-        ids = torch.arange(batch_id * self.max_count, batch_id * self.max_count + len(members), dtype=torch.int64)
+        return waves
+
+    def _waves(self, batch_id: int) -> list[np.ndarray]:
+        """The waveforms of micro-batch ``batch_id``: an unusable member's slot takes the next usable
+        member (cyclically: same budget); a micro-batch with none usable reads a substitute bucket
+        chosen by the counter RNG from (batch id, attempt). Either way the same in every layout."""
+        members = self._batch_members(batch_id)
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                key = counter_rng.combine(self.seed, _STREAM_SUBSTITUTE, batch_id, attempt)
+                members = self.batch_rows(int(key) % self.num_batches).tolist()
+            waves = self._usable(members)
+            good = [j for j, w in enumerate(waves) if w is not None]
+            if good:
+                return [w if w is not None else waves[min(good, key=lambda g: (g - j) % len(waves))]
+                        for j, w in enumerate(waves)]
+        raise DataError(f"every file of micro-batch {batch_id} and of {MAX_ATTEMPTS - 1} substitutes is unusable "
+                        f"({len(self.bad)} files found so far): is the data set damaged?")
+
+    def batch_by_id(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(waveforms (B, S) zero-padded, lengths (B,), sample ids (B,)) of one micro-batch."""
+        waves = self._waves(batch_id)
+        ids = torch.arange(batch_id * self.max_count, batch_id * self.max_count + len(waves), dtype=torch.int64)
         offsets = counter_rng.uniform(counter_rng.combine(self.seed, ids).reshape(-1), 1, _STREAM_CROP)[:, 0]
         crops = []
         for w, u in zip(waves, offsets.tolist()):
@@ -284,12 +258,6 @@ class AudioSource:
         for j, c in enumerate(crops):
             out[j, : len(c)] = c
         return out, lengths, ids
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(num_batches: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order an epoch visits the micro-batches in (cached: it is drawn once per epoch, not per read)."""
-    return torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def _to_mono_16k(audio: np.ndarray, rate: int) -> np.ndarray:

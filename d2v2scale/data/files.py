@@ -1,14 +1,20 @@
-"""Data files: their suffixes, and why a file's bytes cannot be trained on.
+"""Data files: finding them, reading them, and why a file's bytes cannot be trained on.
 
-A corrupt file must cost one log line, not a crashed 64-node job, and finding it must not cost an
-open per file per rank at start-up: files are checked when a batch reads them (the bytes are in
-memory then, so the check is free). Empty files, files whose magic bytes do not match their format
-and JPEGs without an end-of-image marker (the usual truncation) are caught here; files that pass
-but still fail to decode are caught by the loaders (see :mod:`d2v2scale.data.images`).
+Listing a data set must not open its files (a folder is walked with ``os.scandir``, top-level
+folders in parallel threads), and a corrupt file must cost one log line, not a crashed 64-node
+job: files are checked when a batch reads them, on the bytes already in memory. Empty files, files
+whose magic bytes do not match their format and JPEGs without an end-of-image marker (the usual
+truncation) are caught here; files that pass but still fail to decode are caught by the loaders.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -45,31 +51,118 @@ def bytes_problem(data: np.ndarray | bytes, suffix: str) -> str | None:
     return None
 
 
+_FOR_GOOD = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ELOOP)
+
+
 def read_file(path: Path) -> tuple[np.ndarray | None, str | None]:
-    """(bytes, None), or (None, why the file cannot be used): unreadable, or :func:`bytes_problem`."""
+    """(bytes, None), or (None, why the file cannot be used): unreadable, or :func:`bytes_problem`.
+    An I/O error other than a missing or forbidden file is tried once more (a shared file system's
+    passing hiccup must not drop a file for the rest of the run, or a resume would read it)."""
     if path.is_symlink() and not path.exists():
         return None, "broken symbolic link"
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except IsADirectoryError:
-        return None, "a directory, not a file"
-    except OSError as e:
-        return None, f"unreadable ({e.strerror})"
+    for attempt in range(2):
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+            break
+        except IsADirectoryError:
+            return None, "a directory, not a file"
+        except OSError as e:
+            if attempt or e.errno in _FOR_GOOD:
+                return None, f"unreadable ({e.strerror})"
     problem = bytes_problem(data, path.suffix)
     return (None, problem) if problem else (data, None)
 
 
+class Folder(NamedTuple):
+    """What a listing saw in one folder: its mtime, its data files and its subfolders (relative)."""
+
+    mtime: int
+    files: list[str]
+    subdirs: list[str]
+
+
+def _list_folder(root: Path, rel: str, suffixes: tuple[str, ...], mtime: int) -> Folder:
+    files, subdirs = [], []
+    with os.scandir(root / rel) as it:
+        for entry in it:
+            sub = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.lower().endswith(suffixes):
+                files.append(sub)  # a folder named x.jpg or a broken link fails at read time, once
+            elif entry.is_dir(follow_symlinks=False):  # linked folders are not followed (no cycles)
+                subdirs.append(sub)
+    return Folder(mtime, files, subdirs)
+
+
+def walk(root: Path, suffixes: tuple[str, ...], threads: int, known: dict[str, Folder] | None = None,
+         progress: Callable | None = None) -> tuple[list[str], dict[str, int]]:
+    """Relative paths of the data files under ``root`` (sorted as the parts of a path sort) and
+    every folder's mtime, without opening a file. Top-level folders are listed in parallel threads
+    (``progress`` wraps their iterator); a folder ``known`` from an earlier listing with the same
+    mtime is not listed again (adding, removing or renaming an entry changes its folder's mtime)."""
+    known = known or {}
+
+    def folder(rel: str) -> Folder:
+        seen = known.get(rel)
+        mtime = (root / rel).stat().st_mtime_ns
+        return seen if seen is not None and seen.mtime == mtime else _list_folder(root, rel, suffixes, mtime)
+
+    def scan(top: str) -> tuple[list[str], dict[str, int]]:
+        files, dirs, stack = [], {}, [top]
+        while stack:
+            rel = stack.pop()
+            f = folder(rel)
+            dirs[rel] = f.mtime
+            files += f.files
+            stack += f.subdirs
+        return files, dirs
+
+    try:
+        top = folder("")
+        files, dirs = list(top.files), {"": top.mtime}
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            results = pool.map(scan, sorted(top.subdirs))
+            for sub_files, sub_dirs in (progress(results, total=len(top.subdirs)) if progress else results):
+                files += sub_files
+                dirs.update(sub_dirs)
+    except OSError as e:
+        raise DataError(f"'{root}' cannot be listed ({e.strerror}: {e.filename})") from None
+    return sorted(files, key=lambda rel: rel.split("/")), dirs
+
+
+def read_list(path: Path) -> list[str]:
+    """A text file of paths, one per line (``#`` starts a comment line), relative to its folder."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"file list {path} cannot be read ({e})") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """A folder (searched recursively) or a text file listing paths (relative paths are taken
-    relative to the list file); for tools that take a handful of files (features)."""
+    """The data files of a folder (searched recursively) or of a file list, as paths (for tools
+    that take a handful of files, e.g. features)."""
     root = Path(root)
     if root.is_dir():
-        return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes)
+        return [root / rel for rel in walk(root, suffixes, threads=1)[0]]
     if root.is_file():
-        base = root.parent
-        lines = [line.strip() for line in root.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        return [p if p.is_absolute() else base / p for p in map(Path, lines)]
+        return [root.parent / rel for rel in read_list(root)]  # an absolute line stays absolute
     raise DataError(f"data.path '{root}' does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: str = "w") -> Iterator:
+    """A temporary file beside ``path`` (unique per writer, any node), fsynced and renamed over
+    ``path`` when the block succeeds: readers never see half a file, a failure leaves the old one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def log_once(logged: set[str], path: str, reason: str, enabled: bool = True) -> None:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..logs import LOG
 from ..model import counter_rng
 from .files import IMAGE_SUFFIXES, DataError, log_once, read_file
-from .index import DataIndex, as_index
+from .index import DataIndex
+from .indexing import as_index
 from .schedule import epoch_indices
 
 MEAN = (0.485, 0.456, 0.406)
@@ -128,18 +129,6 @@ def eval_transform(path, size: int) -> torch.Tensor:
     return _normalize(t[:, top : top + size, left : left + size])
 
 
-def _decodes(data: np.ndarray) -> bool:
-    import io
-
-    from PIL import Image
-
-    try:
-        Image.open(io.BytesIO(data.tobytes())).convert("RGB").load()
-        return True
-    except Exception:  # noqa: BLE001 - any decoder failure means the file is unusable
-        return False
-
-
 def substitute(seed: int, position: int, attempt: int, num_files: int) -> int:
     """The file read in place of an unusable one at ``position`` (``attempt`` = 1, 2, ...): a pure
     function of the position, so every layout and every resume reads the same substitute."""
@@ -207,16 +196,25 @@ class ImageSource:
             try:
                 return self._run_dali(list(data), params), None
             except RuntimeError:
-                # A file passed the byte checks but does not decode: find it, never read it again,
-                # read its position's substitute, retry (a pipeline that raised is rebuilt).
-                newly = [k for k, d in enumerate(data) if not _decodes(d)]
+                # A file passed the byte checks but does not decode: find it with DALI itself, one
+                # sample at a time, never read it again, read its position's substitute, retry.
+                self.pipe = _dali_pipeline(*self._pipe_args)  # a pipeline that raised is no longer usable
+                newly = [k for k, d in enumerate(data) if not self._decodes(d, params[k])]
                 if not newly:
                     raise
                 files, data = list(files), list(data)
                 for k in newly:
                     self.mark_bad(files[k], "failed to decode")
                     files[k], data[k] = self._read(positions[k].item(), files[k])
-                self.pipe = _dali_pipeline(*self._pipe_args)
+
+    def _decodes(self, data: np.ndarray, params: np.ndarray) -> bool:
+        """Whether DALI decodes this one file (a batch of one; the pipeline is rebuilt if not)."""
+        try:
+            self._run_dali([data], params[None])
+            return True
+        except RuntimeError:
+            self.pipe = _dali_pipeline(*self._pipe_args)
+            return False
 
     def _pil(self, position: int, file: int, data: np.ndarray, params: np.ndarray) -> torch.Tensor:
         while True:

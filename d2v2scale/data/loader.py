@@ -50,7 +50,7 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
         from .images import ImageSource
 
         m = cfg.model
-        return ImageSource(index or cfg.data.path, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
+        return ImageSource(cfg.data.path if index is None else index, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
                            threads=max(1, cfg.data.num_workers), verbose=verbose)
     if kind == "audio":
         from .audio import AudioSource
@@ -58,7 +58,7 @@ def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: b
         d = cfg.data
         if d.max_tokens is None:
             raise ValueError("data.kind=audio needs data.max_tokens (samples per micro-batch per rank)")
-        return AudioSource(index or d.path, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
+        return AudioSource(d.path if index is None else index, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
                            threads=max(1, d.num_workers), verbose=verbose)
     if kind == "text":
         from .text import TokenBlocks

@@ -15,26 +15,23 @@ The command is ``python -m d2v2scale.prepare audio ROOT OUT.tsv`` (:mod:`d2v2sca
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import stat
 import struct
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
 
 import numpy as np
 import soundfile
 from tqdm import tqdm
 
 from ..logs import LOG
-from .audio import RATE, header_length
-from .files import AUDIO_SUFFIXES, DataError, list_files
+from .headers import RATE, header_length
+from .files import AUDIO_SUFFIXES, DataError, atomic_output, walk
 from .segments import cut_points, frame_energy
 
 FRAME_S = 0.02  # energy frame: cuts fall on 20 ms boundaries
@@ -118,20 +115,29 @@ def _load_state(path: Path, params: dict) -> dict:
     return state["files"]
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[TextIO]:
-    """A temporary file beside ``path``, renamed over ``path`` when the block succeeds: readers never
-    see half a manifest, and a failed run leaves the previous one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def read_manifest(path: Path) -> tuple[str, list[str], np.ndarray, np.ndarray | None]:
+    """A fairseq/wav2vec ``.tsv``: the root folder, then ``relative/path<TAB>frames[<TAB>offset]``
+    (the offset column: segments of a longer recording, see ``python -m d2v2scale.prepare audio``).
+    Returns (root, names per row, frames per row, offsets per row (-1: a whole file) or None)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"manifest {path} cannot be read ({e})") from None
+    if not lines or not lines[0].strip():
+        raise DataError(f"manifest {path}: the first line must be the audio root folder")
+    names, frames, offsets = [], [], []
+    for k, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) not in (2, 3) or not all(f.strip().isascii() and f.strip().isdigit() for f in fields[1:]):
+            raise DataError(f"manifest {path}:{k}: expected 'relative/path<TAB>num_samples' (a segment: "
+                            f"'<TAB>offset' after it), got {line[:80]!r}")
+        names.append(fields[0])
+        frames.append(int(fields[1]))
+        offsets.append(int(fields[2]) if len(fields) == 3 else -1)
+    offset = np.asarray(offsets, dtype=np.int64)
+    return lines[0].strip(), names, np.asarray(frames, dtype=np.int64), offset if (offset >= 0).any() else None
 
 
 def _rows(rel: str, e: dict) -> list[str]:
@@ -148,6 +154,8 @@ def _check_args(root: Path, out: Path, max_seconds: float | None, min_seconds: f
         raise DataError(f"min_seconds must be non-negative, got {min_seconds}")
     if max_seconds is not None and max_seconds <= min_seconds:
         raise DataError(f"max_seconds ({max_seconds}) must exceed min_seconds ({min_seconds})")
+    if max_seconds is not None and max_seconds < FRAME_S:
+        raise DataError(f"max_seconds ({max_seconds}) must be at least {FRAME_S:g} (one energy frame)")
     if threads < 1:
         raise DataError(f"threads must be at least 1, got {threads}")
     if out.is_dir():
@@ -164,7 +172,7 @@ def build_manifest(root: str | Path, out: str | Path, max_seconds: float | None,
     root, out = Path(root).resolve(), Path(out).absolute()
     _check_args(root, out, max_seconds, min_seconds, threads)
     # sorted as the rows are, so rows stream to the file (Libri-light at 20 s is ~10M rows)
-    files = sorted(list_files(root, AUDIO_SUFFIXES), key=lambda p: p.relative_to(root).as_posix())
+    files = [root / rel for rel in sorted(walk(root, AUDIO_SUFFIXES, threads)[0])]
     if not files:
         raise DataError(f"audio root {root} has no .flac or .wav files")
     state_path = out.with_name(out.name + ".state.json")
@@ -188,7 +196,7 @@ def build_manifest(root: str | Path, out: str | Path, max_seconds: float | None,
     bar = tqdm(total=len(files), unit="file", desc="manifest", disable=not progress or not sys.stderr.isatty())
     entries = {}
     try:
-        with ThreadPoolExecutor(threads) as pool, bar, _atomic(out) as f:
+        with ThreadPoolExecutor(threads) as pool, bar, atomic_output(out) as f:
             f.write(f"{root}\n")
             for rel, e, fresh in pool.map(entry, files):
                 bar.update()
@@ -205,7 +213,7 @@ def build_manifest(root: str | Path, out: str | Path, max_seconds: float | None,
                     stats.rows += len(rows)
                     stats.segmented += bool(e["cuts"])
                     stats.other_rates += e["rate"] != RATE
-        with _atomic(state_path) as f:
+        with atomic_output(state_path) as f:
             json.dump({"params": params, "files": entries}, f, separators=(",", ":"))
     except OSError as e:
         raise DataError(f"cannot write the manifest {out} ({e.strerror or e})") from None

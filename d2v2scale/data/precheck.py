@@ -3,7 +3,8 @@
 Indexing is the cheap half of reading a data set, and it is done once per job: rank 0 (the
 builder) indexes ``data.path`` here (or finds its index current), so that "no usable images" is a
 one-line exit 2 instead of a traceback on every rank after start-up; the other ranks only check
-that the path exists and read the index after the process group meets (:func:`shared_index`).
+that the path exists and map the builder's index after the process group meets
+(:func:`~d2v2scale.data.indexing.shared_index`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..logs import LOG
 from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
-from .index import IndexSpec, ensure_index
+from .indexing import IndexSpec, ensure_index
 
 _SUFFIXES = {"images": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}
 
@@ -39,7 +40,7 @@ def check_data(cfg: Config, builder: bool, verbose: bool) -> None:
             raise DataError(f"data.path '{spec.source}' does not exist")
     elif spec is not None:
         t0 = time.perf_counter()
-        progress = functools.partial(tqdm, desc=f"indexing {d.kind} headers", disable=not (verbose and sys.stderr.isatty()))
+        progress = functools.partial(tqdm, disable=not (verbose and sys.stderr.isatty()), unit="")
         index = ensure_index(spec, progress)
         if verbose:
             how = f"built in {time.perf_counter() - t0:.1f} s" if index.origin == "built" else index.origin

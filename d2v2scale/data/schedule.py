@@ -42,12 +42,13 @@ def epoch_indices(positions: torch.Tensor, num_items: int, seed: int) -> torch.T
     epochs = positions // num_items
     for epoch in epochs.unique().tolist():
         sel = epochs == epoch
-        out[sel] = _permutation(num_items, seed, epoch)[positions[sel] % num_items]
+        out[sel] = epoch_permutation(num_items, seed, epoch)[positions[sel] % num_items]
     return out
 
 
-@functools.lru_cache(maxsize=2)
-def _permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """Drawn once per epoch (an ImageNet permutation costs ~10 ms: not once per micro-batch)."""
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order an epoch visits ``num_items`` things in; drawn once per epoch (an ImageNet
+    permutation costs ~10 ms: not once per micro-batch)."""
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 

@@ -51,6 +51,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (a picklable value; itself in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def shutdown() -> None:
     """Leave together: rank 0 hosts the rendezvous store, and a peer still talking to it when
     rank 0 exits can abort, turning a finished run into a failed one."""

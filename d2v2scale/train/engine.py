@@ -30,12 +30,12 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.index import shared_index
+from ..data.indexing import shared_index
 from ..data.loader import MicroBatch, StepLoader
 from ..data.precheck import index_spec
 from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
-from ..distributed.runtime import all_reduce, barrier
+from ..distributed.runtime import all_reduce, broadcast_object
 from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, parallelize, tp_slice
 from ..logs import LOG, progress_line
 from ..model import Data2Vec2, cls_share, normalize_loss
@@ -170,7 +170,7 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
     spec = index_spec(cfg)  # built once (rank 0), read by every other rank after it is done
-    index = None if spec is None else shared_index(spec, dims.rank == 0, barrier)
+    index = None if spec is None else shared_index(spec, dims.rank == 0, broadcast_object)
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps,
                         masker=lambda step, mb: model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths),
                         index=index)
