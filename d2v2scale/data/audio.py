@@ -156,8 +156,9 @@ class AudioSource:
     def skipped(self) -> int:
         return len(self.index.skipped) + len(self.bad)
 
-    def skipped_files(self) -> set[str]:
-        return {p for p, _ in self.index.skipped} | {str(self.index.path(i)) for i in self.bad}
+    def skipped_files(self) -> dict[str, str]:
+        """path → why, of the files the builder could not index and this rank found unusable."""
+        return {**dict(self.index.skipped), **{str(self.index.path(i)): why for i, why in self.bad.items()}}
 
     def batch_rows(self, k: int) -> np.ndarray:
         """The index rows of bucket ``k``."""

@@ -165,8 +165,9 @@ class ImageSource:
         """Files this rank found unusable so far."""
         return len(self.bad)
 
-    def skipped_files(self) -> set[str]:
-        return {str(self.index.path(i)) for i in self.bad}
+    def skipped_files(self) -> dict[str, str]:
+        """path → why, of the files this rank found unusable."""
+        return {str(self.index.path(i)): why for i, why in self.bad.items()}
 
     def mark_bad(self, i: int, reason: str) -> None:
         """Never read file ``i`` again; one log line per file (other ranks' finds: rank 0, at log steps)."""

@@ -81,7 +81,7 @@ class StepLoader:
                  masker: Callable[[int, MicroBatch], MaskInfo] | None = None, index: DataIndex | None = None):
         self.source = build_source(cfg, schedule.micro_batch, device, verbose, index)
         self.schedule, self.device, self.dtype, self.masker = schedule, device, dtype, masker
-        self._skipped: frozenset[str] = frozenset()
+        self._skipped: dict[str, str] = {}
         init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None  # device is per thread
         self._prefetcher = StepPrefetcher(self._load, prefetch_steps, cfg.train.max_updates, thread_init=init)
 
@@ -89,20 +89,21 @@ class StepLoader:
         batches, self._skipped = self._prefetcher.get(step)
         return batches
 
-    def skipped_files(self) -> frozenset[str]:
-        """Data files this rank found unusable up to the last step handed out (not the read-ahead)."""
+    def skipped_files(self) -> dict[str, str]:
+        """path → why, of the data files this rank found unusable up to the last step handed out
+        (not the read-ahead)."""
         return self._skipped
 
-    def log_found_elsewhere(self, paths: set[str]) -> None:
+    def log_found_elsewhere(self, found: dict[str, str]) -> None:
         """Log, once per run, unusable files other ranks found (rank 0 speaks for the run)."""
         logged = getattr(self.source, "logged", set())
-        for path in sorted(paths):
-            log_once(logged, path, "unusable (found by another rank)")
+        for path, why in sorted(found.items()):
+            log_once(logged, path, why)
 
     def close(self) -> None:
         self._prefetcher.close()
 
-    def _load(self, step: int) -> tuple[list[MicroBatch], frozenset[str]]:
+    def _load(self, step: int) -> tuple[list[MicroBatch], dict[str, str]]:
         if getattr(self.source, "by_batch", False):
             raw = [self.source.batch_by_id(b) for b in self.schedule.batch_ids(step)]
             batches = [MicroBatch(source, ids, lengths) for source, lengths, ids in raw]
@@ -111,7 +112,7 @@ class StepLoader:
             for positions in self.schedule.positions(step):
                 source, lengths = self.source.batch(positions)
                 batches.append(MicroBatch(source, positions, lengths))
-        skipped = frozenset(self.source.skipped_files()) if hasattr(self.source, "skipped_files") else frozenset()
+        skipped = dict(self.source.skipped_files()) if hasattr(self.source, "skipped_files") else {}
         if self.masker is not None:
             batches = [replace(mb, mask=self.masker(step, mb)) for mb in batches]
         return [mb.to(self.device, self.dtype) for mb in batches], skipped

@@ -22,16 +22,17 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def skipped_samples(tr) -> int:
     """Unusable data files seen by any rank so far (each file counted once). Rank 0 logs its own
-    when it meets them, and the ones only other ranks met here: each once per run."""
+    when it meets them, and the ones only other ranks met here, with their reason: each once per run."""
     own = tr.loader.skipped_files()
-    files = own
+    found = dict(own)
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, own)
-        files = frozenset().union(*gathered)
+        for other in gathered:
+            found.update(other)
     if tr.dims.rank == 0:
-        tr.loader.log_found_elsewhere(files - own)
-    return len(files)
+        tr.loader.log_found_elsewhere({path: why for path, why in found.items() if path not in own})
+    return len(found)
 
 
 class Interval:
