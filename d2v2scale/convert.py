@@ -244,22 +244,28 @@ def read_weights(path: str) -> tuple[Config, dict, dict | None]:
             raise ConfigError(f"{path} is {kind}")
         return config_from_dict(blob["config"]), blob["student"], blob["teacher"]
     from .train import checkpoint
+    from .train.shards import has_shards
+    from .train.verify import CheckpointError, safe_load
 
     if not (p / checkpoint.RUN_FILE).is_file():
         raise ConfigError(f"{path} is a directory but not a training checkpoint (no {checkpoint.RUN_FILE}); "
                           "give RUN/checkpoints/<tag> or a weights file")
-    info = checkpoint.read_run_info(p)
-    cfg = config_from_dict(info["config"])
-    from .train.shards import has_shards
-
-    if has_shards(p):
-        return (cfg, *_from_shards(p, cfg))
-    if info["layout"]["tp"] != 1 or info["layout"]["zero_stage"] == 3:
-        raise ConfigError(f"{path}: a native checkpoint with layout {info['layout']}; export reads native ones at tp=1 "
-                          "and ZeRO stage 0-2 (train.checkpoint_format=layout_free checkpoints export from any layout)")
-    student = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    shards = [torch.load(p / checkpoint.rank_file(0, d), map_location="cpu", weights_only=False)["teacher"]
-              for d in range(info["layout"]["dp"])]
+    try:
+        found = checkpoint.damage(p)
+        if found is not None:
+            raise ConfigError(f"{path}: the checkpoint is damaged ({found})")
+        info = checkpoint.read_run_info(p)
+        cfg = config_from_dict(info["config"])
+        if has_shards(p):
+            return (cfg, *_from_shards(p, cfg))
+        if info["layout"]["tp"] != 1 or info["layout"]["zero_stage"] == 3:
+            raise ConfigError(f"{path}: a native checkpoint with layout {info['layout']}; export reads native ones at "
+                              "tp=1 and ZeRO stage 0-2 (train.checkpoint_format=layout_free checkpoints export from "
+                              "any layout)")
+        student = safe_load(p / "mp_rank_00_model_states.pt")["module"]
+        shards = [safe_load(p / checkpoint.rank_file(0, d))["teacher"] for d in range(info["layout"]["dp"])]
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     return cfg, student, _assemble_teacher(shards, student)
 
 

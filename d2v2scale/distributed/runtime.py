@@ -60,6 +60,15 @@ def broadcast_object(obj: object) -> object:
     return obj
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def shutdown() -> None:
     """Leave together: rank 0 hosts the rendezvous store, and a peer still talking to it when
     rank 0 exits can abort, turning a finished run into a failed one."""

@@ -9,16 +9,20 @@ Layout::
                          rank_tp{T}_dp{D}.pt   this rank's RNG states (+ its teacher shard in the
                                                native format)
                          run.json              step, layout, resolved config, optimizer/schedule
-                                               counters (rank 0)
+                                               counters, and every file above with its bytes and
+                                               CRC-32 (rank 0, written last)
     RUN/checkpoints/latest                     the newest complete tag
 
 ``train.checkpoint_format=native`` writes the backend's own format (DeepSpeed's ``save_checkpoint``) instead of
 ``shards/`` (resumable on the same layout only).
 
-Everything is written into ``<tag>.tmp/``, every rank fsyncs, a barrier, then rank 0 renames the
-directory and replaces ``latest`` through a temporary file. A crash at any point leaves the
-previous ``latest`` pointing at a complete checkpoint; stale ``*.tmp`` directories are removed by
-the next save. The last ``train.keep_last`` tags are kept, and never the one ``latest`` names.
+Everything is written into ``<tag>.tmp/``; each rank checksums what it writes as it writes it
+(:mod:`d2v2scale.train.verify`), rank 0 lists every file in ``run.json`` once all ranks are done,
+every rank fsyncs, a barrier, then rank 0 renames the directory and replaces ``latest`` through a
+temporary file. A crash at any point leaves the previous ``latest`` pointing at a complete
+checkpoint; stale ``*.tmp`` directories are removed by the next save. The last
+``train.keep_last`` tags are kept, and never the one just written. Every file is read back with
+``weights_only=True``: a checkpoint cannot run code.
 
 The data position needs no saving beyond the step: the samples of a step are a pure function of
 (step, global batch), split over the ranks of whatever layout runs it (see
@@ -37,15 +41,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distributed.runtime import all_reduce, barrier
+from ..distributed.runtime import all_reduce, barrier, gather_objects
 from .shards import Piece, ShardReader, has_shards, write_shards
+from .verify import RUN_FILE, CheckpointError, checksum_file, problem, read_run_info, safe_load, save_checked, scan
 
 LATEST = "latest"
-RUN_FILE = "run.json"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def tags(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint directories under ``ckpt_dir``, newest first."""
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if ckpt_dir.is_dir() else []
+    return sorted(found, key=lambda p: step_of(p.name), reverse=True)
+
+
+def damage(tag_dir: Path) -> str | None:
+    """What is wrong with a checkpoint (:func:`~d2v2scale.train.verify.problem`), or None; a file
+    that would unpickle code raises :class:`~d2v2scale.train.verify.CheckpointError` instead."""
+    found = problem(tag_dir)
+    if found is None:
+        scan(sorted(tag_dir.rglob("*.pt")))
+    return found
+
+
+def newest_intact(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files all match their checksums, and a line for each newer one
+    passed over; None when there is no checkpoint at all. Damaged ones only: CheckpointError."""
+    passed: list[str] = []
+    for tag in tags(ckpt_dir):
+        found = damage(tag)
+        if found is None:
+            return tag, [f"warning: checkpoint {p}; resuming from {tag.name}" for p in passed]
+        passed.append(f"{tag.name} is damaged ({found})")
+    if passed:
+        raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(passed)}")
+    return None, []
 
 
 def step_of(tag: str) -> int:
@@ -86,7 +119,13 @@ def _crash_point(name: str, step: int) -> None:
 
 
 def rng_state(tp_rng=None) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (so the file loads with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     if tp_rng is not None:
@@ -95,8 +134,12 @@ def rng_state(tp_rng=None) -> dict:
 
 
 def set_rng_state(state: dict, tp_rng=None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state` (or the tuples checkpoints held before it stored tensors)."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]) if isinstance(py, dict) else py)
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -110,10 +153,6 @@ def read_latest(ckpt_dir: Path) -> str | None:
         return None
     tag = latest.read_text().strip()
     return tag or None
-
-
-def read_run_info(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / RUN_FILE).read_text())
 
 
 class CheckpointWriteError(RuntimeError):
@@ -165,30 +204,34 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
     barrier()
     check_free_space(ckpt_dir, step, tr.device, measure=rank0)
-    failure: BaseException | None = None
     native = tr.cfg.train.checkpoint_format == "native"
-    try:
+
+    def write_own() -> dict:
         state = {"rng": rng_state(tr.tp_rng), "step": step}
+        written = {}
         if native:
             tr.backend.save_native(ckpt_dir, tmp.name, step)
             state["teacher"] = tr.teacher.state_dict()
         else:
-            write_shards(tmp, tr.dims.rank, pieces(tr))
-        part = tmp / (rank_file(tr.dims.tp_rank, tr.dims.dp_rank) + ".part")
-        torch.save(state, part)
-        os.replace(part, tmp / rank_file(tr.dims.tp_rank, tr.dims.dp_rank))
+            written.update(write_shards(tmp, tr.dims.rank, pieces(tr)))
+        name = rank_file(tr.dims.tp_rank, tr.dims.dp_rank)
+        written[name] = save_checked(state, tmp / name)
+        return written
+
+    files = _merged(_collectively(tr, ckpt_dir, tmp, write_own))
+    if native:  # DeepSpeed wrote its own files: each rank checksums a share of them
+        files = _merged(_collectively(tr, ckpt_dir, tmp, lambda: _checksum_share(tmp, files, tr.dims)), files)
+
+    def describe() -> dict:
         if rank0:
             counters = {**tr.backend.scalars(), "teacher_updates": tr.teacher.num_updates}
-            (tmp / RUN_FILE).write_text(json.dumps({**run_info, "step": step, "state": counters}, indent=1))
-    except (OSError, RuntimeError) as e:
-        failure = e
-    if _any_rank(failure is not None, tr.device):
-        reason = _why(failure, ckpt_dir) if failure is not None else "another rank failed to write its part"
-        barrier()
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write checkpoint {tmp}: {reason}; removed the partial checkpoint, "
-                                   f"latest stays {read_latest(ckpt_dir)}")
+            info = {**run_info, "step": step, "state": counters, "files": files}
+            part = tmp / (RUN_FILE + ".part")
+            part.write_text(json.dumps(info, indent=1))
+            part.replace(tmp / RUN_FILE)  # last: a tag is complete exactly when its listed files match
+        return {}
+
+    _collectively(tr, ckpt_dir, tmp, describe)
     _crash_point("before_fsync", step)
     _fsync_tree(tmp)
     barrier()
@@ -201,6 +244,40 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         _prune(ckpt_dir, keep_last, tag)
     barrier()
     return final
+
+
+def _collectively(tr, ckpt_dir: Path, tmp: Path, write) -> list[dict]:
+    """Run this rank's part of a save; every rank's results, or (on every rank alike, when any
+    rank failed) :class:`CheckpointWriteError` with the partial tag removed."""
+    failure: BaseException | None = None
+    result: dict = {}
+    try:
+        result = write()
+    except (OSError, RuntimeError) as e:
+        failure = e
+    if _any_rank(failure is not None, tr.device):
+        reason = _why(failure, ckpt_dir) if failure is not None else "another rank failed to write its part"
+        barrier()
+        if tr.dims.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {tmp}: {reason}; removed the partial checkpoint, "
+                                   f"latest stays {read_latest(ckpt_dir)}")
+    return gather_objects(result)
+
+
+def _merged(parts: list[dict], base: dict | None = None) -> dict:
+    """One ``{file: [bytes, crc32]}`` listing from every rank's part (keys relative to the tag)."""
+    out = dict(base or {})
+    for part in parts:
+        out.update({name: list(record) for name, record in part.items()})
+    return out
+
+
+def _checksum_share(tmp: Path, known: dict, dims) -> dict:
+    """Checksums of this rank's share of the tag's files nobody checksummed while writing them."""
+    others = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()
+                    and str(p.relative_to(tmp)) not in known and not p.name.endswith(".part"))
+    return {name: checksum_file(tmp / name) for name in others[dims.rank :: dims.world_size]}
 
 
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
@@ -261,11 +338,11 @@ def load_checkpoint(tr, tag_dir: Path, layout: dict | None = None) -> int:
         tr.teacher.load_ranges(lambda name, start, stop: read("teacher", name, start, stop), info["state"]["teacher_updates"])
         step = int(info["step"])
     else:
+        scan(sorted(tag_dir.rglob("*.pt")))  # DeepSpeed unpickles its files without checking them
         step = tr.backend.load_native(tag_dir)
     rank_path = tag_dir / rank_file(tr.dims.tp_rank, tr.dims.dp_rank)
     if not has_shards(tag_dir) or layout is None or same_layout(info, layout):
-        # Our own per-rank file; weights_only=False only because numpy's RNG state is not a tensor.
-        state = torch.load(rank_path, weights_only=False)
+        state = safe_load(rank_path)
         if "teacher" in state:
             tr.teacher.load_state_dict(state["teacher"])
         set_rng_state(state["rng"], tr.tp_rng)

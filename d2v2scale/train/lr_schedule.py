@@ -86,6 +86,6 @@ def schedule_from(ds: dict, optimizer: torch.optim.Optimizer) -> WarmupCosine | 
     sched = ds.get("scheduler")
     if not sched:
         return None
-    if sched.get("type") not in SUPPORTED:  # refused earlier, with the other sections (backend.fsdp2.check_ds_config)
+    if sched.get("type") not in SUPPORTED:  # refused earlier, with the other sections (ds_validate)
         raise ValueError(f"scheduler.type={sched.get('type')!r}; supported: {', '.join(SUPPORTED)}")
     return WarmupCosine(optimizer, **sched.get("params", {}))

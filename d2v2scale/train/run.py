@@ -15,6 +15,7 @@ from ..config import Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
 from ..logs import LOG
 from . import checkpoint
+from .verify import CheckpointError
 from .backend import check_ds_config
 from .ds_config import (
     BatchPlan,
@@ -84,20 +85,28 @@ def _first_difference(saved: dict, now: dict, allowed: tuple) -> tuple[str, obje
     return None
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``auto`` → the tag ``latest`` names (None when there is none); a tag name or a path → that directory."""
+def resolve_resume(resume: str | None, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """(the checkpoint to resume, warnings). ``auto`` → the newest intact tag, each newer damaged one
+    named in a warning (None when there is no checkpoint; ConfigError when none is intact); a tag
+    name or a path → that directory, refused when it is damaged."""
     ckpt_dir = run_dir / "checkpoints"
     if resume is None:
-        return None
-    if resume == "auto":
-        tag = checkpoint.read_latest(ckpt_dir)
-        return ckpt_dir / tag if tag else None
-    path = Path(resume)
-    path = path if path.is_dir() else ckpt_dir / resume
-    if not (path / checkpoint.RUN_FILE).is_file():
-        raise ConfigError(f"--resume {resume}: no complete checkpoint there; allowed values: auto, a tag under "
-                          f"{ckpt_dir}, or a checkpoint directory")
-    return path
+        return None, []
+    try:
+        if resume == "auto":
+            return checkpoint.newest_intact(ckpt_dir)
+        path = Path(resume)
+        path = path if path.is_dir() else ckpt_dir / resume
+        if not path.is_dir():
+            raise ConfigError(f"--resume {resume}: no checkpoint there; allowed values: auto, a tag under "
+                              f"{ckpt_dir}, or a checkpoint directory")
+        found = checkpoint.damage(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume {resume}: {e}") from None
+    if found is not None:
+        raise ConfigError(f"--resume {resume}: checkpoint {path.name} is damaged ({found}); name an intact one "
+                          "or pass --resume auto (the newest intact)")
+    return path, []
 
 
 def _saved_config(info: dict) -> dict:
@@ -191,9 +200,9 @@ def prepare(args) -> Setup:
         allowed = [k for k in range(1, env.world_size + 1) if env.world_size % k == 0 and cfg.model.num_heads % k == 0]
         raise ConfigError(f"parallel.tp={tp} must divide the number of processes {env.world_size}; "
                           f"allowed values: {', '.join(map(str, allowed))}")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
     backend = cfg.parallel.backend
     check_ds_config(backend, ds, tp)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
     check_sinks(ds)
     if cfg.data.kind not in SUPPORTED_DATA:
         raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
@@ -231,7 +240,8 @@ def prepare(args) -> Setup:
     moved = None if getattr(args, "print_config", False) else \
         check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
     layout = {"backend": backend, "tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
-    resume_from = resolve_resume(args.resume, run_dir)
+    resume_from, passed_over = resolve_resume(args.resume, run_dir)
+    notes += passed_over
     if resume_from is not None:
         reshard = check_resume(resume_from, cfg, resolved, layout)
         notes += [reshard] if reshard else []
@@ -321,7 +331,7 @@ def run(setup: Setup) -> int:
     except NonFiniteTraining as e:
         LOG.error(f"ERROR: {e}")
         return EXIT_ERROR
-    except DataError as e:  # the data set itself, found at read time (e.g. every file unusable)
+    except (DataError, CheckpointError) as e:  # the data set or a checkpoint, found after start-up
         LOG.error(f"ERROR: {e}")
         return EXIT_BAD_CONFIG
     except KeyboardInterrupt:

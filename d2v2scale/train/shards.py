@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..distributed.tensor_parallel import TPSlice
+from .verify import CheckpointError, safe_load, save_checked
 
 SHARD_DIR = "shards"
 
@@ -50,16 +51,14 @@ def shard_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def write_shards(tag_dir: Path, rank: int, pieces: list[Piece]) -> Path:
-    """This rank's pieces, fp32, into ``tag_dir/shards/`` (written to ``.part`` then renamed)."""
+def write_shards(tag_dir: Path, rank: int, pieces: list[Piece]) -> dict[str, tuple[int, int]]:
+    """This rank's pieces, fp32, into ``tag_dir/shards/``; ``{file relative to the tag: (bytes, crc32)}``."""
     out = tag_dir / SHARD_DIR
     out.mkdir(parents=True, exist_ok=True)
-    path = out / shard_file(rank)
-    part = path.with_suffix(".pt.part")
-    torch.save({"pieces": [p.meta() for p in pieces],
-                "data": [p.data.detach().reshape(-1).float().cpu().clone() for p in pieces]}, part)
-    part.replace(path)
-    return path
+    record = save_checked({"pieces": [p.meta() for p in pieces],
+                           "data": [p.data.detach().reshape(-1).float().cpu().clone() for p in pieces]},
+                          out / shard_file(rank))
+    return {f"{SHARD_DIR}/{shard_file(rank)}": record}
 
 
 def has_shards(tag_dir: Path) -> bool:
@@ -83,9 +82,9 @@ class ShardReader:
         self.index: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
         for f in files:
             try:
-                saved = torch.load(f, mmap=True, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged file
-                raise ShardFormatError(f"{f}: unreadable shard file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                saved = safe_load(f, mmap=True)
+            except CheckpointError as e:
+                raise ShardFormatError(f"{f.name}: unreadable shard file: {e}") from None
             for meta, data in zip(saved["pieces"], saved["data"]):
                 self.index.setdefault(meta[0], []).append((meta, data))
         self._cached: tuple[str, torch.Tensor] | None = None

@@ -74,7 +74,11 @@ def _module(name: str):
 
 
 def check_ds_config(name: str, ds: dict, tp: int) -> None:
-    """Refuse (ConfigError), before any process group starts, what backend ``name`` cannot run."""
+    """Refuse (ConfigError), before any process group starts, a malformed ds_config (every section,
+    both backends) and then what backend ``name`` cannot run of a well-formed one."""
+    from ..ds_validate import validate_ds_config
+
+    validate_ds_config(ds, name)
     _module(name).check_ds_config(ds, tp)
 
 
