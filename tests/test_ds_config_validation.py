@@ -56,68 +56,74 @@ def _with(ds: dict, key: str, value) -> dict:
 
 
 def _cases(tmp: Path) -> list[tuple[str, object, str]]:
-    """(dotted key, bad value, what the one line must say), one per mistake."""
+    """(dotted key, bad value, what the one line must say), one mistake each."""
     (tmp / "afile").write_text("")
     on = {"enabled": True, "job_name": "job"}
+    number = "is not allowed; allowed: a number"
+    obj = "is not allowed; allowed: a JSON object"
     return [
         # optimizer: type, parameters and their ranges, JSON types
         ("optimizer.type", "SGD", 'optimizer.type="SGD" is not allowed; allowed: Adam, AdamW'),
         ("optimizer.type", None, "optimizer.type=null"),
-        ("optimizer.params.lr", -0.001, "optimizer.params.lr=-0.001 is not allowed; allowed: a number > 0"),
-        ("optimizer.params.lr", "1e-3", 'optimizer.params.lr="1e-3"'),
-        ("optimizer.params.betas", [0.9], "optimizer.params.betas=[0.9] is not allowed; allowed: two numbers in [0, 1)"),
+        ("optimizer.params.lr", -0.001, f"optimizer.params.lr=-0.001 {number} > 0"),
+        ("optimizer.params.lr", "1e-3", f'optimizer.params.lr="1e-3" {number} > 0'),
+        ("optimizer.params.betas", [0.9], "betas=[0.9] is not allowed; allowed: two numbers in [0, 1)"),
         ("optimizer.params.betas", [0.9, 1.5], "optimizer.params.betas=[0.9, 1.5]"),
-        ("optimizer.params.eps", 0, "optimizer.params.eps=0 is not allowed; allowed: a number > 0"),
-        ("optimizer.params.weight_decay", -0.05, "optimizer.params.weight_decay=-0.05 is not allowed; allowed: a number >= 0"),
+        ("optimizer.params.eps", 0, f"optimizer.params.eps=0 {number} > 0"),
+        ("optimizer.params.weight_decay", -0.05, f"optimizer.params.weight_decay=-0.05 {number} >= 0"),
         ("optimizer.params.amsgrad", True, "optimizer.params.amsgrad is not an AdamW parameter the backends honour"),
         ("optimizer.params.fused", "yes", 'optimizer.params.fused="yes" is not allowed; allowed: true, false or null'),
-        ("optimizer.params", [0.001], "optimizer.params=[0.001] is not allowed; allowed: a JSON object"),
-        ("optimizer", "AdamW", 'optimizer="AdamW" is not allowed; allowed: a JSON object'),
+        ("optimizer.params", [0.001], f"optimizer.params=[0.001] {obj}"),
+        ("optimizer", "AdamW", f'optimizer="AdamW" {obj}'),
         ("optimizer", DROP, "ds_config has no optimizer section"),
         # scheduler: type, parameter names and ranges
         ("scheduler.type", "CosineAnnealingLR", 'scheduler.type="CosineAnnealingLR" is not allowed; allowed: '),
-        ("scheduler.params.warmup_num_steps", -20, "scheduler.params.warmup_num_steps=-20 is not allowed; allowed: an integer >= 1"),
+        ("scheduler.params.warmup_num_steps", -20,
+         "scheduler.params.warmup_num_steps=-20 is not allowed; allowed: an integer >= 1"),
         ("scheduler.params.warmup_num_steps", 2.5, "scheduler.params.warmup_num_steps=2.5"),
         ("scheduler.params.total_num_steps", 0, 'scheduler.params.total_num_steps=0 is not allowed; allowed: "auto"'),
         ("scheduler.params.total_num_steps", DROP, "scheduler.params.total_num_steps is missing"),
-        ("scheduler.params.cos_min_ratio", 1.5, "scheduler.params.cos_min_ratio=1.5 is not allowed; allowed: a number in [0, 1]"),
-        ("scheduler.params.warmup_min_ratio", -0.1, "scheduler.params.warmup_min_ratio=-0.1"),
-        ("scheduler.params.warmup_type", "cubic", 'scheduler.params.warmup_type="cubic" is not allowed; allowed: "log" or "linear"'),
-        ("scheduler.params.warmup_steps", 20, "scheduler.params.warmup_steps is not a parameter of WarmupCosineLR (did you mean warmup_num_steps?)"),
-        ("scheduler.params", [20], "scheduler.params=[20] is not allowed; allowed: a JSON object"),
-        ("scheduler", "WarmupCosineLR", 'scheduler="WarmupCosineLR" is not allowed; allowed: a JSON object'),
-        # precision: strict booleans, conflicts, JSON types, DeepSpeed's model
+        ("scheduler.params.cos_min_ratio", 1.5, f"scheduler.params.cos_min_ratio=1.5 {number} in [0, 1]"),
+        ("scheduler.params.warmup_min_ratio", -0.1, f"scheduler.params.warmup_min_ratio=-0.1 {number} in [0, 1]"),
+        ("scheduler.params.warmup_type", "cubic", 'warmup_type="cubic" is not allowed; allowed: "log" or "linear"'),
+        ("scheduler.params.warmup_steps", 20,
+         "scheduler.params.warmup_steps is not a parameter of WarmupCosineLR (did you mean warmup_num_steps?)"),
+        ("scheduler.params", [20], f"scheduler.params=[20] {obj}"),
+        ("scheduler", "WarmupCosineLR", f'scheduler="WarmupCosineLR" {obj}'),
+        # precision: strict booleans, JSON types, DeepSpeed's model (the conflict: the next test)
         ("bf16.enabled", "yes", 'bf16.enabled="yes" is not allowed; allowed: true or false'),
         ("fp16.enabled", 1, "fp16.enabled=1 is not allowed; allowed: true or false"),
-        ("bf16", True, "bf16=true is not allowed; allowed: a JSON object"),
+        ("bf16", True, f"bf16=true {obj}"),
         ("bf16.enable", True, "bf16.enable is not a key of DeepSpeed's bf16 section (did you mean enabled?)"),
-        ("fp16.initial_scale_power", "16", 'fp16.initial_scale_power="16" is not allowed; allowed: a number'),
+        ("fp16.initial_scale_power", "16", f'fp16.initial_scale_power="16" {number}'),
         ("bfloat16", {"enabled": True}, "bfloat16 is not allowed: it is DeepSpeed's old name for bf16"),
         # clipping
-        ("gradient_clipping", -1.0, "gradient_clipping=-1.0 is not allowed; allowed: a number >= 0"),
-        ("gradient_clipping", "1.0", 'gradient_clipping="1.0"'),
+        ("gradient_clipping", -1.0, f"gradient_clipping=-1.0 {number} >= 0"),
+        ("gradient_clipping", "1.0", f'gradient_clipping="1.0" {number} >= 0'),
         # ZeRO: DeepSpeed's model, strictly typed
         ("zero_optimization.stage", 4, "zero_optimization.stage=4 is not allowed; allowed: 0, 1, 2, 3"),
         ("zero_optimization.stage", "one", 'zero_optimization.stage="one" is not allowed; allowed: 0, 1, 2, 3'),
         ("zero_optimization.stage", "1", 'zero_optimization.stage="1" is not allowed; allowed: 0, 1, 2, 3'),
         ("zero_optimization.stage", True, "zero_optimization.stage=true is not allowed; allowed: 0, 1, 2, 3"),
-        ("zero_optimization.reduce_bucket_size", -1, "zero_optimization.reduce_bucket_size=-1 is not allowed; DeepSpeed says"),
+        ("zero_optimization.reduce_bucket_size", -1,
+         "zero_optimization.reduce_bucket_size=-1 is not allowed; DeepSpeed says: Input should be greater than 0"),
         ("zero_optimization.offload_optimizer", {"device": "gpu"},
          'zero_optimization.offload_optimizer.device="gpu" is not allowed; allowed: "none", "cpu", "nvme"'),
-        ("zero_optimization.stages", 1, "zero_optimization.stages is not a key of DeepSpeed's zero_optimization section"),
-        ("zero_optimization", 1, "zero_optimization=1 is not allowed; allowed: a JSON object"),
-        # monitors: DeepSpeed's models, strict booleans, paths that cannot be created
-        ("tensorboard", {**on, "output_path": str(tmp / "afile" / "tb")}, "tensorboard.output_path="),
-        ("tensorboard", {**on, "output_path": "/proc/d2v2scale-tb"}, "tensorboard.output_path=\"/proc/d2v2scale-tb\" is not writable"),
+        ("zero_optimization.stages", 1, "zero_optimization.stages is not a key of DeepSpeed's zero_optimization"),
+        ("zero_optimization", 1, f"zero_optimization=1 {obj}"),
+        # monitors: DeepSpeed's models, strict booleans, folders that cannot be created
+        ("tensorboard", {**on, "output_path": str(tmp / "afile" / "tb")}, "is not writable ("),
+        ("tensorboard", {**on, "output_path": "/proc/d2v2scale-tb"}, 'tensorboard.output_path="/proc/d2v2scale-tb" is '
+                                                                     "not writable"),
         ("csv_monitor", {**on, "output_path": str(tmp / "afile")}, "csv_monitor.output_path="),
         ("csv_monitor", {"enabled": "yes"}, 'csv_monitor.enabled="yes" is not allowed; allowed: true or false'),
-        ("tensorboard", {"enabled": False, "output_path": 5}, "tensorboard.output_path=5 is not allowed; DeepSpeed says"),
-        ("wandb", [], "wandb=[] is not allowed; allowed: a JSON object"),
+        ("tensorboard", {"output_path": 5}, "tensorboard.output_path=5 is not allowed; DeepSpeed says"),
+        ("wandb", [], f"wandb=[] {obj}"),
         # everything else DeepSpeed reads, through its own parser; keys it would ignore
         ("gradient_cliping", 1.0, "gradient_cliping is not a key DeepSpeed reads (did you mean gradient_clipping?)"),
         ("steps_per_print", 0, "steps_per_print=0 is not allowed; allowed: an integer >= 1 or null"),
         ("wall_clock_breakdown", "false", 'wall_clock_breakdown="false" is not allowed; allowed: true or false'),
-        ("activation_checkpointing", 5, "activation_checkpointing=5 is not allowed; allowed: a JSON object"),
+        ("activation_checkpointing", 5, f"activation_checkpointing=5 {obj}"),
         ("checkpoint", {"tag_validation": "Sometimes"}, "checkpoint is not allowed: DeepSpeed says"),
         ("comms_logger", {"enabled": "maybe"}, 'comms_logger.enabled="maybe" is not allowed'),
         ("sequence_parallel_size", 2, "sequence_parallel_size is not allowed"),
@@ -148,9 +154,10 @@ def test_conflicts_and_backend_refusals_are_one_line(tmp_path):
         (both, BACKENDS, "bf16.enabled=true and fp16.enabled=true are both on; allowed: at most one of them"),
         (_with(_base(), "optimizer.params.torch_adam", DROP), ("deepspeed",),
          "optimizer.params.fused is torch AdamW's; DeepSpeed passes it only with optimizer.params.torch_adam=true"),
-        (_with(_base(), "scheduler.type", "OneCycle"), ("fsdp2",), 'scheduler.type="OneCycle" is not allowed; '
-                                                                  "allowed: WarmupCosineLR (parallel.backend=fsdp2)"),
-        (_with(_base(), "fp16.enabled", True), ("fsdp2",), "fp16.enabled=true is not supported by parallel.backend=fsdp2"),
+        (_with(_base(), "scheduler.type", "OneCycle"), ("fsdp2",),
+         'scheduler.type="OneCycle" is not allowed; allowed: WarmupCosineLR (parallel.backend=fsdp2)'),
+        (_with(_base(), "fp16.enabled", True), ("fsdp2",),
+         "fp16.enabled=true is not supported by parallel.backend=fsdp2"),
         ({**_base(), "optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, ("fsdp2",),
          "adam_w_mode=false (L2 weight decay) is not supported by parallel.backend=fsdp2"),
     ]

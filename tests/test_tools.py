@@ -27,6 +27,8 @@ TOOLS = {
                 ["sideways", "a", "b"]],
     "features": [["/definitely/not/here.pt", "x", "out.npz"], ["README.md", "x", "out.npz"],
                  ["README.md", "x", "out.txt"]],
+    "prepare": [["images", "/definitely/not/here", "out.idx"], ["audio", "/definitely/not/here", "out.tsv"],
+                ["videos", "a", "b"]],
 }
 
 
@@ -124,3 +126,45 @@ def test_a_sink_without_its_package_is_refused_before_anything_starts(monkeypatc
     with pytest.raises(ConfigError, match="ds_config wandb.enabled=true needs the 'wandb' package: pip install wandb"):
         check_sinks({"wandb": {"enabled": True}, "tensorboard": {"enabled": True}})
     check_sinks({"wandb": {"enabled": False}, "tensorboard": {"enabled": True}})  # installed in the test venv
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("poisoned,steps", [("2,3", 4), ("1,2", 2)])
+def test_a_poisoned_step_breaks_no_bookkeeping(tmp_path, poisoned, steps):
+    """Steps whose every statistic is NaN (loss, spreads, gradient norm; the test hook poisons them
+    all): skipped, and metrics.jsonl, diagnostics.jsonl, TensorBoard, CSV and the profiling report
+    are all written, as standard JSON, with no exception — also when no logged step is finite."""
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["tensorboard"] = {"enabled": True, "job_name": "tb"}
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "job"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--ds_config", str(tmp_path / "ds.json"),
+                           "--preset", "tiny_image", "--run_dir", str(run_dir), "--profile", f"train.max_updates={steps}",
+                           "train.log_every=1", "train.allow_long_warmup=true"],
+                          cwd=ROOT, env=dict(_env(), D2V2SCALE_TEST_NAN_STEPS=poisoned), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+    for step in map(int, poisoned.split(",")):
+        assert {rows[step][k] for k in ("loss", "target_var", "pred_var", "grad_norm")} <= {"nan", "inf"}, rows[step]
+    assert rows[steps]["skipped_updates"] == 2
+    diagnostics = [_strict_json(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in diagnostics] == list(range(1, steps + 1))
+    assert any("non-finite spread" in w for d in diagnostics for w in d["warnings"])
+    with open(tmp_path / "csv" / "job" / "Train_loss.csv") as f:
+        assert [row[0] for row in list(csv.reader(f))[1:]] == [str(s) for s in range(1, steps + 1)]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Train/loss")] == list(range(1, steps + 1))
+    report = _strict_json((run_dir / "report" / "report.json").read_text())
+    assert (run_dir / "report" / "report.md").is_file() and report["training"]["skipped_updates"] == 2

@@ -150,14 +150,17 @@ def phase_table(phases_per_rank: list[list[dict]]) -> dict:
 def build_report(run_dir: str | Path) -> dict:
     """report.json, report.md and PNGs under RUN/report from metrics.jsonl (+ profile.json)."""
     from ..config import config_from_dict
-    from ..train.metrics import read_metrics
+    from ..train.metrics import as_json, as_number, read_metrics
 
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r.get("loss"), (int, float))]
-    if not rows:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no finite logged steps to report")
+    written = read_metrics(run_dir / "metrics.jsonl")
+    if not written:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no logged steps to report")
+    # steps with a finite loss; when none has one (every logged step skipped), all of them, NaN included
+    rows = [r for r in written if isinstance(r.get("loss"), (int, float))] or \
+        [{k: as_number(v) for k, v in r.items()} for r in written]
     cfg_dict = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg = config_from_dict(cfg_dict)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
@@ -175,7 +178,7 @@ def build_report(run_dir: str | Path) -> dict:
             "tflops_per_device": _stats([r["tflops_per_device"] for r in steady if r["tflops_per_device"] is not None]),
             "mfu": _stats([r["mfu"] for r in steady if r["mfu"] is not None]),
         },
-        "training": {k: rows[-1][k] for k in ("loss", "loss_reg", "loss_cls", "lr", "ema_decay", "grad_norm",
+        "training": {k: as_json(rows[-1][k]) for k in ("loss", "loss_reg", "loss_cls", "lr", "ema_decay", "grad_norm",
                                               "target_var", "pred_var", "masked_frac", "skipped_updates",
                                               "skipped_samples")},
         "memory_peak_gb": max(r["mem_peak_gb"] for r in rows),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import enum
+import errno
 import importlib
 import inspect
 import json
@@ -41,7 +42,6 @@ from . import lr_schedule
 
 OPTIMIZERS = ("Adam", "AdamW")  # matched as DeepSpeed does, ignoring case; checkpoints hold AdamW's two moments
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-MONITORS = ("tensorboard", "csv_monitor", "wandb", "comet")
 MODELS = {  # section → DeepSpeed's pydantic model of it
     "bf16": ("deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
     "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
@@ -217,9 +217,9 @@ def _check_scheduler(ds: dict, backend: str) -> None:
     _check_keys("scheduler.params", params, tuple(accepted), f"a parameter of {sched['type']}")
     for key, p in accepted.items():
         if p.default is inspect.Parameter.empty and key not in params:
-            allowed = (_schedule_rule(key) or (None, "a value"))[1]
+            needs = (_schedule_rule(key) or (None, "a value"))[1]
             raise ConfigError(f"ds_config scheduler.params.{key} is missing ({sched['type']} needs it); "
-                              f"allowed: {allowed}")
+                              f"allowed: {needs}")
     for key, value in params.items():
         rule = _schedule_rule(key)
         if rule:
@@ -236,7 +236,7 @@ def _check_monitor_paths(ds: dict) -> None:
         probe = next(p for p in (target, *target.parents) if os.path.exists(p))
         try:
             if not probe.is_dir():
-                raise NotADirectoryError(20, "not a directory")
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError as e:
@@ -384,15 +384,17 @@ def _check_parser(ds: dict) -> None:
     probe = copy.deepcopy(ds)
     probe.update({key: 1 for key in BATCH_KEYS})  # checked against the preset elsewhere; "auto" is ours
     read: list = []
+    one_rank = types.SimpleNamespace(get_data_parallel_world_size=lambda: 1)  # the batch keys above are per rank
     try:
-        DeepSpeedConfig(_Reads(probe, read))
+        DeepSpeedConfig(_Reads(probe, read), mpu=one_rank)
     except Exception as e:  # noqa: BLE001 -- its parser asserts and raises anything; name the section it was reading
         where = next((k for k in reversed(read) if k in ds), None)
         if isinstance(e, ValidationError) and where in ds:
             raise _pydantic_line(where, _model(where) if where in MODELS else None, e) from None
         if isinstance(e, (AttributeError, TypeError)) and where in ds and not isinstance(ds[where], dict):
             raise _bad(where, ds[where], "a JSON object {...}") from None
-        raise ConfigError(f"ds_config {where or 'file'} is not allowed: DeepSpeed says {_first_line(e)}") from None
+        label = f"ds_config {where}" if where else "ds_config"
+        raise ConfigError(f"{label} is not allowed: DeepSpeed says {_first_line(e)}") from None
     known = sorted({k for k in read if isinstance(k, str)} | set(BATCH_KEYS) | set(OBJECTS) | set(SCALARS))
     for key in ds:
         if key not in known:

@@ -132,7 +132,8 @@ def train_step(tr: Trainer, step: int) -> StepStats:
         with phase("optimizer"):
             backend.step()
         reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach() * tr.cls_weight
-        spreads = out.moments() if spreads is None else spreads + out.moments()
+        moments = out.moments() * poison
+        spreads = moments if spreads is None else spreads + moments
 
     applied = torch.as_tensor(backend.step_applied(), device=tr.device)  # a device bool, or a host one sent over
     with phase("ema"):
@@ -236,11 +237,12 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                         f"{int(longest)} consecutive steps with a non-finite loss or gradient norm (by step {step + 1}); "
                         f"stopping. Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
             if log:
-                row = metrics.write(log_record(tr, step, pending, time.perf_counter() - t_last))
-                sinks.write(row)
-                diagnostics.write(tr, step, pending, row)
+                record = log_record(tr, step, pending, time.perf_counter() - t_last)
+                row = metrics.write(record)  # as written: NaN/inf as strings
+                sinks.write(record)
+                diagnostics.write(tr, step, pending, record)
                 rows.append(row)
-                loss = float(row["loss"])  # "nan"/"inf" are strings in the JSON row
+                loss = float(row["loss"])
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
                 if rank0 and not interactive:
                     elapsed = time.perf_counter() - t_start

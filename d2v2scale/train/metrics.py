@@ -24,21 +24,30 @@ class MetricsWriter:
         unknown = set(record) - set(METRIC_NAMES)
         if unknown:
             raise KeyError(f"unknown metric names {sorted(unknown)}; allowed: {', '.join(METRIC_NAMES)}")
-        row = {name: _plain(record.get(name)) for name in METRIC_NAMES}
+        row = {name: as_json(record.get(name)) for name in METRIC_NAMES}
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
 
 
-def _plain(value):
+def as_json(value):
+    """A metric value as JSON can hold it: NaN and inf become the strings "nan", "inf", "-inf"
+    (JSON has no such numbers; strings keep them visible), lists element by element."""
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
     if value is None:
         return None
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+        return str(value)
     return value
+
+
+def as_number(value):
+    """The inverse for readers: "nan"/"inf"/"-inf" back to floats; anything else unchanged."""
+    return float(value) if value in ("nan", "inf", "-inf") else value
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 from typing import Iterable
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from ..distributed.runtime import all_reduce
 from ..logs import LOG
+from .metrics import as_json
 from ..model.data2vec2 import spread
 
 
@@ -94,6 +96,11 @@ def log_record(tr, step: int, interval: Interval, wall: float) -> dict:
     }
 
 
+def _finite(value) -> float | None:
+    """A finite number, or None (NaN, inf, a value that was not measured)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 class Diagnostics:
     """Collapse watch. The reference aborts a run when the final target or prediction spread drops
     under a threshold; here they, and the raw spread of every target layer, are logged at each log
@@ -109,13 +116,17 @@ class Diagnostics:
         self.warned: set[str] = set()
 
     def write(self, tr, step: int, interval: Interval, row: dict) -> list[str]:
+        """``row``: the interval's metrics as :func:`log_record` made them (numbers, NaN included)."""
         layer_var = [round(v, 6) for v in interval.totals(tr.dims.dp_group)[1][2:]]
         warnings = []
-        if row["target_var"] is not None and row["target_var"] < self.min_target:
-            warnings.append(f"target_var {row['target_var']:.4g} < train.warn_target_var {self.min_target}")
-        if row["pred_var"] is not None and row["pred_var"] < self.min_pred:
-            warnings.append(f"pred_var {row['pred_var']:.4g} < train.warn_pred_var {self.min_pred}")
-        if layer_var and self.first_layer_var is None:
+        target, pred = _finite(row["target_var"]), _finite(row["pred_var"])
+        if target is not None and target < self.min_target:
+            warnings.append(f"target_var {target:.4g} < train.warn_target_var {self.min_target}")
+        if pred is not None and pred < self.min_pred:
+            warnings.append(f"pred_var {pred:.4g} < train.warn_pred_var {self.min_pred}")
+        if None in (target, pred) or not all(math.isfinite(v) for v in layer_var):
+            warnings.append("non-finite spread (a skipped step's statistics)")
+        if layer_var and self.first_layer_var is None and all(math.isfinite(v) for v in layer_var):
             self.first_layer_var = layer_var
         low = [i for i, (v, v0) in enumerate(zip(layer_var, self.first_layer_var or [])) if v < self.layer_ratio * v0]
         if low:
@@ -123,8 +134,9 @@ class Diagnostics:
                             f"train.warn_layer_spread_ratio={self.layer_ratio} of their first logged spread")
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step + 1, "target_var": row["target_var"], "pred_var": row["pred_var"],
-                                    "layer_target_var": layer_var, "warnings": warnings}) + "\n")
+                f.write(json.dumps({"step": step + 1, "target_var": as_json(row["target_var"]),
+                                    "pred_var": as_json(row["pred_var"]), "layer_target_var": as_json(layer_var),
+                                    "warnings": warnings}) + "\n")
             for w in warnings:
                 kind = w.split()[0]
                 if kind not in self.warned:
