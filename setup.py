@@ -17,7 +17,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["d2v2scale", "d2v2scale.*"]),
-    package_data={"d2v2scale": ["presets/*.yaml", "py.typed"]},
+    package_data={"d2v2scale": ["presets/*.yaml", "ds_configs/*.json", "py.typed"]},
     entry_points={"console_scripts": [
         "d2v2scale-pretrain = d2v2scale.pretrain:entry",
         "d2v2scale-plan = d2v2scale.plan:entry",

@@ -18,6 +18,7 @@ import yaml
 
 MODALITIES = ("image", "audio", "text")
 DATA_KINDS = ("synthetic", "digits", "images", "audio", "text")
+DATA_FOR = {"image": ("synthetic", "digits", "images"), "audio": ("synthetic", "audio"), "text": ("synthetic", "text")}
 
 
 class ConfigError(ValueError):
@@ -418,6 +419,9 @@ def validate(cfg: Config) -> None:
     m, d, mk, t, p = cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.parallel
     _one_of("model.modality", m.modality, MODALITIES)
     _one_of("data.kind", cfg.data.kind, DATA_KINDS)
+    _check(cfg.data.kind in DATA_FOR[m.modality],
+           f"data.kind={cfg.data.kind} is not data for model.modality={m.modality}; allowed values: "
+           f"{', '.join(DATA_FOR[m.modality])}")
     _one_of("masking.kind", mk.kind, MASK_KINDS)
     for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
         _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} is not allowed; allowed values: integers >= 1")

@@ -350,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
                        description="example: python -m d2v2scale.convert to-fairseq runs/x/checkpoints/latest_tag out.pt")
     b.add_argument("input", help="d2v2scale weights file or a training checkpoint directory (layout-free: any layout)")
     b.add_argument("output", help="fairseq .pt to write")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # options and key=value overrides mix in any order (argparse ends a nargs="*" positional at the first option)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or args.direction != "from-fairseq"]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.direction == "from-fairseq":
             cfg, from_ckpt, note = convert_from_fairseq(args.input, args.output, args.preset, args.overrides,

@@ -159,7 +159,9 @@ def test_image_parity_through_the_public_converter(tmp_path, fairseq_fixture):
 
 def test_round_trip_of_the_parity_fixture_is_identical(tmp_path, fairseq_fixture):
     src, back = tmp_path / "converted.pt", tmp_path / "back.pt"
-    assert convert_main(["from-fairseq", str(FIXTURE), str(src), "model.num_heads=2"]) == 0
+    # options and overrides in any order, after the positional arguments too
+    assert convert_main(["from-fairseq", str(FIXTURE), str(src), "model.num_heads=2", "--preset", "vit_b",
+                         "model.clone_batch=4"]) == 0
     assert convert_main(["to-fairseq", str(src), str(back)]) == 0
     original, returned = fairseq_fixture["state_dict"], torch.load(back, weights_only=True)["model"]
     assert set(returned) == set(original) and set(returned["_ema"]) == set(original["_ema"])

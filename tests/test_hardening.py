@@ -180,6 +180,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (audio + rd + ["data.min_sample_size=1"], "receptive field"),
         (audio + rd + ["data.max_sample_size=100", "data.min_sample_size=200"], "data.max_sample_size=100"),
         (audio + rd + ["data.kind=audio"], "data.max_tokens"),
+        (audio + rd + ["data.kind=images", f"data.path={corrupt}"], "data.kind=images is not data for model.modality=audio"),
+        (text + rd + ["data.kind=digits"], "data.kind=digits is not data for model.modality=text"),
         (audio + rd + ["data.kind=audio", "data.max_tokens=8000", "data.max_sample_size=9000"], "exceeds data.max_tokens"),
     ] + [
         (audio + rd + ["data.kind=audio", "data.max_tokens=8000", f"data.path={tmp / f'{name}.tsv'}"],
@@ -413,3 +415,22 @@ def test_dropping_rows_of_a_dead_attempt_survives_a_cut_line(tmp_path):
     assert drop_rows_after(path, 2) == 2
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert drop_rows_after(path, 2) == 0 and drop_rows_after(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_a_short_run_with_its_own_ds_config_is_a_warning_not_a_refusal(tmp_path):
+    """A smoke test (train.max_updates below the JSON's warm-up) starts, with one warning in the log
+    and at the top of config.yaml; the same with another preset's JSON is still refused."""
+    code, out, err = _main("--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_image", "--run_dir",
+                           str(tmp_path / "r"), "train.max_updates=8", "--dry_run")
+    assert code == 0 and out.count("warning: the learning rate never reaches its peak") == 1, out + err
+    code, _, err = _main("--ds_config", "ds_configs/vit_h.json", "--preset", "tiny_image", "--run_dir",
+                         str(tmp_path / "r"), "train.max_updates=8", "--dry_run")
+    assert code == 2 and "written for preset 'vit_h'" in _one_line(err)
+    from d2v2scale.pretrain import parse_args
+    from d2v2scale.train.run import _write_run_files, prepare
+
+    setup = prepare(parse_args(["--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_image", "--run_dir",
+                                str(tmp_path / "r"), "train.max_updates=8"]))
+    _write_run_files(setup)
+    first = (tmp_path / "r" / "config.yaml").read_text().splitlines()[0]
+    assert first.startswith("# warning: the learning rate never reaches its peak")

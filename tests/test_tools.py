@@ -168,3 +168,15 @@ def test_a_poisoned_step_breaks_no_bookkeeping(tmp_path, poisoned, steps):
     assert [e.step for e in events.Scalars("Train/loss")] == list(range(1, steps + 1))
     report = _strict_json((run_dir / "report" / "report.json").read_text())
     assert (run_dir / "report" / "report.md").is_file() and report["training"]["skipped_updates"] == 2
+
+
+def test_tools_find_their_own_defaults_from_any_folder(tmp_path):
+    """The package ships its DeepSpeed JSONs: the planner's paper table and a shipped --ds_config
+    name work from a folder that is not the repository."""
+    paper = subprocess.run([sys.executable, "-m", "d2v2scale.plan", "--paper"], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert paper.returncode == 0 and "ViT-H/14, ImageNet" in paper.stdout, paper.stderr
+    dry = subprocess.run([sys.executable, "-m", "d2v2scale.pretrain", "--ds_config", "ds_configs/cpu_tiny.json",
+                          "--preset", "tiny_image", "--dry_run", "--run_dir", str(tmp_path / "r")],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0 and "effective global batch 32" in dry.stdout, dry.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ..config import Config, ConfigError
@@ -34,10 +35,21 @@ class BatchPlan:
                 f"× grad-accum {self.grad_accum} × data-parallel {self.dp}")
 
 
-def load_ds_config(path: str) -> dict:
+def find_ds_config(path: str) -> Path:
+    """``path`` itself, or one of the package's own JSONs named as ``ds_configs/NAME.json`` or
+    ``NAME.json`` (so the tools work from any folder, with the package installed)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--ds_config '{path}' does not exist; give a DeepSpeed JSON such as ds_configs/cpu_tiny.json")
+    if p.is_file():
+        return p
+    shipped = resources.files("d2v2scale") / "ds_configs" / p.name
+    if p.parent in (Path("."), Path("ds_configs")) and shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"--ds_config '{path}' does not exist; give a DeepSpeed JSON such as ds_configs/cpu_tiny.json "
+                      f"(shipped: {', '.join(sorted(f.name for f in (resources.files('d2v2scale') / 'ds_configs').iterdir()))})")
+
+
+def load_ds_config(path: str) -> dict:
+    p = find_ds_config(path)
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -224,16 +224,21 @@ def prepare(args) -> Setup:
     scaling_note = scale_batch_for_world(ds, cfg, env.world_size // tp)
     plan = plan_batch(ds, cfg, env.world_size // tp)
     resolved = resolve_ds_config(ds, cfg, plan)
+    notes = [scaling_note] if scaling_note else []
+    foreign = _preset_of_ds_config(args.ds_config)
     warmup = resolved.get("scheduler", {}).get("params", {}).get("warmup_num_steps", 0)
     if isinstance(warmup, int) and warmup >= cfg.train.max_updates and not cfg.train.allow_long_warmup:
-        raise ConfigError(f"the ds_config's scheduler warms up for {warmup} updates but the run has "
-                          f"train.max_updates={cfg.train.max_updates}: the learning rate would never reach its peak "
-                          "(a ds_config for another preset?); pass train.allow_long_warmup=true if intended")
-    notes = [scaling_note] if scaling_note else []
+        if foreign and foreign != cfg.preset:
+            raise ConfigError(f"the ds_config's scheduler warms up for {warmup} updates but the run has "
+                              f"train.max_updates={cfg.train.max_updates}: the learning rate would never reach its "
+                              f"peak ({args.ds_config} is written for preset '{foreign}', this run is '{cfg.preset}'); "
+                              "pass train.allow_long_warmup=true if intended")
+        notes.append(f"warning: the learning rate never reaches its peak: the ds_config warms up for {warmup} updates, "
+                     f"the run stops at train.max_updates={cfg.train.max_updates} (fine for a smoke test; "
+                     "train.allow_long_warmup=true says it is meant)")
     if env.world_size // tp == 1 and stage in (1, 2) and backend == ParallelConfig().backend:
         notes.append(f"note: one data-parallel rank: ZeRO-{stage} partitions nothing but still copies gradients into "
                      "its flat buffers; zero_optimization.stage=0 runs the same step faster (bench/step_paths.py)")
-    foreign = _preset_of_ds_config(args.ds_config)
     if foreign and foreign != cfg.preset:
         notes.append(f"warning: {args.ds_config} is written for preset '{foreign}', this run is '{cfg.preset}'")
     dry_run = getattr(args, "dry_run", False)
@@ -278,7 +283,8 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 def _write_run_files(setup: Setup) -> None:
     setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
+    said = "".join(f"# {note}\n" for note in setup.notes if note.startswith("warning:"))  # kept with the run
+    (setup.run_dir / "config.yaml").write_text(said + yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
     (setup.run_dir / "ds_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
 
