@@ -1,10 +1,7 @@
 """Malformed DeepSpeed JSON: each mistake is one line and exit 2 at start-up, before any process
 group, for both backends (they read the same sections); every shipped ds_config still passes."""
 import copy
-import importlib.util
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -12,29 +9,11 @@ import torch
 
 from d2v2scale.train.run import _preset_of_ds_config
 
+from test_hardening import _main
+
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("deepspeed", "fsdp2")
 DROP = object()  # a case's value: delete the key
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launchers" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LAUNCHER = _launcher()
-
-
-def _main(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = LAUNCHER.main(list(argv))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _base() -> dict:
