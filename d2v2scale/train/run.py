@@ -30,7 +30,7 @@ from .sinks import check_sinks
 
 SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
-INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.index)
+INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.indexing)
 EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
 PREEMPTED_MARKER = "PREEMPTED"
 
@@ -40,7 +40,8 @@ RESUMABLE = (
     "preset", "train.max_updates", "train.allow_long_warmup", "train.log_every", "train.save_every", "train.keep_last",
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
     "train.batch_scaling",
-    "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache", "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
+    "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache",
+    "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
     "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
     "model.compile", "model.activation_checkpointing", "model.kernels",  # how the same math runs
 )
