@@ -80,7 +80,13 @@ DAMAGE = {  # kind → (how, what the warning must say)
 def test_resume_auto_passes_over_a_damaged_checkpoint(runs, tmp_path, fmt):
     """Each kind of damage to the newest checkpoint: ``--resume auto`` picks the previous one with
     one warning naming the tag, the file and what is wrong; naming the damaged tag is refused in
-    one line (exit 2, no process group); with every checkpoint damaged, one line and exit 2."""
+    one line (exit 2, no process group); with every checkpoint damaged, one line and exit 2.
+    ``latest`` pointed back by hand (DeepSpeed's convention) is where ``auto`` starts."""
+    pointed = _copy(runs[fmt], tmp_path, "pointed_back")
+    (pointed / "checkpoints" / "latest").write_text(f"{PREVIOUS}\n")
+    assert resolve_resume("auto", pointed) == (pointed / "checkpoints" / PREVIOUS, [])
+    (pointed / "checkpoints" / "latest").unlink()
+    assert resolve_resume("auto", pointed) == (pointed / "checkpoints" / NEWEST, [])
     for kind, (damage, said) in DAMAGE.items():
         run = _copy(runs[fmt], tmp_path, kind.replace(" ", "_"))
         damage(run / "checkpoints" / NEWEST, FORMATS[fmt])

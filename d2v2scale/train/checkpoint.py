@@ -68,10 +68,15 @@ def damage(tag_dir: Path) -> str | None:
 
 
 def newest_intact(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint whose files all match their checksums, and a line for each newer one
-    passed over; None when there is no checkpoint at all. Damaged ones only: CheckpointError."""
+    """The newest intact checkpoint at or before the one ``latest`` names (all tags when it names
+    none: DeepSpeed's convention, and a user may point it back), and a line for each newer damaged
+    one passed over; None when there is no checkpoint at all. Damaged ones only: CheckpointError."""
+    candidates = tags(ckpt_dir)
+    latest = read_latest(ckpt_dir)
+    if latest is not None and (ckpt_dir / latest).is_dir() and latest.startswith("step_") and latest[5:].isdigit():
+        candidates = [t for t in candidates if step_of(t.name) <= step_of(latest)]
     passed: list[str] = []
-    for tag in tags(ckpt_dir):
+    for tag in candidates:
         found = damage(tag)
         if found is None:
             return tag, [f"warning: checkpoint {p}; resuming from {tag.name}" for p in passed]
