@@ -155,7 +155,11 @@ class Data2Vec2(nn.Module):
 
     # ----------------------------------------------------------------------------------- init
     def reset_parameters(self) -> None:
-        """fairseq: BERT init (N(0, 0.02) Linear/Embedding, zero bias), then per-module overrides."""
+        """fairseq: BERT init (N(0, 0.02) Linear/Embedding, zero bias), then per-module overrides.
+        A model on the meta device (the planner counts parameters that way) has no values to draw:
+        skipped, since ``normal_`` on meta costs milliseconds per tensor."""
+        if next(self.parameters()).is_meta:
+            return
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)

@@ -49,9 +49,15 @@ class Layout:
         return self.backend == BACKENDS[0] and self.zero in (1, 2)
 
 
+# Model keys that change how the same parameters compute, not what they are: one count serves all
+# the values a layout search tries.
+_HOW_IT_RUNS = ("compile", "activation_checkpointing", "kernels")
+
+
 def param_counts(cfg: Config, tp: int) -> ParamCounts:
     """Element counts one TP rank holds (block matrices / tp, the rest replicated), from a meta model."""
-    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.decoder), dataclasses.asdict(cfg.teacher)])
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _HOW_IT_RUNS}
+    key = json.dumps([model, dataclasses.asdict(cfg.decoder), dataclasses.asdict(cfg.teacher)])
     return _param_counts(key, tp)
 
 
