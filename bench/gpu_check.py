@@ -34,9 +34,9 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
-from d2v2scale.plan import positions_per_item  # noqa: E402
+from d2v2scale.planning.planner import positions_per_item  # noqa: E402
 from d2v2scale.profiling.flops import PEAK_FLOPS, StepShape, step_flops  # noqa: E402
-from d2v2scale.teacher import build_teacher  # noqa: E402
+from d2v2scale.train.teacher import build_teacher  # noqa: E402
 from d2v2scale.train.compile import apply_compile  # noqa: E402
 
 CUT_DEPTHS = (4, 8)

@@ -33,7 +33,7 @@ def pretrain(run_dir: Path, steps: int, nproc: int) -> None:
 
 
 def load_student(run_dir: Path) -> tuple[Data2Vec2, Data2Vec2]:
-    from d2v2scale.convert import read_weights
+    from d2v2scale.weights import read_weights
 
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     cfg, state, _ = read_weights(str(run_dir / "checkpoints" / tag))

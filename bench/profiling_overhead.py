@@ -24,7 +24,7 @@ from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.profiling.timers import StepTimer  # noqa: E402
-from d2v2scale.teacher import build_teacher  # noqa: E402
+from d2v2scale.train.teacher import build_teacher  # noqa: E402
 
 
 def main() -> None:

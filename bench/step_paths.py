@@ -43,9 +43,9 @@ from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, device_peak_flops, step_flops  # noqa: E402
 from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
-from d2v2scale.teacher import build_teacher  # noqa: E402
+from d2v2scale.train.teacher import build_teacher  # noqa: E402
 from d2v2scale.train.compile import apply_compile  # noqa: E402
-from d2v2scale.train.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 from d2v2scale.train.optim import param_groups  # noqa: E402
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-EXIT_BAD_INPUT = 2
+from .exit_codes import EXIT_BAD_INPUT
 
 
 class OneLineParser(argparse.ArgumentParser):

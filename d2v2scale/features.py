@@ -31,7 +31,7 @@ import torch
 
 from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, ModelSpec
-from .convert import read_weights
+from .weights import read_weights
 from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, list_files
 from .model import Data2Vec2
 

@@ -16,9 +16,9 @@ import sys
 import yaml
 
 from .config import ConfigError
+from .exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from .logs import setup_logging
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
 EXAMPLES = """examples:
   deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/cpu_tiny.json --preset tiny_image
   torchrun --nproc_per_node 8 launchers/pretrain.py --ds_config ds_configs/vit_h.json --preset vit_h parallel.backend=fsdp2
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if rank == 0:
             print(f"pretrain.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return EXIT_BAD_INPUT
     except AlreadyComplete as e:
         if rank == 0:
             print(f"[d2v2scale] {e}")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump({"config": setup.cfg.run_dict(), "ds_config": setup.ds_config}, sort_keys=False), end="")
         return EXIT_OK
     if args.dry_run:
-        from .train.ds_config import describe_optimization
+        from .ds_config import describe_optimization
 
         for note in setup.notes:
             print(f"[d2v2scale] {note}")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import yaml
 
+from . import runfiles
 from .cli import OneLineParser, fail
 from .config import ConfigError
 
-NEEDED = ("metrics.jsonl", "config.yaml", "ds_config.json")
+NEEDED = (runfiles.METRICS, runfiles.CONFIG, runfiles.DS_CONFIG)
 
 
 def check_run_dir(path: str) -> Path:

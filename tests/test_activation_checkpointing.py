@@ -5,7 +5,7 @@ import torch
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
-from d2v2scale.teacher import build_teacher
+from d2v2scale.train.teacher import build_teacher
 
 DROPOUT = ["model.encoder_dropout=0.1", "model.attention_dropout=0.1", "model.activation_dropout=0.1",
            "model.post_mlp_dropout=0.1"]

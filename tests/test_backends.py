@@ -17,7 +17,7 @@ from torch import nn
 
 from d2v2scale.distributed.dims import ParallelDims
 from d2v2scale.distributed.tensor_parallel import column_from, row_from, tp_slice
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 from d2v2scale.train.shards import Piece, ShardFormatError, ShardReader, write_shards
 
 from test_deepspeed_training import ROOT, _env, _launch, _torchrun
@@ -43,7 +43,7 @@ def test_deepspeed_is_named_only_by_its_backend_and_the_config():
 
 
 def test_readme_teacher_table_is_the_planners():
-    from d2v2scale.plan import teacher_layouts
+    from d2v2scale.planning.planner import teacher_layouts
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- teacher-layouts:begin -->\n")[1].split("\n<!-- teacher-layouts:end -->")[0]

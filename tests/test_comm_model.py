@@ -12,9 +12,9 @@ import json
 import pytest
 
 from d2v2scale.config import load_config
-from d2v2scale.plan import param_counts
+from d2v2scale.planning.memory import param_counts
 from d2v2scale.planning.comm import StepShape, bytes_by_kind, step_collectives
-from d2v2scale.train.ds_config import load_ds_config
+from d2v2scale.ds_config import load_ds_config
 
 from test_deepspeed_training import _launch, _torchrun
 

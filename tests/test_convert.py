@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from d2v2scale.config import config_from_dict
-from d2v2scale.convert import FORMAT, main as convert_main
+from d2v2scale.convert import main as convert_main
+from d2v2scale.weights import FORMAT
 from d2v2scale.interop.fairseq import KeyMappingError, from_fairseq
 from d2v2scale.interop.fairseq_config import fairseq_defaults, parse_conv_spec
 from d2v2scale.model import Data2Vec2, normalize_loss
 from d2v2scale.model.masking import mask_from_bool
-from d2v2scale.teacher import build_teacher
+from d2v2scale.train.teacher import build_teacher
 
 from conftest import FIXTURE, SHARED
 

@@ -135,7 +135,7 @@ def test_token_blocks(tmp_path):
 def _pretrain(launcher: list[str], preset: str, run_dir, *overrides: str) -> list[dict]:
     """``launchers/pretrain.py`` with ``ds_configs/cpu_tiny.json``; the metrics rows the run wrote."""
     from test_deepspeed_training import LAUNCH, _launch
-    from d2v2scale.train.metrics import read_metrics
+    from d2v2scale.runfiles import read_metrics
 
     proc = _launch(launcher, *LAUNCH, "--preset", preset, "--run_dir", str(run_dir), *overrides,
                    "train.allow_long_warmup=true")

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
 from d2v2scale.data.index import load_index, save_index
 from d2v2scale.data.indexing import IndexSpec, build_index, ensure_index, is_current, publish, read_ticket
 from d2v2scale.prepare import main as prepare_main
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 
 from data_fixtures import make_audio, make_jpegs
 from test_deepspeed_training import ROOT, _env, _launch, _torchrun

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from d2v2scale.train.metrics import METRIC_NAMES, read_metrics
+from d2v2scale.runfiles import METRIC_NAMES, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -162,7 +162,7 @@ def test_zero_stages_match_single_process(tmp_path):
     check_fsdp2_run(json.loads((tmp_path / "tp.json").read_text())["fsdp2"], [ref], tp=2)
     # ... and the planner's FSDP2 teacher shard bytes are the measured ones (dim-0 padding aside)
     from d2v2scale.config import load_config
-    from d2v2scale.plan import Layout, model_state_bytes, param_counts
+    from d2v2scale.planning.memory import Layout, model_state_bytes, param_counts
 
     planned = model_state_bytes(param_counts(load_config("tiny_image"), 1), Layout(1, 2, 3, False, 1, 1, 0, "fsdp2"))
     for resident in runs["fsdp2"]["teacher_resident_bytes"]:

@@ -7,7 +7,7 @@ import torch
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2
-from d2v2scale.teacher import build_teacher
+from d2v2scale.train.teacher import build_teacher
 from d2v2scale.train.reporting import Diagnostics, Interval
 
 

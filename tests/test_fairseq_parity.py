@@ -8,7 +8,7 @@ import torch
 from d2v2scale.interop.fairseq import from_fairseq, to_fairseq
 from d2v2scale.model import Data2Vec2, normalize_loss
 from d2v2scale.model.masking import mask_from_bool
-from d2v2scale.teacher import build_teacher
+from d2v2scale.train.teacher import build_teacher
 
 from conftest import fixture_config
 

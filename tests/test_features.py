@@ -6,7 +6,8 @@ import soundfile
 import torch
 
 from d2v2scale.config import load_config
-from d2v2scale.convert import FORMAT, main as convert_main
+from d2v2scale.convert import main as convert_main
+from d2v2scale.weights import FORMAT
 from d2v2scale.data.audio import load_audio
 from d2v2scale.features import main as features_main
 from d2v2scale.model import Data2Vec2

@@ -14,7 +14,7 @@ from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
 from d2v2scale.profiling.flops import StepShape, forward_flops, step_flops
-from d2v2scale.teacher import build_teacher
+from d2v2scale.train.teacher import build_teacher
 
 DENSE = {
     "tiny_image": ["decoder.groups=1"],

@@ -107,8 +107,8 @@ def _measured_activation_peak(cfg):
 
     from d2v2scale.data.synthetic import synthetic_batch
     from d2v2scale.model import Data2Vec2, normalize_loss
-    from d2v2scale.plan import Layout
-    from d2v2scale.teacher import build_teacher
+    from d2v2scale.planning.memory import Layout
+    from d2v2scale.train.teacher import build_teacher
 
     torch.manual_seed(0)
     model = Data2Vec2(cfg.model_spec()).train()
@@ -151,7 +151,7 @@ def test_activation_memory_matches_measured_peak(preset):
     the estimate counts stored tensors by formula (10 + 24 bytes-equivalents per token and width
     per block), the profiler sees the allocator's exact lifetimes; 15 % with checkpointing, where
     the stored block inputs are exact and the formula only covers one recomputed block."""
-    from d2v2scale.plan import activation_bytes
+    from d2v2scale.planning.memory import activation_bytes
 
     measured, layout = _measured_activation_peak(load_config(preset))
     assert sum(activation_bytes(load_config(preset), layout, checkpoint_every=0).values()) == \

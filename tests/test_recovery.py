@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from d2v2scale.train.checkpoint import rng_state, set_rng_state
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 from d2v2scale.train.run import resolve_resume
 from d2v2scale.train.verify import problem, safe_load
 

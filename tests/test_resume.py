@@ -11,7 +11,7 @@ import torch
 
 from d2v2scale.config import ConfigError, config_from_dict
 from d2v2scale.train.checkpoint import read_run_info
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 from d2v2scale.train.run import check_resume
 
 from test_deepspeed_training import ROOT, _env, _launch, _port, _torchrun
@@ -127,7 +127,7 @@ def test_crash_while_writing_a_checkpoint_leaves_latest_loadable(tmp_path):
 
 
 def _weights_finite(tag_dir: Path) -> bool:
-    from d2v2scale.convert import read_weights
+    from d2v2scale.weights import read_weights
 
     _, student, teacher = read_weights(str(tag_dir))
     return all(torch.isfinite(v).all() for v in (*student.values(), *teacher.values()) if v.is_floating_point())

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import missing_dependency
 
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 
 from slurm_cluster import LocalSlurm, ensure_packages
 

@@ -62,7 +62,7 @@ def test_schedule_and_counter_rng_give_the_same_numbers_on_host_and_device_paths
     the Python-int counter RNG equals the tensor one (both feed steps that must not read back)."""
     import torch
 
-    from d2v2scale.model import counter_rng
+    from d2v2scale import counter_rng
     from d2v2scale.train.lr_schedule import WarmupCosine
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -8,7 +8,7 @@ import torch
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
-from d2v2scale.teacher import EMASchedule, EMATeacher, FlatGroup, build_teacher
+from d2v2scale.train.teacher import EMASchedule, EMATeacher, FlatGroup, build_teacher
 
 
 def _model(preset, *overrides):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 from d2v2scale.train.shards import ShardReader
 
 from test_deepspeed_training import _launch, _port, _torchrun

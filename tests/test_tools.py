@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from d2v2scale.logs import TIME_FORMAT
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 
 from test_deepspeed_training import ROOT, _env, _launch, _torchrun
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..logs import LOG
-from ..model import counter_rng
+from .. import counter_rng
 from .files import AUDIO_SUFFIXES, DataError, log_once, read_file
 from .headers import RATE
 from .index import DataIndex

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..logs import LOG
-from ..model import counter_rng
+from .. import counter_rng
 from .files import IMAGE_SUFFIXES, DataError, log_once, read_file
 from .index import DataIndex
 from .indexing import as_index

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..model import counter_rng
+from .. import counter_rng
 
 
 def synthetic_batch(cfg: Config, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

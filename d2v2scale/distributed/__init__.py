@@ -1,1 +1,1 @@
-"""Process groups and parallelism applied to a built model from outside."""
+"""Process groups and the tensor-parallel mappings and layers; nothing here knows a model."""

@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism for the data2vec 2.0 blocks, applied to a built model.
+"""Megatron-style tensor parallelism: the mappings and layers a model's TP plan is made of.
 
 Four autograd mappings carry all the communication; the linear layers only pick one:
 
@@ -11,11 +11,11 @@ scatter_to_tp (last dim)    keep own chunk         all-gather
 gather_from_tp (last dim)   all-gather             keep own chunk
 ==========================  =====================  =====================
 
-``parallelize(model, dims)`` shards qkv/fc1 column-wise and proj/fc2 row-wise in every block
-(two all-reduces forward, two backward per block), and the ALiBi per-head scale by head. Shards
-are *slices of the full weights* the unsharded model was initialised with, so a TP run starts
-from exactly the TP=1 model. Sharded parameters carry ``tensor_model_parallel``/``partition_dim``
-so DeepSpeed's gradient-norm code counts replicated parameters once.
+:func:`column_from` / :func:`row_from` turn a built ``nn.Linear`` into its shard: a *slice of the
+full weight* the unsharded model was initialised with, so a TP run starts from exactly the TP=1
+model. Sharded parameters carry ``tensor_model_parallel``/``partition_dim`` so DeepSpeed's
+gradient-norm code counts replicated parameters once. Which layers are sharded is the model's own
+plan (:mod:`d2v2scale.model.parallelize`); nothing here knows a model.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.blocks import Attention, Block, Mlp
 from .dims import ParallelDims
 
 
@@ -259,37 +258,3 @@ class TPRegionRNG(_Shared):
                 self.state = current
 
         return nullcontext(), replay()
-
-
-# ------------------------------------------------------------------------------ parallelize
-def _parallelize_block(block: Block, dims: ParallelDims, rng: TPRegionRNG) -> None:
-    attn: Attention = block.attn
-    heads = attn.qkv.out_features // (3 * attn.head_dim)
-    if heads % dims.tp:
-        raise ValueError(f"parallel.tp={dims.tp} must divide the attention heads ({heads})")
-    block.checkpoint_contexts = rng.checkpoint_contexts
-    attn.qkv = column_from(attn.qkv, dims, groups=3)
-    attn.proj = row_from(attn.proj, dims)
-    attn.region_rng = rng.fork
-    mlp: Mlp = block.mlp
-    mlp.fc1 = column_from(mlp.fc1, dims)
-    mlp.fc2 = row_from(mlp.fc2, dims)
-    mlp.region_rng = rng.fork
-
-
-def parallelize(model: nn.Module, dims: ParallelDims, rng: TPRegionRNG | None = None) -> nn.Module:
-    """Shard every Transformer block of ``model`` (student or teacher copy alike) over ``dims.tp_group``."""
-    if dims.tp == 1:
-        return model
-    rng = rng or TPRegionRNG(0, next(model.parameters()).device)
-    for module in list(model.modules()):
-        if isinstance(module, Block):
-            _parallelize_block(module, dims, rng)
-    encoder = getattr(model, "encoder", None)
-    if getattr(encoder, "alibi_scale", None) is not None:
-        heads = encoder.alibi_scale.shape[2]
-        share = heads // dims.tp
-        lo = dims.tp_rank * share
-        encoder.alibi_scale = tag_tp(nn.Parameter(encoder.alibi_scale.detach()[:, :, lo : lo + share].clone()), 2)
-        encoder.slopes = encoder.slopes[lo : lo + share].clone()
-    return model

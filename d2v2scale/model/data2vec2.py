@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelSpec
-from . import counter_rng
+from .. import counter_rng
 from .blocks import checkpointed, make_blocks, run_block
 from .decoder import Decoder1d, Decoder2d
 from .encoders import build_encoder

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import counter_rng
+from .. import counter_rng
 
 _STREAM_CENTRES, _STREAM_FILL = 1, 2
 

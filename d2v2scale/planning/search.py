@@ -12,8 +12,9 @@ import copy
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, load_config
-from ..train.ds_config import load_ds_config
+from ..ds_config import load_ds_config
 from .cluster import ClusterProfile
+from .planner import Plan, plan, set_micro_batch
 from .timing import Efficiency
 
 IMAGE_MICRO = (1, 2, 4, 8, 16, 32, 64)
@@ -28,7 +29,7 @@ class Candidate:
     checkpoint_every: int
     scaling: str
     ds: dict  # the DeepSpeed JSON to launch with (before any batch scaling the launcher applies)
-    plan: object  # d2v2scale.plan.Plan
+    plan: Plan
 
     @property
     def key(self) -> tuple:
@@ -54,8 +55,6 @@ def _micro_options(cfg: Config) -> list[int]:
 def search(cfg: Config, ds: dict, nodes: int, profile: ClusterProfile, efficiency: Efficiency,
            pinned_tp: int | None = None) -> tuple[list[Candidate], dict[str, int]]:
     """(fitting candidates, best first; {reason: count} of the rejected ones)."""
-    from ..plan import plan, set_micro_batch
-
     world = nodes * profile.gpus_per_node
     ranked, rejected = [], {}
     for tp in [pinned_tp] if pinned_tp else _tp_options(cfg, world, profile.gpus_per_node):
@@ -161,8 +160,6 @@ PAPER_RUNS = [
 
 
 def paper_table(profile: ClusterProfile, efficiency: Efficiency) -> str:
-    from ..plan import plan, set_micro_batch
-
     lines = [f"The paper's runs on 64 A100s, predicted on {profile.name} with {efficiency.source}:",
              f"  {'run':<50} {'GPUs':>5} {'s/step':>7} {'compute':>8} {'exposed comm':>12} {'predicted h':>11} "
              f"{'paper h':>8} {'ratio':>6}  bound"]

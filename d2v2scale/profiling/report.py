@@ -1,131 +1,27 @@
-"""``--profile``: phase timers, NVML sampling and a torch.profiler window during the run, then
-``RUN/report/report.md``, ``report.json`` and PNG plots built from what was measured.
+"""The after-the-fact report: ``RUN/report/report.md``, ``report.json`` and PNG plots.
 
-The run leaves the raw measurements in ``RUN/report/profile.json`` next to ``metrics.jsonl``;
-:func:`build_report` turns both into the report, so ``python -m d2v2scale.report RUN`` can
-rebuild it at any time (also for runs without ``--profile``: the sections that need the raw
-measurements then say so).
+:func:`build_report` reads ``metrics.jsonl`` and, when the run was profiled, the raw measurements
+:mod:`.profiler` left in ``RUN/report/profile.json``; ``python -m d2v2scale.report RUN`` rebuilds
+it at any time (also for runs without ``--profile``: the sections that need the raw measurements
+then say so). It reads files only, never a live run.
 """
 from __future__ import annotations
 
 import json
-import platform
-import socket
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 import yaml
 
+from .. import runfiles
+from ..config import config_from_dict
+from ..runfiles import as_json, as_number, read_metrics
 from .flops import StepShape, forward_flops
-from .gpu import GpuSampler
-from .timers import PHASES, StepTimer
+from .timers import PHASES
 
 WARMUP_STEPS = 2  # excluded from phase statistics (allocator and thread-pool warm-up)
 
 
-class Profiler:
-    """What ``--profile`` adds to a run."""
-
-    def __init__(self, run_dir: Path, cfg, device: torch.device, rank: int):
-        self.dir = run_dir / "report"
-        self.cfg, self.device, self.rank = cfg, device, rank
-        self.timer = StepTimer(device, enabled=True)
-        self.gpu = GpuSampler(device.index or 0)
-        self.trace = None
-        self.trace_start = cfg.profiling.trace_start
-        self.trace_stop = cfg.profiling.trace_start + cfg.profiling.trace_steps
-        self.shape: dict | None = None
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.gpu.start()
-
-    def step_begin(self, step: int) -> None:
-        if step == self.trace_start:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.trace = torch.profiler.profile(activities=activities)
-            self.trace.__enter__()
-
-    def step_end(self, step: int) -> None:
-        if self.trace is not None and step + 1 == self.trace_stop:
-            self.trace.__exit__(None, None, None)
-            (self.dir / "traces").mkdir(exist_ok=True)
-            self.trace.export_chrome_trace(str(self.dir / "traces" / f"rank{self.rank:05d}.json"))
-            self.trace = None
-
-    def finish(self, tr) -> None:
-        """Gather every rank's phase times, write profile.json (rank 0) and build the report."""
-        if self.trace is not None:
-            self.step_end(self.trace_stop - 1)
-        self.gpu.stop()
-        phases = self.timer.resolve()
-        gpu = self.gpu.summary()
-        gathered = [(phases, gpu)]
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (phases, gpu))
-        if self.rank != 0:
-            return
-        raw = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(tr),
-            "phases_per_rank": [p for p, _ in gathered],
-            "gpu_per_rank": [g for _, g in gathered],
-            "memory": memory_stats(self.device),
-            "peak_flops_per_device": tr.peak_flops,
-            "step_shape": self.shape,
-        }
-        (self.dir / "profile.json").write_text(json.dumps(raw, indent=1))
-        build_report(self.dir.parent)
-
-
-def environment(tr) -> dict:
-    import numpy
-
-    try:
-        import nvidia.dali as dali
-
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = None
-    device = tr.device
-    return {
-        "hostname": socket.gethostname(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dali": dali_version,
-        "numpy": numpy.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "world_size": tr.dims.world_size,
-        "tp": tr.dims.tp,
-        "dp": tr.dims.dp,
-        **tr.backend.describe(),  # backend name, its version, its sharding (ZeRO stage / reshard)
-        "dtype": str(tr.dtype).replace("torch.", ""),
-        "micro_batch": tr.plan.micro_batch,
-        "grad_accum": tr.plan.grad_accum,
-        "global_batch": tr.plan.global_batch,
-        "batch_unit": tr.plan.unit,
-    }
-
-
-def memory_stats(device: torch.device) -> dict:
-    if device.type == "cuda":
-        s = torch.cuda.memory_stats(device)
-        return {"kind": "cuda", "max_allocated_gb": s.get("allocated_bytes.all.peak", 0) / 1e9,
-                "max_reserved_gb": s.get("reserved_bytes.all.peak", 0) / 1e9,
-                "alloc_retries": s.get("num_alloc_retries", 0), "ooms": s.get("num_ooms", 0)}
-    import resource
-
-    return {"kind": "host", "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
-
-
-# ------------------------------------------------------------------------------------- report
 def _stats(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "p50": None, "p90": None}
@@ -149,21 +45,18 @@ def phase_table(phases_per_rank: list[list[dict]]) -> dict:
 
 def build_report(run_dir: str | Path) -> dict:
     """report.json, report.md and PNGs under RUN/report from metrics.jsonl (+ profile.json)."""
-    from ..config import config_from_dict
-    from ..train.metrics import as_json, as_number, read_metrics
-
     run_dir = Path(run_dir)
-    out = run_dir / "report"
+    out = run_dir / runfiles.REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    written = read_metrics(run_dir / "metrics.jsonl")
+    written = read_metrics(run_dir / runfiles.METRICS)
     if not written:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no logged steps to report")
+        raise ValueError(f"{run_dir / runfiles.METRICS} has no logged steps to report")
     # steps with a finite loss; when none has one (every logged step skipped), all of them, NaN included
     rows = [r for r in written if isinstance(r.get("loss"), (int, float))] or \
         [{k: as_number(v) for k, v in r.items()} for r in written]
-    cfg_dict = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg_dict = yaml.safe_load((run_dir / runfiles.CONFIG).read_text())
     cfg = config_from_dict(cfg_dict)
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    ds_config = json.loads((run_dir / runfiles.DS_CONFIG).read_text())
     raw_path = out / "profile.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else None
     steady = rows[1:] or rows  # the first logged interval includes start-up

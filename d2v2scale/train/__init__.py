@@ -1,1 +1,1 @@
-"""The training loop, DeepSpeed configuration and checkpoints."""
+"""The training loop: backends, the EMA teacher, checkpoints, recovery and the in-run bookkeeping."""

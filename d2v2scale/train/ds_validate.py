@@ -15,7 +15,7 @@ Three layers, the cheap ones first:
    misspelt ``gradient_cliping`` would train without clipping).
 
 Backend-specific refusals of well-formed JSON stay with the backends (``check_ds_config`` there);
-the batch keys are checked against the preset by :func:`.ds_config.plan_batch`.
+the batch keys are checked against the preset by :func:`d2v2scale.ds_config.plan_batch`.
 """
 from __future__ import annotations
 

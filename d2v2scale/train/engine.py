@@ -36,18 +36,19 @@ from ..data.precheck import index_spec
 from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
 from ..distributed.runtime import all_reduce, broadcast_object
-from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, parallelize, tp_slice
+from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, tp_slice
+from ..model.parallelize import parallelize
 from ..logs import LOG, progress_line
 from ..model import Data2Vec2, cls_share, normalize_loss
-from ..model.counter_rng import combine
+from ..counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
-from ..teacher import ShardedEMA, ema_schedule
+from .teacher import ShardedEMA, ema_schedule
 from . import checkpoint
 from .backend import Backend, build_backend
 from .compile import apply_compile
 from .kernels import apply_kernels, select_kernels
-from .ds_config import BatchPlan
+from ..ds_config import BatchPlan
 from .faults import (
     NonFiniteTraining,
     Preempted,
@@ -57,7 +58,8 @@ from .faults import (
     poisoned,
     tensors_finite,
 )
-from .metrics import MetricsWriter
+from .. import runfiles
+from ..runfiles import MetricsWriter
 from .reporting import Diagnostics, Interval, log_record
 from .sinks import MetricSinks, without_sinks
 
@@ -194,9 +196,9 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
     and at the end; on SIGTERM/SIGUSR1 checkpoint and raise :class:`Preempted`."""
     cfg, rank0 = tr.cfg, tr.dims.rank == 0
     run_info = run_info or {}
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank0)
+    metrics = MetricsWriter(run_dir / runfiles.METRICS, enabled=rank0)
     sinks = MetricSinks(tr.ds_config, run_dir, enabled=rank0)
-    diagnostics = Diagnostics(run_dir / "diagnostics.jsonl", cfg.train, enabled=rank0)
+    diagnostics = Diagnostics(run_dir / runfiles.DIAGNOSTICS, cfg.train, enabled=rank0)
     stop = StopFlag()
     stop.install()
     rows, pending, t_last = [], Interval(), time.perf_counter()

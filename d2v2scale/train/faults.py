@@ -4,7 +4,7 @@ Slurm sends SIGTERM (or the ``--signal`` of the job, e.g. SIGUSR1) some time bef
 job; Ctrl-C (SIGINT) asks for the same, and a second Ctrl-C aborts without a checkpoint. The
 handler only raises a flag; the ranks agree (the signal reaches them at different times) through
 the process group's key-value store on a step to stop after — the one after the step in progress
-— then write a checkpoint and exit with :data:`EXIT_PREEMPTED` so the sbatch script requeues.
+— then write a checkpoint and exit with :data:`~d2v2scale.exit_codes.EXIT_PREEMPTED` so the sbatch script requeues.
 
 A step whose loss or gradient norm is not finite on any rank is skipped by the backend (a
 non-finite loss gives a non-finite norm), and the teacher is not updated either. After
@@ -21,7 +21,6 @@ import torch
 from ..distributed.runtime import all_reduce
 from ..logs import LOG
 
-EXIT_PREEMPTED = 3
 # Ctrl-C (SIGINT) is a stop request like Slurm's; a second Ctrl-C aborts at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

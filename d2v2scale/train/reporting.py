@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..distributed.runtime import all_reduce
 from ..logs import LOG
-from .metrics import as_json
+from ..runfiles import as_json
 from ..model.data2vec2 import spread
 
 

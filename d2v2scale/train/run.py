@@ -11,13 +11,15 @@ from pathlib import Path
 
 import yaml
 
+from .. import runfiles
 from ..config import Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
+from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
 from ..logs import LOG
 from . import checkpoint
 from .verify import CheckpointError
 from .backend import check_ds_config
-from .ds_config import (
+from ..ds_config import (
     BatchPlan,
     describe_optimization,
     load_ds_config,
@@ -31,7 +33,6 @@ from .sinks import check_sinks
 SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
 INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.indexing)
-EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG = 0, 1, 2
 PREEMPTED_MARKER = "PREEMPTED"
 
 # Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
@@ -160,7 +161,7 @@ class AlreadyComplete(Exception):
     """``--resume auto`` on a run whose latest checkpoint is at ``train.max_updates``: nothing to do."""
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
+RUN_FILES = (runfiles.CONFIG, runfiles.METRICS, runfiles.CHECKPOINTS)
 
 
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool, dry_run: bool) -> str | None:
@@ -285,8 +286,8 @@ def drop_rows_after(path: Path, step: int) -> int:
 def _write_run_files(setup: Setup) -> None:
     setup.run_dir.mkdir(parents=True, exist_ok=True)
     said = "".join(f"# {note}\n" for note in setup.notes if note.startswith("warning:"))  # kept with the run
-    (setup.run_dir / "config.yaml").write_text(said + yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
-    (setup.run_dir / "ds_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
+    (setup.run_dir / runfiles.CONFIG).write_text(said + yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
+    (setup.run_dir / runfiles.DS_CONFIG).write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
 
 def run(setup: Setup) -> int:
@@ -294,7 +295,7 @@ def run(setup: Setup) -> int:
     from ..data.files import DataError
     from ..distributed.runtime import init_distributed, shutdown
     from .engine import build_trainer, train
-    from .faults import EXIT_PREEMPTED, NonFiniteTraining, Preempted
+    from .faults import NonFiniteTraining, Preempted
 
     rank = 0
     try:
@@ -313,7 +314,7 @@ def run(setup: Setup) -> int:
             if rank == 0:
                 LOG.info(f"resumed from {setup.resume_from} at step {start}")
         if rank == 0:
-            for name in ("metrics.jsonl", "diagnostics.jsonl"):
+            for name in (runfiles.METRICS, runfiles.DIAGNOSTICS):
                 dropped = drop_rows_after(setup.run_dir / name, start)
                 if dropped:
                     LOG.info(f"{name}: dropped {dropped} rows past step {start} written by the interrupted "
@@ -321,7 +322,7 @@ def run(setup: Setup) -> int:
         run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.ds_config, "layout": setup.layout}
         profiler = None
         if setup.profile:
-            from ..profiling.report import Profiler
+            from ..profiling.profiler import Profiler
 
             profiler = Profiler(setup.run_dir, setup.cfg, device, rank)
         train(tr, setup.run_dir, start, run_info, profiler)
@@ -340,7 +341,7 @@ def run(setup: Setup) -> int:
         return EXIT_ERROR
     except (DataError, CheckpointError) as e:  # the data set or a checkpoint, found after start-up
         LOG.error(f"ERROR: {e}")
-        return EXIT_BAD_CONFIG
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if rank == 0:
             latest = checkpoint.read_latest(setup.run_dir / "checkpoints")

@@ -19,11 +19,12 @@ from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
 from d2v2scale.distributed.dims import ParallelDims  # noqa: E402
 from d2v2scale.distributed.tensor_parallel import (  # noqa: E402
-    TPRegionRNG, copy_to_tp, gather_from_tp, parallelize, reduce_from_tp, scatter_to_tp,
+    TPRegionRNG, copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp,
 )
+from d2v2scale.model.parallelize import parallelize  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.model.blocks import Block, run_block  # noqa: E402
-from d2v2scale.teacher import build_teacher  # noqa: E402
+from d2v2scale.train.teacher import build_teacher  # noqa: E402
 
 
 def mappings(dims):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from d2v2scale.train.metrics import read_metrics
+from d2v2scale.runfiles import read_metrics
 from test_deepspeed_training import _port, _torchrun
 
 pytestmark = pytest.mark.gpu

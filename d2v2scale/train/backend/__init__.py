@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ...config import BACKENDS
-from ...teacher import EMASchedule, ShardedEMA
+from ..teacher import EMASchedule, ShardedEMA
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
 

@@ -33,7 +33,7 @@ from torch import nn
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...logs import adopt
-from ...teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_groups
+from ..teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_groups
 from ..faults import all_finite
 from ..optim import param_groups
 from . import (

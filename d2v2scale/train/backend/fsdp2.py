@@ -29,7 +29,7 @@ from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
 from ...model.blocks import Block
-from ...teacher import EMASchedule, LocalShardEMA
+from ..teacher import EMASchedule, LocalShardEMA
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
 from . import (

@@ -1,12 +1,21 @@
-"""``metrics.jsonl``: one JSON object per logged step, always with the same keys (DESIGN §3).
+"""A run directory's files, as training writes them and the report and tests read them.
 
-A value that is not measured in this run is ``null`` — never a placeholder number.
+``metrics.jsonl`` holds one JSON object per logged step, always with the same keys (DESIGN §3); a
+value that is not measured in this run is ``null``, never a placeholder number. Training and the
+after-the-fact report both import this module, and neither imports the other.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+CONFIG = "config.yaml"  # the resolved configuration: the single truth of the run
+DS_CONFIG = "ds_config.json"  # the resolved DeepSpeed JSON
+METRICS = "metrics.jsonl"
+DIAGNOSTICS = "diagnostics.jsonl"
+CHECKPOINTS = "checkpoints"
+REPORT_DIR = "report"  # profile.json (the run's raw measurements), report.json, report.md, plots
 
 METRIC_NAMES = (
     "step", "loss", "loss_reg", "loss_cls", "lr", "ema_decay", "grad_norm", "target_var", "pred_var",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..config import Config, ConfigError
+from .config import Config, ConfigError
 
 _AUTO = "auto"
 

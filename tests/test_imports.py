@@ -1,0 +1,108 @@
+"""The package's import graph, read from the source (every import statement, function-level ones
+included): no module imports itself through others, no subpackage does, and every module opens
+with a docstring saying what it is for."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "d2v2scale"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The package modules ``name`` imports; ``from . import x`` counts as importing ``x`` only."""
+    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+            found.update(subs if subs and len(subs) == len(node.names) else [base, *subs])
+    return {m for m in found if m in MODULES and m != name}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one member (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _room(name: str) -> str:
+    """A module's room: its subpackage (``d2v2scale.train``) or, at the top level, itself."""
+    parts = name.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_module_import_cycle():
+    assert _cycles(GRAPH) == []
+
+
+def test_no_subpackage_import_cycle():
+    rooms: dict[str, set[str]] = {}
+    for name, deps in GRAPH.items():
+        rooms.setdefault(_room(name), set()).update(_room(d) for d in deps if _room(d) != _room(name))
+    rooms.pop("d2v2scale", None)  # the package's __init__ imports nothing of its own
+    assert _cycles({k: v & rooms.keys() for k, v in rooms.items()}) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_reader_sees_function_level_and_relative_imports():
+    """Before the planner's core left ``plan.py``, ``planning/search.py`` imported it inside a
+    function: such an import must count."""
+    assert "d2v2scale.planning.planner" in GRAPH["d2v2scale.planning.search"]
+    assert "d2v2scale.planning.planner" in GRAPH["d2v2scale.plan"]
+    assert "d2v2scale.counter_rng" in GRAPH["d2v2scale.model.masking"]  # from .. import counter_rng
+
+
+def test_every_module_says_what_it_is_for():
+    missing = [name for name, path in MODULES.items() if not ast.get_docstring(ast.parse(path.read_text()))]
+    assert missing == []
+
+
+def test_the_model_and_distributed_rooms_stay_apart_from_training():
+    """Model code is single-device (its TP plan aside); ``distributed`` knows no model."""
+    assert not any(d.startswith("d2v2scale.model") for n, ds in GRAPH.items() if n.startswith("d2v2scale.distributed")
+                   for d in ds)
+    for name, deps in GRAPH.items():
+        if name.startswith("d2v2scale.model") and name != "d2v2scale.model.parallelize":
+            assert not any(d.startswith(("d2v2scale.distributed", "d2v2scale.train")) for d in deps), name
