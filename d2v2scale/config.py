@@ -384,6 +384,17 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
 
 
+def frame_lengths(conv_layers: list, length):
+    """The length after each layer of the wav2vec CNN (``[channels, kernel, stride]`` per layer) for
+    ``length`` input samples: an int or an integer tensor (floor division either way). The model,
+    the planner's memory and FLOPs and the positions count all read it here."""
+    out = []
+    for _, kernel, stride in conv_layers:
+        length = (length - kernel) // stride + 1
+        out.append(length)
+    return out
+
+
 def receptive_field(conv_layers: list) -> int:
     """Input samples one output frame of the wav2vec CNN sees (400 for the standard 7-layer stack)."""
     field, stride = 1, 1

@@ -235,7 +235,7 @@ class _FakeBackend:
     def state_ranges(self):
         return [("w", 0, 250, {"model": self.w, "exp_avg": self.w, "exp_avg_sq": self.w})]
 
-    def scalars(self):
+    def counters(self):
         return {"optimizer_steps": 0, "lr_iteration": 0, "skipped_steps": 0, "global_steps": 0}
 
 

@@ -106,3 +106,13 @@ def test_the_model_and_distributed_rooms_stay_apart_from_training():
     for name, deps in GRAPH.items():
         if name.startswith("d2v2scale.model") and name != "d2v2scale.model.parallelize":
             assert not any(d.startswith(("d2v2scale.distributed", "d2v2scale.train")) for d in deps), name
+
+
+def test_backends_are_found_in_the_registry_the_config_names():
+    from d2v2scale.config import BACKENDS
+    from d2v2scale.train.backend import REGISTRY
+
+    assert tuple(REGISTRY) == BACKENDS
+    for name, load in REGISTRY.items():
+        module = load()
+        assert module.__name__ == f"d2v2scale.train.backend.{name}" and callable(module.check_ds_config)

@@ -8,7 +8,7 @@ import torch
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
-from d2v2scale.train.teacher import EMASchedule, EMATeacher, FlatGroup, build_teacher
+from d2v2scale.train.teacher import EMASchedule, FlatGroup, FlatGroupEMA, build_teacher
 
 
 def _model(preset, *overrides):
@@ -111,7 +111,7 @@ def test_ema_closed_form_and_freeze():
     teacher_net.load_state_dict(student.state_dict())
     e0 = {n: p.detach().clone() for n, p in student.named_parameters()}
     schedule = EMASchedule(0.5, 1.0, 4)  # decays 0.625, 0.75, 0.875, then 1.0
-    ema = EMATeacher(teacher_net, schedule)
+    ema = FlatGroupEMA(teacher_net, schedule)
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(2.0)
@@ -133,13 +133,13 @@ def test_sharded_ema_equals_unsharded():
     """Two shards (odd numel, so the flat vector is padded) with a local all_gather equal one full EMA."""
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 3))
-    full = EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10))
-    shards: list[EMATeacher] = []
+    full = FlatGroupEMA(_copy(student), EMASchedule(0.9, 0.99, 10))
+    shards: list[FlatGroupEMA] = []
 
     def gather(out, _shard):
         out.copy_(torch.cat([s.masters[0] for s in shards]))
 
-    shards += [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), shard_rank=r, shard_count=2, all_gather=gather)
+    shards += [FlatGroupEMA(_copy(student), EMASchedule(0.9, 0.99, 10), shard_rank=r, shard_count=2, all_gather=gather)
                for r in range(2)]
     assert sum(s.masters[0].numel() for s in shards) >= full.masters[0].numel()
     for step in range(1, 6):
@@ -164,7 +164,7 @@ def test_bucketed_refresh_equals_unsharded_with_one_gather_per_bucket():
     names = [n for n, _ in student.named_parameters()]
     count = 3
     groups = [FlatGroup((n,), (0,), -(-p.numel() // count) * count) for n, p in student.named_parameters()]
-    full = EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10))
+    full = FlatGroupEMA(_copy(student), EMASchedule(0.9, 0.99, 10))
     slots, barrier, calls = [None] * count, threading.Barrier(count, timeout=60), []  # a failing shard cannot hang the test
 
     def gather_for(rank):
@@ -176,7 +176,7 @@ def test_bucketed_refresh_equals_unsharded_with_one_gather_per_bucket():
             barrier.wait()
         return gather
 
-    shards = [EMATeacher(_copy(student), EMASchedule(0.9, 0.99, 10), groups=groups, shard_rank=r, shard_count=count,
+    shards = [FlatGroupEMA(_copy(student), EMASchedule(0.9, 0.99, 10), groups=groups, shard_rank=r, shard_count=count,
                          all_gather=gather_for(r), bucket_numel=90) for r in range(count)]
     assert shards[0].buckets == [[0, 1], [2], [3, 4, 5]]  # padded numels 36+6 | 201 (> 90) alone | 42+42+3
     with torch.no_grad():

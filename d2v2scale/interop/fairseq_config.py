@@ -21,8 +21,8 @@ import itertools
 from typing import Any
 
 from ..config import Config, ConfigError
+from .fairseq import MODALITY_NAMES
 
-MODALITY_TYPES = {"image": "IMAGE", "audio": "AUDIO", "text": "TEXT"}
 
 # ------------------------------------------------------------------------------- fairseq defaults
 _DECODER_DEFAULTS = {
@@ -230,7 +230,7 @@ def config_values(cfg_model: dict, modality: str) -> dict[str, Any]:
     where = "cfg.model"
     _refuse_unknown(top, set(_TOP_MAPPED) | set(_TOP_FIXED) | _TOP_INERT, where)
     _refuse_fixed(top, _TOP_FIXED, where)
-    tag = MODALITY_TYPES[modality]
+    tag = MODALITY_NAMES[modality]
     if top.get("supported_modality") is not None and _type_name(top["supported_modality"]) != tag:
         raise ConfigError(f"{where}.supported_modality={_type_name(top['supported_modality'])} but the weights are {tag}")
     mods = top.get("modalities") or {}
@@ -282,7 +282,7 @@ def to_fairseq_config(cfg: Config) -> dict[str, Any]:
     out = fairseq_defaults()
     out.update({theirs: _get(cfg, ours) for theirs, ours in _TOP_MAPPED.items()})
     out.update({key: allowed for key, (allowed, _) in _TOP_FIXED.items()})
-    out["supported_modality"] = MODALITY_TYPES[modality]
+    out["supported_modality"] = MODALITY_NAMES[modality]
     mod = out["modalities"][modality]
     mod.update({theirs: _get(cfg, ours) for theirs, ours in {**_MOD_MAPPED, **_OWN_MAPPED[modality]}.items()})
     mod.update({key: allowed for key, (allowed, _) in {**_MOD_FIXED, **_OWN_FIXED[modality]}.items()})

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import frame_lengths
 from .blocks import BlockEncoder, make_blocks
 from .conv_layers import ChannelLayerNorm, TrimEven
 from .masking import MaskInfo
@@ -145,9 +146,7 @@ class ConvFeatureExtractor(nn.Module):
             nn.init.kaiming_normal_(block[0].weight)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        for _, kernel, stride in self.spec:
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-        return lengths
+        return frame_lengths(self.spec, lengths)[-1]
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         x = wav.unsqueeze(1)

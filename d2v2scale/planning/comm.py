@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..model.blocks import checkpointed_count
+from ..profiling.flops import StepShape
 
 SCALAR_CALLS = 5  # masked-token count, non-finite guard, three in DeepSpeed's clipping and overflow checks
 
@@ -63,16 +64,6 @@ class Collective:
         return self.nbytes * self.calls
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """One rank's micro-batch: items × clones rows, ``positions`` per item, ``kept`` per row."""
-
-    items: int
-    positions: int
-    kept: int
-    grad_accum: int
-
-
 def _zero_options(ds: dict) -> dict:
     z = ds.get("zero_optimization", {})
     return {"stage": int(z.get("stage", 0)), "persist": float(z.get("stage3_param_persistence_threshold", 1e5)),
@@ -80,17 +71,17 @@ def _zero_options(ds: dict) -> dict:
             "live": float(z.get("stage3_max_live_parameters", 1e9)), "overlap": bool(z.get("overlap_comm", False))}
 
 
-def step_collectives(cfg: Config, ds: dict, shape: StepShape, params: ParamCounts, tp: int, dp: int,
-                     checkpoint_every: int | None = None) -> list[Collective]:
+def step_collectives(cfg: Config, ds: dict, shape: StepShape, grad_accum: int, params: ParamCounts, tp: int,
+                     dp: int, checkpoint_every: int | None = None) -> list[Collective]:
     m = cfg.model
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     a = 2 if bf16 else 4
     z = _zero_options(ds)
-    g = shape.grad_accum
+    g = grad_accum
     every = m.activation_checkpointing if checkpoint_every is None else checkpoint_every
     out: list[Collective] = []
     if tp > 1:
-        rows = shape.items * m.clone_batch
+        rows = shape.samples * m.clone_batch
         student_act = rows * (shape.kept + m.num_extra_tokens) * m.embed_dim * a
         blocks = m.depth + m.prenet_depth
         recomputed = checkpointed_count(m, every)
@@ -100,7 +91,7 @@ def step_collectives(cfg: Config, ds: dict, shape: StepShape, params: ParamCount
             out.append(Collective("TP all-reduce, recomputed checkpointed blocks", "all_reduce", "tp",
                                   student_act, 2 * recomputed * g, ""))
         teacher_blocks = m.depth + (0 if cfg.teacher.ema_encoder_only else m.prenet_depth)
-        teacher_act = shape.items * (shape.positions + m.num_extra_tokens) * m.embed_dim * a
+        teacher_act = shape.samples * (shape.positions + m.num_extra_tokens) * m.embed_dim * a
         out.append(Collective("TP all-reduce, teacher blocks (2 per block)", "all_reduce", "tp",
                               teacher_act, 2 * teacher_blocks * g, ""))
     if dp > 1 and cfg.parallel.backend == "fsdp2":

@@ -25,7 +25,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-from ..config import BACKENDS, Config
+from ..config import BACKENDS, Config, frame_lengths
 from ..model.blocks import Block, checkpointed_count
 from .comm import ParamCounts
 
@@ -157,9 +157,8 @@ def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[st
     if ck:  # a block's recompute happens in backward, after the decoder and loss tensors are freed
         out["block_recompute"] = max(0.0, per_block - decoder - loss - teacher)
     if m.modality == "audio":
-        cnn, length = 0.0, lay.input_len
-        for c_out, k, s in m.conv_feature_layers:
-            length = (length - k) // s + 1
+        cnn = 0.0
+        for (c_out, _, _), length in zip(m.conv_feature_layers, frame_lengths(m.conv_feature_layers, lay.input_len)):
             cnn += c_out * length * (bytes_el + 4 + 4 + bytes_el)  # conv out, fp32 LN in/out, GELU
         conv_pos = m.conv_pos_depth * 4 * positions * h * bytes_el
         alibi = rows * m.num_heads / lay.tp * kept * kept * 4 if m.use_alibi else 0

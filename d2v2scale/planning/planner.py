@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import BACKENDS, Config, ConfigError, load_config
+from ..config import BACKENDS, Config, ConfigError, frame_lengths, load_config
 from ..ds_config import BatchPlan, plan_batch, scale_batch_for_world
 from ..model.blocks import checkpointed_count
 from ..profiling.flops import PEAK_FLOPS, StepShape, forward_flops
 from .cluster import ClusterProfile
-from .comm import ParamCounts, StepShape as CommShape, step_collectives
+from .comm import ParamCounts, step_collectives
 from .memory import GPU_MEMORY_GB, Layout, activation_bytes, model_state_bytes, param_counts
 from .timing import Efficiency, StepTime, step_time
 
@@ -69,9 +69,7 @@ def positions_per_item(cfg: Config, input_len: int = 0) -> int:
     if m.modality == "image":
         return (m.img_size // m.patch_size) ** 2
     if m.modality == "audio":
-        for _, k, s in m.conv_feature_layers:
-            input_len = (input_len - k) // s + 1
-        return input_len
+        return frame_lengths(m.conv_feature_layers, input_len)[-1]
     return cfg.data.sample_length or m.max_positions
 
 
@@ -111,8 +109,9 @@ def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
     acts = {every: activation_bytes(cfg, lay, every) for every in {0, max(1, m.activation_checkpointing)}}
     acts[m.activation_checkpointing] = activation_bytes(cfg, lay, m.activation_checkpointing)
     kept = int(positions * (1 - cfg.masking.mask_prob))
-    model_f, hw_f = _per_gpu_flops(cfg, StepShape(items, positions, kept), input_len, tp)
-    collectives = step_collectives(cfg, ds, CommShape(items, positions, kept, bp.grad_accum), params, tp, dp)
+    shape = StepShape(items, positions, kept)
+    model_f, hw_f = _per_gpu_flops(cfg, shape, input_len, tp)
+    collectives = step_collectives(cfg, ds, shape, bp.grad_accum, params, tp, dp)
     efficiency = efficiency or Efficiency()
     t = step_time(model_f, bp.grad_accum, PEAK_FLOPS[profile.gpu], efficiency, collectives, profile, tp, dp)
     t.compute_s *= hw_f / model_f  # the recompute costs time, not model FLOPs

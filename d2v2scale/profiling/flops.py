@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, frame_lengths
 
 # Dense bf16 peak per device (FLOP/s), for MFU.
 PEAK_FLOPS = {
@@ -77,9 +77,8 @@ def _local_encoder(cfg, samples_len: int, positions: int) -> float:
     if cfg.modality == "image":
         return 2.0 * positions * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim
     if cfg.modality == "audio":
-        flops, length, c_in = 0.0, samples_len, 1
-        for c_out, k, s in cfg.conv_feature_layers:
-            length = (length - k) // s + 1
+        flops, c_in = 0.0, 1
+        for (c_out, k, _), length in zip(cfg.conv_feature_layers, frame_lengths(cfg.conv_feature_layers, samples_len)):
             flops += 2.0 * length * c_in * c_out * k
             c_in = c_out
         return flops + 2.0 * positions * c_in * cfg.embed_dim  # projection

@@ -229,7 +229,7 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
 
     def describe() -> dict:
         if rank0:
-            counters = {**tr.backend.scalars(), "teacher_updates": tr.teacher.num_updates}
+            counters = {**tr.backend.counters(), "teacher_updates": tr.teacher.num_updates}
             info = {**run_info, "step": step, "state": counters, "files": files}
             part = tmp / (RUN_FILE + ".part")
             part.write_text(json.dumps(info, indent=1))

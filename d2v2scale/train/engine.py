@@ -43,7 +43,7 @@ from ..model import Data2Vec2, cls_share, normalize_loss
 from ..counter_rng import combine
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
-from .teacher import ShardedEMA, ema_schedule
+from .teacher import EMACore, ema_schedule
 from . import checkpoint
 from .backend import Backend, build_backend
 from .compile import apply_compile
@@ -79,7 +79,7 @@ class Trainer:
     timer: StepTimer = field(default_factory=lambda: StepTimer(torch.device("cpu"), enabled=False))
     last_shape: dict | None = None  # the last micro-batch's shape, for the profiling report
     nan_steps: set = field(default_factory=injected_nan_steps)
-    targets: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
+    teacher_fn: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
     # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
     params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)  # resolved; its monitor sections drive the metric sinks
@@ -90,7 +90,7 @@ class Trainer:
         return self.backend.model
 
     @property
-    def teacher(self) -> ShardedEMA:
+    def teacher(self) -> EMACore:
         return self.backend.teacher
 
 
@@ -127,7 +127,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     reg, cls, spreads = zero.clone(), zero.clone(), None
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
-        out = backend.forward(mb.source, tr.targets, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
+        out = backend.forward(mb.source, tr.teacher_fn, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
         loss = normalize_loss(out, global_masked, tr.cls_weight) * scale * poison
         with phase("backward"):
             backend.backward(loss)  # a non-finite loss makes a non-finite gradient norm: the backend skips the step
@@ -178,7 +178,7 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
                         masker=lambda step, mb: model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths),
                         index=index)
     return Trainer(cfg, plan, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
-                   targets=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config,
+                   teacher_fn=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config,
                    cls_weight=cls_share(cfg.model.cls_loss_reference_micro_batch, plan.global_batch))
 
 

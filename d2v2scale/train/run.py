@@ -30,7 +30,6 @@ from ..ds_config import (
 from .shards import has_shards
 from .sinks import check_sinks
 
-SUPPORTED_DATA = ("synthetic", "digits", "images", "audio", "text")
 NEEDS_PATH = ("images", "audio", "text")
 INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.indexing)
 PREEMPTED_MARKER = "PREEMPTED"
@@ -206,8 +205,6 @@ def prepare(args) -> Setup:
     check_ds_config(backend, ds, tp)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     check_sinks(ds)
-    if cfg.data.kind not in SUPPORTED_DATA:
-        raise ConfigError(f"data.kind={cfg.data.kind} is not available yet; allowed values: {', '.join(SUPPORTED_DATA)}")
     if cfg.data.kind == "audio" and cfg.data.max_tokens is None:
         raise ConfigError("data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
     if cfg.data.kind in NEEDS_PATH and not cfg.data.path:

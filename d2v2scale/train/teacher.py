@@ -63,7 +63,7 @@ AllGather = Callable[[torch.Tensor, torch.Tensor], None]  # (output_flat, input_
 SourceFn = Callable[[], list[torch.Tensor]]  # this rank's fp32 student values, one tensor per group
 
 
-class ShardedEMA:
+class EMACore:
     """The EMA core every teacher layout shares: fp32 master shards, the annealed decay, the update
     counter. ``masters[i]`` moves towards ``sources()[i]``, the student's fp32 values for the same
     elements, by one local ``lerp`` — no communication; :meth:`publish` then makes ``module``, the
@@ -134,7 +134,7 @@ class ShardedEMA:
         self.publish()
 
 
-class LocalShardEMA(ShardedEMA):
+class ShardedModuleEMA(EMACore):
     """A teacher whose module is sharded like the student (FSDP2): its own fp32 parameter shards
     are the masters, so nothing but the student's shards is needed for an update and its forward
     gathers weights one block at a time, as the student's does."""
@@ -149,7 +149,7 @@ class LocalShardEMA(ShardedEMA):
         return self._ranges
 
 
-class EMATeacher(ShardedEMA):
+class FlatGroupEMA(EMACore):
     """EMA of a student's tracked parameters in flat groups; ``module`` (eval, no grad) runs on
     compute-dtype copies of the groups that :meth:`publish` refreshes from the masters."""
 
@@ -320,9 +320,9 @@ def ema_schedule(cfg) -> EMASchedule:
     return EMASchedule(t.ema_decay, t.ema_end_decay, t.ema_anneal_end_step)
 
 
-def build_teacher(model: nn.Module, cfg, compute_dtype: torch.dtype = torch.float32) -> EMATeacher:
+def build_teacher(model: nn.Module, cfg, compute_dtype: torch.dtype = torch.float32) -> FlatGroupEMA:
     """The (unsharded) EMA teacher of a single-device :class:`~d2v2scale.model.Data2Vec2` student,
     bound to the student's parameters (``update(step)`` needs no student argument)."""
-    teacher = EMATeacher(model.teacher_copy(), ema_schedule(cfg), compute_dtype=compute_dtype)
+    teacher = FlatGroupEMA(model.teacher_copy(), ema_schedule(cfg), compute_dtype=compute_dtype)
     teacher.bind_student(model)
     return teacher

@@ -41,7 +41,7 @@ def fairseq_objective(tr) -> dict:
     total, masked = 0.0, []
     with torch.no_grad():
         for mb in loader.step(0):
-            out = tr.model(mb.source, tr.targets, mb.mask, lengths=mb.lengths)
+            out = tr.model(mb.source, tr.teacher_fn, mb.mask, lengths=mb.lengths)
             total += (out.loss_reg + out.loss_cls * out.sample_size).item()
             masked.append(out.sample_size.item())
     loader.close()

@@ -31,14 +31,13 @@ schedule.
 """
 from __future__ import annotations
 
-import importlib
+from types import ModuleType
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from ...config import BACKENDS
-from ..teacher import EMASchedule, ShardedEMA
+from ..teacher import EMACore, EMASchedule
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
 
@@ -52,7 +51,7 @@ Read = Callable[[str, str, int, int], torch.Tensor]
 class Backend(Protocol):
     name: str
     model: nn.Module  # the student (call it to run a forward through the backend's wrapping)
-    teacher: ShardedEMA
+    teacher: EMACore
 
     def forward(self, *args, **kwargs): ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -63,14 +62,39 @@ class Backend(Protocol):
     def local_weights(self) -> list[torch.Tensor]: ...
     def describe(self) -> dict: ...
     def state_ranges(self) -> list[StateRange]: ...
-    def scalars(self) -> dict: ...
-    def load_state(self, read: Read, scalars: dict) -> None: ...
+    def counters(self) -> dict: ...
+    def load_state(self, read: Read, counters: dict) -> None: ...
 
 
-def _module(name: str):
-    if name not in BACKENDS:
-        raise ValueError(f"parallel.backend={name}; allowed values: {', '.join(BACKENDS)}")
-    return importlib.import_module(f"{__name__}.{name}")  # the engine itself is imported only when built
+class NativeCheckpoints(Protocol):
+    """A backend that can also write its engine's own checkpoint format (resumable on the same
+    layout only; ``train.checkpoint_format=native``)."""
+
+    def save_native(self, ckpt_dir, tag: str, step: int) -> None: ...
+    def load_native(self, tag_dir) -> int: ...
+
+
+def _deepspeed():
+    from . import deepspeed
+
+    return deepspeed
+
+
+def _fsdp2():
+    from . import fsdp2
+
+    return fsdp2
+
+
+# parallel.backend → its module (``check_ds_config`` and ``BACKEND``), imported only when chosen, so
+# a run never imports the engine it does not use; ``config.BACKENDS`` names the same, the default first.
+REGISTRY: dict[str, Callable[[], ModuleType]] = {"deepspeed": _deepspeed, "fsdp2": _fsdp2}
+
+
+def _module(name: str) -> ModuleType:
+    if name not in REGISTRY:
+        raise ValueError(f"parallel.backend={name}; allowed values: {', '.join(REGISTRY)}")
+    return REGISTRY[name]()
 
 
 def check_ds_config(name: str, ds: dict, tp: int) -> None:

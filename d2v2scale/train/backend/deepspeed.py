@@ -33,7 +33,7 @@ from torch import nn
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...logs import adopt
-from ..teacher import BUCKET_NUMEL, EMASchedule, EMATeacher, FlatGroup, default_groups
+from ..teacher import BUCKET_NUMEL, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
 from ..faults import all_finite
 from ..optim import param_groups
 from . import (
@@ -115,7 +115,7 @@ def _stage0_masters(engine) -> dict[str, torch.Tensor]:
 def build_sharded_teacher(
     engine, teacher_module: nn.Module, schedule: EMASchedule, dims: ParallelDims, compute_dtype: torch.dtype,
     bucket_numel: int = BUCKET_NUMEL,
-) -> EMATeacher:
+) -> FlatGroupEMA:
     """The EMA teacher of ``engine``'s student, sharded over ``dims``' DP group.
 
     ``teacher_module`` must be the student's teacher copy taken *before* ``deepspeed.initialize``
@@ -128,7 +128,7 @@ def build_sharded_teacher(
                   all_gather=_all_gather_fn(dims.dp_group) if dims.dp > 1 else None, bucket_numel=bucket_numel)
     if stage in (1, 2):
         groups, indices = _zero12_groups(engine, tracked)
-        teacher = EMATeacher(teacher_module, schedule, groups=groups, **common)
+        teacher = FlatGroupEMA(teacher_module, schedule, groups=groups, **common)
         opt = engine.optimizer
         teacher.bind_sources(lambda: [opt.single_partition_of_fp32_groups[i] for i in indices])
         return teacher
@@ -139,11 +139,11 @@ def build_sharded_teacher(
         for _, p in params[:1]:
             require_internals(p, "ZeRO-3 parameter")
         groups = [FlatGroup((n,), (0,), p.partition_numel() * dims.dp) for n, p in params]
-        teacher = EMATeacher(teacher_module, schedule, groups=groups, **common)
+        teacher = FlatGroupEMA(teacher_module, schedule, groups=groups, **common)
         teacher.bind_sources(lambda: [safe_get_local_fp32_param(p) for _, p in params])
         return teacher
     names = [n for n, p in teacher_module.named_parameters() if p.requires_grad]
-    teacher = EMATeacher(teacher_module, schedule, groups=default_groups(teacher_module, names, dims.dp), **common)
+    teacher = FlatGroupEMA(teacher_module, schedule, groups=default_groups(teacher_module, names, dims.dp), **common)
     masters = _stage0_masters(engine)
     teacher.bind_student(masters)
     return teacher
@@ -423,17 +423,17 @@ class DeepSpeedBackend:
             out[: hi - lo] = read(kind, name, lo, hi)
         return out
 
-    def scalars(self) -> dict:
+    def counters(self) -> dict:
         return {"optimizer_steps": optimizer_steps(self._torch_optimizer()),
                 "lr_iteration": getattr(self.engine.lr_scheduler, "last_batch_iteration", None),
                 "skipped_steps": self.engine.skipped_steps, "global_steps": self.engine.global_steps}
 
     @torch.no_grad()
-    def load_state(self, read: Read, scalars: dict) -> None:
+    def load_state(self, read: Read, counters: dict) -> None:
         module = self.engine.module
         opt = self._torch_optimizer()
         flats = self._flats()
-        set_optimizer_steps(opt, flats, scalars["optimizer_steps"])
+        set_optimizer_steps(opt, flats, counters["optimizer_steps"])
         if self.stage == 3:
             from deepspeed.utils import (
                 safe_set_local_fp32_param,
@@ -466,10 +466,10 @@ class DeepSpeedBackend:
                 for kind, tensor in (("model", master), ("model", params[name]), *((k, state[k]) for k in MOMENTS)):
                     tensor.copy_(read(kind, name, 0, master.numel()).view_as(tensor))
         if self.engine.lr_scheduler is not None:
-            self.engine.lr_scheduler.step(scalars["lr_iteration"])  # sets last_batch_iteration and the groups' lr
-        self.engine.skipped_steps = scalars["skipped_steps"]
-        self.engine.global_steps = scalars["global_steps"]
-        self.engine.global_samples = scalars["global_steps"] * self.engine.train_batch_size()
+            self.engine.lr_scheduler.step(counters["lr_iteration"])  # sets last_batch_iteration and the groups' lr
+        self.engine.skipped_steps = counters["skipped_steps"]
+        self.engine.global_steps = counters["global_steps"]
+        self.engine.global_samples = counters["global_steps"] * self.engine.train_batch_size()
 
 
 BACKEND = DeepSpeedBackend

@@ -29,7 +29,7 @@ from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
 from ...model.blocks import Block
-from ..teacher import EMASchedule, LocalShardEMA
+from ..teacher import EMASchedule, ShardedModuleEMA
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
 from . import (
@@ -126,7 +126,7 @@ class FSDP2Backend:
         student = dict(model.named_parameters())
         names = [n for n, p in teacher_module.named_parameters() if n in tracked]
         ranges = [(n, *_row_range(p, dims), p.to_local().view(-1)) for n, p in teacher_module.named_parameters() if n in tracked]
-        self.teacher = LocalShardEMA(teacher_module, schedule, ranges)
+        self.teacher = ShardedModuleEMA(teacher_module, schedule, ranges)
         self.teacher.bind_sources(lambda: [student[n].to_local().view(-1) for n in names])
 
         opt = ds_config.get("optimizer", {}).get("params", {})
@@ -230,22 +230,22 @@ class FSDP2Backend:
             out.append((name, *_row_range(p, self.dims), values))
         return out
 
-    def scalars(self) -> dict:
+    def counters(self) -> dict:
         return {"optimizer_steps": optimizer_steps(self.optimizer),
                 "lr_iteration": None if self.scheduler is None else self.scheduler.position(),
                 "skipped_steps": int(self._skipped), "global_steps": self.global_steps}
 
     @torch.no_grad()
-    def load_state(self, read: Read, scalars: dict) -> None:
+    def load_state(self, read: Read, counters: dict) -> None:
         for name, start, stop, values in self.state_ranges():
             for kind, tensor in values.items():
                 tensor.copy_(read(kind, name, start, stop))
         set_optimizer_steps(self.optimizer, [p for p in self.model.parameters() if p.requires_grad],
-                            scalars["optimizer_steps"])
-        if self.scheduler is not None and scalars.get("lr_iteration") is not None:
-            self.scheduler.step(scalars["lr_iteration"])
-        self._skipped.fill_(scalars["skipped_steps"])
-        self.global_steps = scalars["global_steps"]
+                            counters["optimizer_steps"])
+        if self.scheduler is not None and counters.get("lr_iteration") is not None:
+            self.scheduler.step(counters["lr_iteration"])
+        self._skipped.fill_(counters["skipped_steps"])
+        self.global_steps = counters["global_steps"]
         self.micro_steps = self.global_steps * self.grad_accum
 
 
