@@ -32,46 +32,13 @@ schedule.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..teacher import EMACore, EMASchedule
-
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
-
-# (name, start, stop, {"model": fp32 master values, "exp_avg": ..., "exp_avg_sq": ...}): live views
-# of the elements [start, stop) of the flattened TP-local parameter ``name`` this rank holds.
-StateRange = tuple[str, int, int, dict[str, torch.Tensor]]
-# read(kind, name, start, stop) -> the checkpoint's values for those elements
-Read = Callable[[str, str, int, int], torch.Tensor]
-
-
-class Backend(Protocol):
-    name: str
-    model: nn.Module  # the student (call it to run a forward through the backend's wrapping)
-    teacher: EMACore
-
-    def forward(self, *args, **kwargs): ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> None: ...
-    def step_applied(self) -> bool: ...
-    def grad_norm(self) -> float | None: ...
-    def lr(self) -> float: ...
-    def local_weights(self) -> list[torch.Tensor]: ...
-    def describe(self) -> dict: ...
-    def state_ranges(self) -> list[StateRange]: ...
-    def counters(self) -> dict: ...
-    def load_state(self, read: Read, counters: dict) -> None: ...
-
-
-class NativeCheckpoints(Protocol):
-    """A backend that can also write its engine's own checkpoint format (resumable on the same
-    layout only; ``train.checkpoint_format=native``)."""
-
-    def save_native(self, ckpt_dir, tag: str, step: int) -> None: ...
-    def load_native(self, tag_dir) -> int: ...
+from ..teacher import EMASchedule
+from .protocol import Backend
 
 
 def _deepspeed():
@@ -110,34 +77,3 @@ def build_backend(name: str, model: nn.Module, teacher_module: nn.Module, ds_con
                   device: torch.device, tracked: set[str]) -> Backend:
     """``model`` is the parallelized student, ``teacher_module`` its teacher copy (taken before any wrapping)."""
     return _module(name).BACKEND(model, teacher_module, ds_config, dims, schedule, device, tracked)
-
-
-def _step_count(optimizer: torch.optim.Optimizer, param: torch.Tensor, value: float) -> torch.Tensor:
-    """AdamW's step counter as torch keeps it: on the parameter's device for the fused and
-    capturable implementations, a CPU scalar otherwise."""
-    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
-    return torch.tensor(float(value), dtype=torch.float32, device=param.device if on_device else "cpu")
-
-
-def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
-    """AdamW's state of ``param``, created (zero moments, step 0) if it has not stepped yet, the way
-    torch would on its first step, so that a checkpoint can be loaded before any step."""
-    state = optimizer.state[param]
-    if not state:
-        state["step"] = _step_count(optimizer, param, 0)
-        for key in MOMENTS:
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    return state
-
-
-def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """AdamW's step count (the same for every parameter: a skipped step skips them all)."""
-    for state in optimizer.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def set_optimizer_steps(optimizer: torch.optim.Optimizer, params, steps: int) -> None:
-    for p in params:
-        adam_state(optimizer, p)["step"] = _step_count(optimizer, p, steps)

@@ -36,14 +36,8 @@ from ...logs import adopt
 from ..teacher import BUCKET_NUMEL, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
 from ..faults import all_finite
 from ..optim import param_groups
-from . import (
-    MOMENTS,
-    Read,
-    StateRange,
-    adam_state,
-    optimizer_steps,
-    set_optimizer_steps,
-)
+from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
+from .protocol import MOMENTS, Read, StateRange
 
 # Every DeepSpeed internal the teacher, the checkpoints and the dp=1 step read or set, by what
 # holds it. A DeepSpeed without one of them fails at start-up naming its version (never a silent

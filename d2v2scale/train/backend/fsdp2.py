@@ -32,14 +32,8 @@ from ...model.blocks import Block
 from ..teacher import EMASchedule, ShardedModuleEMA
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
-from . import (
-    MOMENTS,
-    Read,
-    StateRange,
-    adam_state,
-    optimizer_steps,
-    set_optimizer_steps,
-)
+from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
+from .protocol import MOMENTS, Read, StateRange
 
 def check_ds_config(ds: dict, tp: int) -> None:
     """Refuse, before any process starts, what this backend would not honour in a well-formed
