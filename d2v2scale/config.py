@@ -80,6 +80,54 @@ class ModelConfig:
     pad_idx: int = 1
     embed_dropout: float = 0.1  # after the token + position embedding (fairseq modalities.text.dropout)
 
+    def validate(self) -> None:
+        _one_of("model.modality", self.modality, MODALITIES)
+        for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
+            _at_least(f"model.{key}", getattr(self, key), 1)
+        _at_least("model.prenet_depth", self.prenet_depth, 0)
+        _check(self.activation_checkpointing >= 0,
+               f"model.activation_checkpointing={self.activation_checkpointing} is not allowed; "
+               "allowed values: 0 (off), 1 (every block), k (every k-th block)")
+        _check(self.embed_dim % self.num_heads == 0,
+               f"model.num_heads={self.num_heads} must divide model.embed_dim={self.embed_dim}; allowed values: "
+               f"divisors of {self.embed_dim}")
+        _check(self.average_top_k_layers <= self.depth,
+               f"model.average_top_k_layers={self.average_top_k_layers} exceeds model.depth={self.depth}; "
+               f"allowed values: 1..{self.depth}")
+        for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout",
+                    "layerdrop", "embed_dropout"):
+            v = getattr(self, key)
+            _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
+        _check(self.mask_noise_std >= 0,
+               f"model.mask_noise_std={self.mask_noise_std} is not allowed; allowed values: >= 0")
+        _one_of("model.kernels", self.kernels, KERNELS)
+        if self.modality == "image":
+            _check(self.img_size % self.patch_size == 0,
+                   f"model.patch_size={self.patch_size} must divide model.img_size={self.img_size}")
+            _check(self.num_extra_tokens >= 0, "model.num_extra_tokens must be >= 0")
+            _check(self.cls_loss == 0 or self.num_extra_tokens >= 1,
+                   f"model.cls_loss={self.cls_loss} needs model.num_extra_tokens >= 1 (the CLS token)")
+            ref = self.cls_loss_reference_micro_batch
+            _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed "
+                                            "values: null (the global batch) or integers >= 1")
+        else:
+            _check(self.num_extra_tokens == 0,
+                   f"model.num_extra_tokens={self.num_extra_tokens}: allowed values for {self.modality}: 0")
+            _check(self.cls_loss == 0,
+                   f"model.cls_loss={self.cls_loss}: allowed values for {self.modality}: 0 (CLS loss is image-only)")
+        if self.modality == "audio":
+            _check(self.embed_dim % self.conv_pos_groups == 0,
+                   f"model.conv_pos_groups={self.conv_pos_groups} must divide model.embed_dim={self.embed_dim}")
+            _check(all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
+                       for layer in self.conv_feature_layers),
+                   "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples of "
+                   "positive integers")
+        if self.modality == "text":
+            _check(self.vocab_size > self.pad_idx >= 0, f"model.vocab_size={self.vocab_size} must exceed "
+                                                        f"model.pad_idx={self.pad_idx}; allowed values: integers > "
+                                                        f"{self.pad_idx}")
+            _at_least("model.max_positions", self.max_positions, 1)
+
 
 @dataclass
 class DecoderConfig:
@@ -94,6 +142,12 @@ class DecoderConfig:
     projection_layers: int = 1
     projection_ratio: float = 2.0
 
+    def validate(self) -> None:
+        _check(0.0 <= self.input_dropout < 1.0,
+               f"decoder.input_dropout={self.input_dropout} is not allowed; allowed values: 0 <= input_dropout < 1")
+        for key in ("dim", "kernel", "layers", "groups", "projection_layers"):
+            _at_least(f"decoder.{key}", getattr(self, key), 1)
+
 
 @dataclass
 class MaskingConfig:
@@ -105,6 +159,14 @@ class MaskingConfig:
     mask_length: int = 3
     inverse_mask: bool = True
 
+    def validate(self) -> None:
+        _one_of("masking.kind", self.kind, MASK_KINDS)
+        _check(0.0 < self.mask_prob < 1.0,
+               f"masking.mask_prob={self.mask_prob} is not allowed; allowed values: 0 < mask_prob < 1")
+        _at_least("masking.mask_length", self.mask_length, 1)
+        _check(self.mask_prob_adjust >= 0,
+               f"masking.mask_prob_adjust={self.mask_prob_adjust} is not allowed; allowed values: >= 0")
+
 
 @dataclass
 class TeacherConfig:
@@ -115,6 +177,13 @@ class TeacherConfig:
     ema_anneal_end_step: int = 100_000
     ema_local_encoder: bool = True  # teacher has its own local encoder (images)
     ema_encoder_only: bool = False  # teacher is the shared blocks only (text)
+
+    def validate(self) -> None:
+        _check(0.0 <= self.ema_decay <= self.ema_end_decay <= 1.0,
+               f"teacher.ema_decay={self.ema_decay}, teacher.ema_end_decay={self.ema_end_decay}: "
+               "allowed values: 0 <= ema_decay <= ema_end_decay <= 1")
+        _check(self.ema_anneal_end_step >= 0,
+               f"teacher.ema_anneal_end_step={self.ema_anneal_end_step}; allowed values: integers >= 0")
 
 
 @dataclass
@@ -130,6 +199,10 @@ class DataConfig:
     # images/audio: where the job's index of data.path is built once and read by every rank
     # (d2v2scale.data.index); null: RUN/data.d2v2index. A prepared index needs none.
     index_cache: str | None = None
+
+    def validate(self) -> None:
+        _one_of("data.kind", self.kind, DATA_KINDS)
+        _at_least("data.prefetch_steps", self.prefetch_steps, 0)
 
 
 @dataclass
@@ -147,6 +220,12 @@ class TrainConfig:
     allow_long_warmup: bool = False  # permit an LR warm-up as long as (or longer than) the run
     checkpoint_format: str = "layout_free"  # layout_free (resumes on any layout/backend) | native (the backend's own, same layout)
 
+    def validate(self) -> None:
+        _one_of("train.batch_scaling", self.batch_scaling, ("none", "linear"))
+        _one_of("train.checkpoint_format", self.checkpoint_format, ("layout_free", "native"))
+        for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+
 
 KERNELS = ("auto", "torch")  # model.kernels, chosen in d2v2scale/train/kernels.py
 BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/<name>.py; the first is the default
@@ -156,6 +235,10 @@ BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/
 class ParallelConfig:
     tp: int = 1
     backend: str = BACKENDS[0]  # see d2v2scale.train.backend
+
+    def validate(self) -> None:
+        _at_least("parallel.tp", self.tp, 1)
+        _one_of("parallel.backend", self.backend, BACKENDS)
 
 
 @dataclass
@@ -384,6 +467,10 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
 
 
+def _at_least(key: str, value: int, low: int) -> None:
+    _check(value >= low, f"{key}={value} is not allowed; allowed values: integers >= {low}")
+
+
 def frame_lengths(conv_layers: list, length):
     """The length after each layer of the wav2vec CNN (``[channels, kernel, stride]`` per layer) for
     ``length`` input samples: an int or an integer tensor (floor division either way). The model,
@@ -406,10 +493,6 @@ def receptive_field(conv_layers: list) -> int:
 
 def _check_audio_sizes(cfg: Config) -> None:
     d = cfg.data
-    if not all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
-               for layer in cfg.model.conv_feature_layers):
-        raise ConfigError("model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] "
-                          "triples of positive integers")
     rf = receptive_field(cfg.model.conv_feature_layers)
     _check(d.min_sample_size >= rf, f"data.min_sample_size={d.min_sample_size} is below the CNN's receptive field "
                                     f"of {rf} samples (one frame); allowed values: >= {rf}")
@@ -426,75 +509,25 @@ def _check_audio_sizes(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible combinations with a message naming the key and the allowed values."""
-    m, d, mk, t, p = cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.parallel
-    _one_of("model.modality", m.modality, MODALITIES)
-    _one_of("data.kind", cfg.data.kind, DATA_KINDS)
+    """Each section's own :meth:`validate`, then the checks that span sections, here and nowhere
+    else; the first failure is a one-line :class:`ConfigError` naming the key and allowed values."""
+    for section in (cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.data, cfg.train, cfg.parallel):
+        section.validate()
+    _cross_section_checks(cfg)
+
+
+def _cross_section_checks(cfg: Config) -> None:
+    m, d, t, p = cfg.model, cfg.decoder, cfg.teacher, cfg.parallel
     _check(cfg.data.kind in DATA_FOR[m.modality],
            f"data.kind={cfg.data.kind} is not data for model.modality={m.modality}; allowed values: "
            f"{', '.join(DATA_FOR[m.modality])}")
-    _one_of("masking.kind", mk.kind, MASK_KINDS)
-    for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
-        _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} is not allowed; allowed values: integers >= 1")
-    _check(m.prenet_depth >= 0, f"model.prenet_depth={m.prenet_depth} is not allowed; allowed values: integers >= 0")
-    _check(m.activation_checkpointing >= 0,
-           f"model.activation_checkpointing={m.activation_checkpointing} is not allowed; "
-           "allowed values: 0 (off), 1 (every block), k (every k-th block)")
-    _check(p.tp >= 1, f"parallel.tp={p.tp} is not allowed; allowed values: integers >= 1")
-    _check(
-        m.embed_dim % m.num_heads == 0,
-        f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}; allowed values: divisors of {m.embed_dim}",
-    )
     divisors = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
-    _check(
-        m.num_heads % p.tp == 0,
-        f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}; allowed values: {', '.join(map(str, divisors))}",
-    )
-    _check(
-        m.average_top_k_layers <= m.depth,
-        f"model.average_top_k_layers={m.average_top_k_layers} exceeds model.depth={m.depth}; allowed values: 1..{m.depth}",
-    )
-    _check(0.0 < mk.mask_prob < 1.0, f"masking.mask_prob={mk.mask_prob} is not allowed; allowed values: 0 < mask_prob < 1")
-    _check(mk.mask_length >= 1, f"masking.mask_length={mk.mask_length} is not allowed; allowed values: integers >= 1")
-    _check(mk.mask_prob_adjust >= 0, f"masking.mask_prob_adjust={mk.mask_prob_adjust} is not allowed; allowed values: >= 0")
-    for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout",
-                "layerdrop", "embed_dropout"):
-        v = getattr(m, key)
-        _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
-    _check(0.0 <= d.input_dropout < 1.0,
-           f"decoder.input_dropout={d.input_dropout} is not allowed; allowed values: 0 <= input_dropout < 1")
-    _check(m.mask_noise_std >= 0, f"model.mask_noise_std={m.mask_noise_std} is not allowed; allowed values: >= 0")
-    for key in ("dim", "kernel", "layers", "groups", "projection_layers"):
-        _check(getattr(d, key) >= 1, f"decoder.{key}={getattr(d, key)} is not allowed; allowed values: integers >= 1")
-    _check(
-        d.dim % d.groups == 0 and m.embed_dim % d.groups == 0,
-        f"decoder.groups={d.groups} must divide decoder.dim={d.dim} and model.embed_dim={m.embed_dim}",
-    )
-    _check(0.0 <= t.ema_decay <= t.ema_end_decay <= 1.0,
-           f"teacher.ema_decay={t.ema_decay}, teacher.ema_end_decay={t.ema_end_decay}: "
-           "allowed values: 0 <= ema_decay <= ema_end_decay <= 1")
-    _check(t.ema_anneal_end_step >= 0, f"teacher.ema_anneal_end_step={t.ema_anneal_end_step}; allowed values: integers >= 0")
-    if m.modality == "image":
-        _check(m.img_size % m.patch_size == 0,
-               f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
-        _check(m.num_extra_tokens >= 0, "model.num_extra_tokens must be >= 0")
-        _check(m.cls_loss == 0 or m.num_extra_tokens >= 1,
-               f"model.cls_loss={m.cls_loss} needs model.num_extra_tokens >= 1 (the CLS token)")
-        ref = m.cls_loss_reference_micro_batch
-        _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed values: "
-                                        "null (the global batch) or integers >= 1")
-    else:
-        _check(m.num_extra_tokens == 0, f"model.num_extra_tokens={m.num_extra_tokens}: allowed values for {m.modality}: 0")
-        _check(m.cls_loss == 0, f"model.cls_loss={m.cls_loss}: allowed values for {m.modality}: 0 (CLS loss is image-only)")
-    if m.modality == "audio":
-        _check(m.embed_dim % m.conv_pos_groups == 0,
-               f"model.conv_pos_groups={m.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
+    _check(m.num_heads % p.tp == 0,
+           f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}; allowed values: {', '.join(map(str, divisors))}")
+    _check(d.dim % d.groups == 0 and m.embed_dim % d.groups == 0,
+           f"decoder.groups={d.groups} must divide decoder.dim={d.dim} and model.embed_dim={m.embed_dim}")
     if m.modality == "audio":
         _check_audio_sizes(cfg)
-    if m.modality == "text":
-        _check(m.vocab_size > m.pad_idx >= 0, f"model.vocab_size={m.vocab_size} must exceed model.pad_idx={m.pad_idx}; "
-                                               f"allowed values: integers > {m.pad_idx}")
-        _check(m.max_positions >= 1, f"model.max_positions={m.max_positions}; allowed values: integers >= 1")
     if cfg.mask_kind() == "block2d":
         _check(m.modality == "image", f"masking.kind=block2d is for images; allowed for {m.modality}: block1d, random")
     _check(t.ema_encoder_only or m.modality != "text",
@@ -502,15 +535,6 @@ def validate(cfg: Config) -> None:
     _check(not (m.modality == "audio" and t.ema_local_encoder),
            "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); "
            "allowed values: false")
-    _check(cfg.data.prefetch_steps >= 0,
-           f"data.prefetch_steps={cfg.data.prefetch_steps} is not allowed; allowed values: integers >= 0")
-    tr = cfg.train
-    _one_of("train.batch_scaling", tr.batch_scaling, ("none", "linear"))
-    _one_of("train.checkpoint_format", tr.checkpoint_format, ("layout_free", "native"))
-    _one_of("parallel.backend", cfg.parallel.backend, BACKENDS)
-    _one_of("model.kernels", m.kernels, KERNELS)
-    _check(tr.checkpoint_format == "layout_free" or cfg.parallel.backend == BACKENDS[0],
+    _check(cfg.train.checkpoint_format == "layout_free" or p.backend == BACKENDS[0],
            f"train.checkpoint_format=native needs parallel.backend={BACKENDS[0]} (FSDP2 has no native format here); "
-           f"allowed with {cfg.parallel.backend}: layout_free")
-    for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):
-        _check(getattr(tr, key) >= 1, f"train.{key}={getattr(tr, key)} is not allowed; allowed values: integers >= 1")
+           f"allowed with {p.backend}: layout_free")
