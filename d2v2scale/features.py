@@ -31,9 +31,9 @@ import torch
 
 from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, ModelSpec
-from .weights import read_weights
 from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, list_files
 from .model import Data2Vec2
+from .weights import read_weights
 
 
 def load_student(path: str) -> Data2Vec2:

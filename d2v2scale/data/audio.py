@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..logs import LOG
 from .. import counter_rng
+from ..logs import LOG
 from .files import AUDIO_SUFFIXES, DataError, log_once, read_file
 from .headers import RATE
 from .index import DataIndex

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..logs import LOG
 from .. import counter_rng
+from ..logs import LOG
 from .files import IMAGE_SUFFIXES, DataError, log_once, read_file
 from .index import DataIndex
 from .indexing import as_index

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config
 from .. import counter_rng
+from ..config import Config
 
 
 def synthetic_batch(cfg: Config, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ from typing import Any
 from ..config import Config, ConfigError
 from .fairseq import MODALITY_NAMES
 
-
 # ------------------------------------------------------------------------------- fairseq defaults
 _DECODER_DEFAULTS = {
     "decoder_dim": 384, "decoder_groups": 16, "decoder_kernel": 5, "decoder_layers": 5, "input_dropout": 0.1,

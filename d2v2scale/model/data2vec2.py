@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelSpec
 from .. import counter_rng
+from ..config import ModelSpec
 from .blocks import checkpointed, make_blocks, run_block
 from .decoder import Decoder1d, Decoder2d
 from .encoders import build_encoder

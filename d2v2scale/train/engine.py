@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import runfiles
 from ..config import Config
+from ..counter_rng import combine
 from ..data.indexing import shared_index
 from ..data.loader import MicroBatch, StepLoader
 from ..data.precheck import index_spec
@@ -37,18 +39,16 @@ from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
 from ..distributed.runtime import all_reduce, broadcast_object
 from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, tp_slice
-from ..model.parallelize import parallelize
+from ..ds_config import BatchPlan
 from ..logs import LOG, progress_line
 from ..model import Data2Vec2, cls_share, normalize_loss
-from ..counter_rng import combine
+from ..model.parallelize import parallelize
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
-from .teacher import EMACore, ema_schedule
+from ..runfiles import MetricsWriter
 from . import checkpoint
 from .backend import Backend, build_backend
 from .compile import apply_compile
-from .kernels import apply_kernels, select_kernels
-from ..ds_config import BatchPlan
 from .faults import (
     NonFiniteTraining,
     Preempted,
@@ -58,10 +58,10 @@ from .faults import (
     poisoned,
     tensors_finite,
 )
-from .. import runfiles
-from ..runfiles import MetricsWriter
+from .kernels import apply_kernels, select_kernels
 from .reporting import Diagnostics, Interval, log_record
 from .sinks import MetricSinks, without_sinks
+from .teacher import EMACore, ema_schedule
 
 
 @dataclass

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from ..distributed.runtime import all_reduce
 from ..logs import LOG
-from ..runfiles import as_json
 from ..model.data2vec2 import spread
+from ..runfiles import as_json
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -14,11 +14,6 @@ import yaml
 from .. import runfiles
 from ..config import Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
-from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
-from ..logs import LOG
-from . import checkpoint
-from .verify import CheckpointError
-from .backend import check_ds_config
 from ..ds_config import (
     BatchPlan,
     describe_optimization,
@@ -27,8 +22,13 @@ from ..ds_config import (
     resolve_ds_config,
     scale_batch_for_world,
 )
+from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
+from ..logs import LOG
+from . import checkpoint
+from .backend import check_ds_config
 from .shards import has_shards
 from .sinks import check_sinks
+from .verify import CheckpointError
 
 NEEDS_PATH = ("images", "audio", "text")
 INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.indexing)

@@ -33,9 +33,9 @@ from torch import nn
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...logs import adopt
-from ..teacher import BUCKET_NUMEL, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
 from ..faults import all_finite
 from ..optim import param_groups
+from ..teacher import BUCKET_NUMEL, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
 from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
 from .protocol import MOMENTS, Read, StateRange
 

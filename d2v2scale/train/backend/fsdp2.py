@@ -29,11 +29,12 @@ from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
 from ...model.blocks import Block
-from ..teacher import EMASchedule, ShardedModuleEMA
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
+from ..teacher import EMASchedule, ShardedModuleEMA
 from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
 from .protocol import MOMENTS, Read, StateRange
+
 
 def check_ds_config(ds: dict, tp: int) -> None:
     """Refuse, before any process starts, what this backend would not honour in a well-formed
