@@ -228,6 +228,9 @@ class TrainConfig:
 
 
 KERNELS = ("auto", "torch")  # model.kernels, chosen in d2v2scale/train/kernels.py
+# model keys that change how the same parameters compute, not what they are: a resume may change
+# them, and the planner counts parameters once for all their values
+HOW_THE_MODEL_RUNS = ("compile", "activation_checkpointing", "kernels")
 BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/<name>.py; the first is the default
 
 

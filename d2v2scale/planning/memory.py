@@ -25,7 +25,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-from ..config import BACKENDS, Config, frame_lengths
+from ..config import BACKENDS, HOW_THE_MODEL_RUNS, Config, frame_lengths
 from ..model.blocks import Block, checkpointed_count
 from .comm import ParamCounts
 
@@ -49,14 +49,9 @@ class Layout:
         return self.backend == BACKENDS[0] and self.zero in (1, 2)
 
 
-# Model keys that change how the same parameters compute, not what they are: one count serves all
-# the values a layout search tries.
-_HOW_IT_RUNS = ("compile", "activation_checkpointing", "kernels")
-
-
 def param_counts(cfg: Config, tp: int) -> ParamCounts:
     """Element counts one TP rank holds (block matrices / tp, the rest replicated), from a meta model."""
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _HOW_IT_RUNS}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in HOW_THE_MODEL_RUNS}
     key = json.dumps([model, dataclasses.asdict(cfg.decoder), dataclasses.asdict(cfg.teacher)])
     return _param_counts(key, tp)
 

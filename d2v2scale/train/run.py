@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .. import runfiles
-from ..config import Config, ConfigError, ParallelConfig, load_config
+from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
 from ..ds_config import (
     BatchPlan,
@@ -43,7 +43,7 @@ RESUMABLE = (
     "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache",
     "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
     "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
-    "model.compile", "model.activation_checkpointing", "model.kernels",  # how the same math runs
+    *(f"model.{key}" for key in HOW_THE_MODEL_RUNS),
 )
 # The split of the (unchanged) global batch and the sharding may change with the layout.
 _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown", "train_batch_size",
