@@ -6,28 +6,62 @@ process group exists, so a typo costs a second, not a Slurm allocation. Every fa
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-MODALITIES = ("image", "audio", "text")
-DATA_KINDS = ("synthetic", "digits", "images", "audio", "text")
-DATA_FOR = {"image": ("synthetic", "digits", "images"), "audio": ("synthetic", "audio"), "text": ("synthetic", "text")}
+from . import modality as modalities
+from .errors import ConfigError
+
+class _OpenSection:
+    """A section that a modality adds keys to (``model``, ``data``). Its own fields are the keys
+    every modality reads; each registered modality's keys (``model.img_size`` is the image
+    modality's, see :mod:`d2v2scale.modality`) sit flat beside them in ``extra``, so presets,
+    overrides, config.yaml and readers (``cfg.model.img_size``) look as they did before the keys
+    moved to their modality."""
+
+    extra: dict
+
+    def __getattr__(self, name: str) -> Any:  # only reached when normal lookup fails
+        extra = self.__dict__.get("extra")
+        if extra is not None and not name.startswith("__"):
+            if name in extra:
+                return extra[name]
+            if name in modalities.section_keys(self.SECTION):  # registered after this config was made
+                return modalities.section_keys(self.SECTION)[name][1]
+        raise AttributeError(f"'{type(self).__name__}' has no key '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dataclass_fields__ or name not in modalities.section_keys(self.SECTION):
+            object.__setattr__(self, name, value)
+        else:
+            self.extra[name] = value
+
+    def flat(self) -> dict[str, Any]:
+        """The section's keys and values, the modalities' included (what config.yaml holds)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**out, **{k: default for k, (_, default) in modalities.section_keys(self.SECTION).items()},
+                **copy.deepcopy(self.extra)}
 
 
-class ConfigError(ValueError):
-    """A configuration or command-line mistake; the message is one line meant for the user."""
+def _extra_defaults(section: str) -> Callable[[], dict]:
+    return lambda: {k: default for k, (_, default) in modalities.section_keys(section).items()}
 
 
 @dataclass
-class ModelConfig:
-    """Encoder, teacher-target and loss settings (fairseq ``Data2VecMultiConfig`` names where they exist)."""
+class ModelConfig(_OpenSection):
+    """Encoder, teacher-target and loss settings (fairseq ``Data2VecMultiConfig`` names where they
+    exist); the keys of one modality only (``img_size``, ``conv_feature_layers``, ``vocab_size``)
+    are its module's, in ``extra``."""
+
+    SECTION = "model"
 
     modality: str = "image"
     embed_dim: int = 768
@@ -61,27 +95,10 @@ class ModelConfig:
     cls_loss_reference_micro_batch: int | None = None
     mask_noise_std: float = 0.01
     num_extra_tokens: int = 0
-    # image
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    # audio
-    conv_feature_layers: list = field(
-        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
-    )
-    conv_pos_width: int = 95
-    conv_pos_depth: int = 5
-    conv_pos_groups: int = 16
-    use_alibi: bool = False
-    alibi_scale: float = 1.0
-    # text
-    vocab_size: int = 50265
-    max_positions: int = 512
-    pad_idx: int = 1
-    embed_dropout: float = 0.1  # after the token + position embedding (fairseq modalities.text.dropout)
+    extra: dict = field(default_factory=_extra_defaults("model"), repr=False)
 
     def validate(self) -> None:
-        _one_of("model.modality", self.modality, MODALITIES)
+        _one_of("model.modality", self.modality, modalities.names())
         for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _at_least("model.prenet_depth", self.prenet_depth, 0)
@@ -95,38 +112,15 @@ class ModelConfig:
                f"model.average_top_k_layers={self.average_top_k_layers} exceeds model.depth={self.depth}; "
                f"allowed values: 1..{self.depth}")
         for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout",
-                    "layerdrop", "embed_dropout"):
+                    "layerdrop"):
             v = getattr(self, key)
             _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
         _check(self.mask_noise_std >= 0,
                f"model.mask_noise_std={self.mask_noise_std} is not allowed; allowed values: >= 0")
         _one_of("model.kernels", self.kernels, KERNELS)
-        if self.modality == "image":
-            _check(self.img_size % self.patch_size == 0,
-                   f"model.patch_size={self.patch_size} must divide model.img_size={self.img_size}")
-            _check(self.num_extra_tokens >= 0, "model.num_extra_tokens must be >= 0")
-            _check(self.cls_loss == 0 or self.num_extra_tokens >= 1,
-                   f"model.cls_loss={self.cls_loss} needs model.num_extra_tokens >= 1 (the CLS token)")
-            ref = self.cls_loss_reference_micro_batch
-            _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed "
-                                            "values: null (the global batch) or integers >= 1")
-        else:
-            _check(self.num_extra_tokens == 0,
-                   f"model.num_extra_tokens={self.num_extra_tokens}: allowed values for {self.modality}: 0")
-            _check(self.cls_loss == 0,
-                   f"model.cls_loss={self.cls_loss}: allowed values for {self.modality}: 0 (CLS loss is image-only)")
-        if self.modality == "audio":
-            _check(self.embed_dim % self.conv_pos_groups == 0,
-                   f"model.conv_pos_groups={self.conv_pos_groups} must divide model.embed_dim={self.embed_dim}")
-            _check(all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
-                       for layer in self.conv_feature_layers),
-                   "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples of "
-                   "positive integers")
-        if self.modality == "text":
-            _check(self.vocab_size > self.pad_idx >= 0, f"model.vocab_size={self.vocab_size} must exceed "
-                                                        f"model.pad_idx={self.pad_idx}; allowed values: integers > "
-                                                        f"{self.pad_idx}")
-            _at_least("model.max_positions", self.max_positions, 1)
+        ref = self.cls_loss_reference_micro_batch
+        _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed "
+                                        "values: null (the global batch) or integers >= 1")
 
 
 @dataclass
@@ -151,7 +145,8 @@ class DecoderConfig:
 
 @dataclass
 class MaskingConfig:
-    """Mask generator; ``kind`` auto picks 2-D inverse blocks (image), 1-D blocks (audio) or random (text)."""
+    """Mask generator; ``kind`` auto picks the modality's own (2-D inverse blocks for images, 1-D blocks
+    for spans longer than one, else random)."""
 
     kind: str = "auto"
     mask_prob: float = 0.8
@@ -187,21 +182,22 @@ class TeacherConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_OpenSection):
+    """Where a run's items come from; a modality's own data keys (audio's ``max_tokens``) are in ``extra``."""
+
+    SECTION = "data"
     kind: str = "synthetic"
     path: str | None = None
     num_workers: int = 2
     prefetch_steps: int = 1  # steps read ahead on a background thread (0: load when the step starts)
-    max_tokens: int | None = None  # audio: samples per micro-batch per rank
-    min_sample_size: int = 32_000
-    max_sample_size: int = 320_000
     sample_length: int | None = None  # synthetic audio/text: samples or tokens per item
     # images/audio: where the job's index of data.path is built once and read by every rank
     # (d2v2scale.data.index); null: RUN/data.d2v2index. A prepared index needs none.
     index_cache: str | None = None
+    extra: dict = field(default_factory=_extra_defaults("data"), repr=False)
 
     def validate(self) -> None:
-        _one_of("data.kind", self.kind, DATA_KINDS)
+        _one_of("data.kind", self.kind, modalities.data_kinds())
         _at_least("data.prefetch_steps", self.prefetch_steps, 0)
 
 
@@ -267,16 +263,17 @@ class Config:
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.update(model=self.model.flat(), data=self.data.flat())
+        return out
 
     def run_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the keys only other modalities read (what a run's config.yaml shows)."""
         out = self.to_dict()
-        for modality, sections in MODALITY_KEYS.items():
-            if modality != self.model.modality:
-                for section, keys in sections.items():
-                    for key in keys:
-                        out[section].pop(key, None)
+        for section in ("model", "data"):
+            for key in list(out[section]):
+                if modalities.key_owner(section, key) not in (None, self.model.modality):
+                    del out[section][key]
         return out
 
     def model_spec(self) -> "ModelSpec":
@@ -301,20 +298,10 @@ class ModelSpec:
         """The mask generator this config resolves to."""
         if self.masking.kind != "auto":
             return self.masking.kind
-        if self.model.modality == "image":
-            return "block2d"
-        return "block1d" if self.masking.mask_length > 1 else "random"
+        return modalities.get(self.model.modality).mask_kind(self.masking)
 
 
 MASK_KINDS = ("auto", "block2d", "block1d", "random")
-# Keys only one modality reads, by section (the others' are left out of a run's config.yaml).
-MODALITY_KEYS = {
-    "image": {"model": ("img_size", "patch_size", "in_chans")},
-    "audio": {"model": ("conv_feature_layers", "conv_pos_width", "conv_pos_depth", "conv_pos_groups", "use_alibi",
-                        "alibi_scale"),
-              "data": ("max_tokens", "min_sample_size", "max_sample_size")},
-    "text": {"model": ("vocab_size", "max_positions", "pad_idx", "embed_dropout")},
-}
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 _SCALARS = ("preset", "seed")
 
@@ -378,7 +365,9 @@ def _apply(cfg: Config, section: str, key: str | None, value: Any, source: str) 
         allowed = ", ".join(s for s in _SECTIONS if s not in _SCALARS)
         raise ConfigError(f"unknown section '{section}' in '{section}.{key}' ({source}); allowed sections: {allowed}")
     sub = getattr(cfg, section)
-    hints = _hints(type(sub))
+    hints = {k: v for k, v in _hints(type(sub)).items() if k != "extra"}
+    if isinstance(sub, _OpenSection):
+        hints.update({k: tp for k, (tp, _) in modalities.section_keys(section).items()})
     if key not in hints:
         raise ConfigError(
             f"unknown key '{section}.{key}' ({source}); allowed keys in '{section}': {', '.join(hints)}"
@@ -474,70 +463,29 @@ def _at_least(key: str, value: int, low: int) -> None:
     _check(value >= low, f"{key}={value} is not allowed; allowed values: integers >= {low}")
 
 
-def frame_lengths(conv_layers: list, length):
-    """The length after each layer of the wav2vec CNN (``[channels, kernel, stride]`` per layer) for
-    ``length`` input samples: an int or an integer tensor (floor division either way). The model,
-    the planner's memory and FLOPs and the positions count all read it here."""
-    out = []
-    for _, kernel, stride in conv_layers:
-        length = (length - kernel) // stride + 1
-        out.append(length)
-    return out
-
-
-def receptive_field(conv_layers: list) -> int:
-    """Input samples one output frame of the wav2vec CNN sees (400 for the standard 7-layer stack)."""
-    field, stride = 1, 1
-    for _, kernel, layer_stride in conv_layers:
-        field += (kernel - 1) * stride
-        stride *= layer_stride
-    return field
-
-
-def _check_audio_sizes(cfg: Config) -> None:
-    d = cfg.data
-    rf = receptive_field(cfg.model.conv_feature_layers)
-    _check(d.min_sample_size >= rf, f"data.min_sample_size={d.min_sample_size} is below the CNN's receptive field "
-                                    f"of {rf} samples (one frame); allowed values: >= {rf}")
-    _check(d.max_sample_size >= d.min_sample_size, f"data.max_sample_size={d.max_sample_size} is below "
-                                                   f"data.min_sample_size={d.min_sample_size}; allowed values: "
-                                                   f">= {d.min_sample_size}")
-    if d.sample_length is not None:
-        _check(d.sample_length >= rf, f"data.sample_length={d.sample_length} is below the CNN's receptive field of "
-                                      f"{rf} samples; allowed values: >= {rf}")
-    if d.max_tokens is not None:
-        _check(d.max_tokens >= d.max_sample_size, f"data.max_sample_size={d.max_sample_size} exceeds data.max_tokens="
-                                                  f"{d.max_tokens}: one crop would not fit a micro-batch; allowed: "
-                                                  f"data.max_tokens >= {d.max_sample_size}")
-
-
 def validate(cfg: Config) -> None:
     """Each section's own :meth:`validate`, then the checks that span sections, here and nowhere
     else; the first failure is a one-line :class:`ConfigError` naming the key and allowed values."""
     for section in (cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.data, cfg.train, cfg.parallel):
         section.validate()
+    modalities.get(cfg.model.modality).validate(cfg)
     _cross_section_checks(cfg)
 
 
 def _cross_section_checks(cfg: Config) -> None:
-    m, d, t, p = cfg.model, cfg.decoder, cfg.teacher, cfg.parallel
-    _check(cfg.data.kind in DATA_FOR[m.modality],
-           f"data.kind={cfg.data.kind} is not data for model.modality={m.modality}; allowed values: "
-           f"{', '.join(DATA_FOR[m.modality])}")
+    m, d, p = cfg.model, cfg.decoder, cfg.parallel
+    mod = modalities.get(m.modality)
+    kinds = ["synthetic"] + [k.name for k in mod.data_kinds]
+    _check(cfg.data.kind in kinds,
+           f"data.kind={cfg.data.kind} is not data for model.modality={m.modality}; allowed values: {', '.join(kinds)}")
     divisors = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
     _check(m.num_heads % p.tp == 0,
            f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}; allowed values: {', '.join(map(str, divisors))}")
     _check(d.dim % d.groups == 0 and m.embed_dim % d.groups == 0,
            f"decoder.groups={d.groups} must divide decoder.dim={d.dim} and model.embed_dim={m.embed_dim}")
-    if m.modality == "audio":
-        _check_audio_sizes(cfg)
-    if cfg.mask_kind() == "block2d":
-        _check(m.modality == "image", f"masking.kind=block2d is for images; allowed for {m.modality}: block1d, random")
-    _check(t.ema_encoder_only or m.modality != "text",
-           "teacher.ema_encoder_only=false is not supported for text; allowed values: true")
-    _check(not (m.modality == "audio" and t.ema_local_encoder),
-           "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); "
-           "allowed values: false")
+    _check(cfg.mask_kind() in mod.mask_kinds,
+           f"masking.kind={cfg.masking.kind} is not for {m.modality}; allowed for {m.modality}: auto, "
+           f"{', '.join(mod.mask_kinds)}")
     _check(cfg.train.checkpoint_format == "layout_free" or p.backend == BACKENDS[0],
            f"train.checkpoint_format=native needs parallel.backend={BACKENDS[0]} (FSDP2 has no native format here); "
            f"allowed with {p.backend}: layout_free")

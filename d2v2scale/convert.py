@@ -34,11 +34,9 @@ import torch
 
 from .cli import OneLineParser, fail
 from .config import Config, ConfigError, load_config
-from .interop.fairseq import KeyMappingError, detect_modality, from_fairseq, to_fairseq
+from .interop.fairseq import KeyMappingError, detect_modality, from_fairseq, layout, to_fairseq
 from .interop.fairseq_config import config_values, to_fairseq_config
 from .weights import FORMAT, load_torch_file, read_weights
-
-BASE_PRESET = {"image": "vit_b", "audio": "audio_base", "text": "text_base"}
 
 
 def _plain(obj: Any) -> Any:
@@ -83,19 +81,7 @@ def derive_values(student: dict[str, torch.Tensor], teacher: dict | None, modali
     out["decoder.projection_layers"] = len(proj)
     if len(proj) > 1:
         out["decoder.projection_ratio"] = student[proj[0]].shape[0] / w.shape[0]
-    if modality == "image":
-        patch = student["encoder.local_encoder.proj.weight"]
-        grid = int(round(student["encoder.fixed_positional_encoder.positions"].shape[1] ** 0.5))
-        out.update({"model.patch_size": patch.shape[-1], "model.in_chans": patch.shape[1],
-                    "model.img_size": grid * patch.shape[-1],
-                    "model.num_extra_tokens": student["encoder.extra_tokens"].shape[1] if "encoder.extra_tokens" in student else 0})
-    if modality == "audio":
-        pos = sorted(k for k in student if k.startswith("encoder.relative_positional_encoder.") and k.endswith("weight"))
-        k = student[pos[0]].shape[-1]
-        out.update({"model.conv_pos_depth": len(pos), "model.conv_pos_groups": dim // student[pos[0]].shape[1],
-                    "model.conv_pos_width": k * len(pos), "model.use_alibi": "encoder.alibi_scale" in student})
-    if modality == "text":
-        out["model.vocab_size"] = student["encoder.local_encoder.embed_tokens.weight"].shape[0]
+    out.update(layout(modality).derive(student))
     if teacher is not None:
         out["teacher.ema_encoder_only"] = not any(key.startswith("encoder.") for key in teacher)
         out["teacher.ema_local_encoder"] = any(key.startswith("encoder.local_encoder.") for key in teacher)
@@ -110,22 +96,13 @@ def _values_without_config(student: dict, teacher: dict | None, modality: str, p
                            overrides: list[str]) -> dict[str, Any]:
     """Shape-derived values, with a precise message for what shapes cannot give."""
     values = derive_values(student, teacher, modality)
-    base = load_config(preset or BASE_PRESET[modality])
+    own = layout(modality)
+    base = load_config(preset or own.base_preset)
     if not preset and not _given("model.num_heads", overrides):
         raise ConfigError("the checkpoint has no cfg.model and model.num_heads is not recoverable from tensors; "
                           "pass model.num_heads=N or --preset NAME")
-    if modality == "audio" and not _given("model.conv_feature_layers", overrides):
-        convs = sorted((k for k in student if k.startswith("encoder.local_encoder.conv_layers.") and k.endswith(".0.weight")),
-                       key=lambda k: int(k.split(".")[3]))
-        if not preset or len(base.model.conv_feature_layers) != len(convs):
-            raise ConfigError("the checkpoint has no cfg.model and the CNN strides are not recoverable from tensors; "
-                              f"pass model.conv_feature_layers=[[dim,kernel,stride],...] ({len(convs)} layers) "
-                              "or --preset NAME with the same CNN")
-        values["model.conv_feature_layers"] = [[student[k].shape[0], student[k].shape[-1], spec[2]]
-                                               for k, spec in zip(convs, base.model.conv_feature_layers)]
-    if modality == "text":
-        rows = student["encoder.local_encoder.embed_positions.weight"].shape[0]
-        values["model.max_positions"] = rows - base.model.pad_idx - 1
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    values.update(own.without_config(student, base, given, from_preset=bool(preset)))
     # not in the weights; the base preset's value, capped by the depth (override to change)
     values["model.average_top_k_layers"] = min(base.model.average_top_k_layers, values["model.depth"])
     return values
@@ -173,14 +150,13 @@ def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: lis
     if cfg_model is not None:
         values = config_values(cfg_model, modality)
         student, teacher = from_fairseq(state, modality, values["teacher.ema_encoder_only"])
-        if modality == "text":  # fairseq takes it from the task's dictionary, not from cfg.model
-            values["model.vocab_size"] = student["encoder.local_encoder.embed_tokens.weight"].shape[0]
+        values.update(layout(modality).outside_config(student))  # e.g. text: the task's dictionary size
     else:
         student, teacher = from_fairseq(state, modality)
         values = _values_without_config(student, teacher, modality, preset, overrides)
     if batch is not None:
         values[CLS_REFERENCE] = batch
-    cfg = load_config(preset or BASE_PRESET[modality], overrides, values)
+    cfg = load_config(preset or layout(modality).base_preset, overrides, values)
     check_against_model(cfg, student, teacher)
     _save(out, {"format": FORMAT, "config": cfg.to_dict(), "student": student, "teacher": teacher})
     return cfg, cfg_model is not None, _cls_reference_note(cfg, batch, overrides)

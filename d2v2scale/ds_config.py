@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from . import modality as modalities
 from .config import Config, ConfigError
 
 _AUTO = "auto"
@@ -77,12 +78,13 @@ def plan_batch(ds: dict, cfg: Config, dp: int) -> BatchPlan:
     if tbs is not None and tbs != g:
         raise ConfigError(f"ds_config train_batch_size={tbs} disagrees with train.global_batch={g}; "
                           f"allowed values: \"auto\" or {g}")
-    tokens = cfg.data.max_tokens if cfg.model.modality == "audio" else None
-    if tokens is not None:
+    budget = modalities.batch_budget(cfg)
+    if budget is not None:
+        modality = modalities.get(cfg.model.modality)
         if micro is not None:
-            raise ConfigError("ds_config train_micro_batch_size_per_gpu must be \"auto\" when data.max_tokens "
-                              "sets the audio micro-batch")
-        micro, unit = tokens, "audio samples"
+            raise ConfigError(f"ds_config train_micro_batch_size_per_gpu must be \"auto\" when data.{modality.budget_key} "
+                              f"sets the {cfg.model.modality} micro-batch")
+        micro, unit = budget, modality.budget_unit
     else:
         unit = "samples"
     if micro is None and gas is None:
@@ -152,8 +154,7 @@ def scale_batch_for_world(ds: dict, cfg: Config, dp: int) -> str | None:
         return None
     except ConfigError:
         pass
-    unit = cfg.data.max_tokens if cfg.model.modality == "audio" and cfg.data.max_tokens else \
-        (_int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1)
+    unit = modalities.batch_budget(cfg) or _int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1
     quantum = unit * dp * (_int_or_auto(ds, "gradient_accumulation_steps") or 1)
     old = cfg.train.global_batch
     new = -(-old // quantum) * quantum

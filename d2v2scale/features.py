@@ -22,16 +22,16 @@ the same length. In Python: ``load_student(path).extract_features(x, lengths, la
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from . import modality as modalities
 from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, ModelSpec
-from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, list_files
+from .data.files import DataError
+from .modality import FeatureItem
 from .model import Data2Vec2
 from .weights import read_weights
 
@@ -43,86 +43,25 @@ def load_student(path: str) -> Data2Vec2:
     return model.eval()
 
 
-@dataclass
-class Item:
-    name: str
-    length: int  # for sorting into batches (samples, tokens or pixels)
-    load: Callable[[], torch.Tensor]
-
-
-def _npy_items(path: Path) -> list[Item]:
+def _npy_items(path: Path) -> list[FeatureItem]:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise DataError(f"{path} is not a readable .npy array ({e})") from None
     x = torch.from_numpy(array)
     x = x.float() if x.is_floating_point() else x.long()
-    return [Item(f"{path.name}[{i}]", x[i].numel(), lambda i=i: x[i]) for i in range(len(x))]
+    return [FeatureItem(f"{path.name}[{i}]", x[i].numel(), lambda i=i: x[i]) for i in range(len(x))]
 
 
-def _image_items(path: Path, size: int) -> list[Item]:
-    from .data.images import eval_transform
-
-    return [Item(str(p), 0, lambda p=p: eval_transform(p, size)) for p in _files(path, IMAGE_SUFFIXES, "image")]
-
-
-def _audio_items(path: Path) -> list[Item]:
-    from .data.audio import load_audio
-    from .data.headers import header_length
-    from .data.manifest import read_manifest
-
-    if path.suffix == ".tsv":
-        root, names, frames, offsets = read_manifest(path)
-        if offsets is not None:
-            raise DataError(f"{path} lists segments (an offset column): extract features from whole files")
-        entries = [(Path(root) / name, int(n)) for name, n in zip(names, frames)]
-    else:
-        entries = []
-        for p in _files(path, AUDIO_SUFFIXES, "audio"):
-            try:
-                frames = header_length(p)[0]
-            except Exception:  # noqa: BLE001 - a bad header is reported when the file is loaded
-                frames = 0
-            entries.append((p, frames))
-    return [Item(str(p), n, lambda p=p: torch.from_numpy(load_audio(p))) for p, n in entries]
-
-
-def _text_items(path: Path) -> list[Item]:
-    items = []
-    for k, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            try:
-                ids = torch.tensor([int(t) for t in line.split()], dtype=torch.int64)
-            except ValueError:
-                raise DataError(f"{path}:{k + 1}: expected space-separated integer token ids") from None
-            items.append(Item(f"{path.name}:{k + 1}", len(ids), lambda ids=ids: ids))
-    return items
-
-
-def _files(path: Path, suffixes: tuple[str, ...], kind: str) -> list[Path]:
-    files = list_files(path, suffixes)
-    files = [p for p in files if p.suffix.lower() in suffixes]
-    if not files:
-        raise DataError(f"{path} holds no {kind} files ({', '.join(suffixes)}); this model's modality is {kind}")
-    return files
-
-
-def find_items(path: str, cfg: ModelSpec) -> list[Item]:
+def find_items(path: str, cfg: ModelSpec) -> list[FeatureItem]:
     """The inputs under ``path`` for a model of ``cfg``'s modality."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path} does not exist")
-    modality = cfg.model.modality
     if p.suffix == ".npy":
         items = _npy_items(p)
-    elif modality == "image":
-        items = _image_items(p, cfg.model.img_size)
-    elif modality == "audio":
-        items = _audio_items(p)
-    elif p.is_file() and p.suffix == ".txt":
-        items = _text_items(p)
     else:
-        raise DataError(f"{path}: a text model reads a .txt file of token ids (one item per line) or a .npy array")
+        items = modalities.get(cfg.model.modality).feature_items(p, cfg.model)
     if not items:
         raise DataError(f"{path} holds no inputs")
     return items
@@ -137,7 +76,7 @@ def _pad(xs: list[torch.Tensor], pad_value: float) -> tuple[torch.Tensor, torch.
 
 
 @torch.inference_mode()
-def extract(model: Data2Vec2, items: list[Item], layer: int | str = -1, pool: str = "mean", batch: int = 16,
+def extract(model: Data2Vec2, items: list[FeatureItem], layer: int | str = -1, pool: str = "mean", batch: int = 16,
             device: str = "cpu", progress: bool = True) -> tuple[list[str], list[torch.Tensor], list[str]]:
     """(names, per-item features (T, D) or (D,), skipped names) in input order."""
     from tqdm import tqdm
@@ -158,7 +97,7 @@ def extract(model: Data2Vec2, items: list[Item], layer: int | str = -1, pool: st
         if loaded:
             idx, xs = zip(*loaded)
             if xs[0].dim() == 1:  # waveforms or token ids: pad and pass the lengths
-                source, lengths = _pad(list(xs), model.cfg.model.pad_idx if model.modality == "text" else 0.0)
+                source, lengths = _pad(list(xs), modalities.get(model.modality).pad_value(model.cfg.model))
                 feats, valid = model.extract_features(source.to(device), lengths.to(device), layer)
             else:
                 feats, valid = model.extract_features(torch.stack(xs).to(device), None, layer)

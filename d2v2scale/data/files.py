@@ -149,6 +149,14 @@ def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     raise DataError(f"data.path '{root}' does not exist")
 
 
+def input_files(path: Path, suffixes: tuple[str, ...], modality: str) -> list[Path]:
+    """:func:`list_files` kept to ``suffixes``, and at least one (the feature tool's inputs)."""
+    files = [p for p in list_files(path, suffixes) if p.suffix.lower() in suffixes]
+    if not files:
+        raise DataError(f"{path} holds no {modality} files ({', '.join(suffixes)}); this model's modality is {modality}")
+    return files
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, mode: str = "w") -> Iterator:
     """A temporary file beside ``path`` (unique per writer, any node), fsynced and renamed over

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .. import modality as modalities
 from ..config import Config
 from ..model.masking import MaskInfo
 from .files import log_once
@@ -33,39 +34,15 @@ class MicroBatch:
 
 def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: bool = True,
                  index: DataIndex | None = None):
-    """The batch source for ``data.kind``; ``micro_batch`` sizes the DALI pipeline; ``index`` is the
-    job's index of ``data.path`` (images, audio; None: the source indexes the path itself)."""
-    kind = cfg.data.kind
-    if kind == "synthetic":
+    """The batch source for ``data.kind`` (the modality's :class:`~d2v2scale.modality.DataKind`);
+    ``micro_batch`` sizes the DALI pipeline; ``index`` is the job's index of ``data.path`` (indexed
+    kinds; None: the source indexes the path itself)."""
+    kind = modalities.data_kind(cfg)
+    if kind is None:
         from .synthetic import SyntheticSource
 
         return SyntheticSource(cfg)
-    if kind == "digits":
-        if cfg.model.modality != "image":
-            raise ValueError(f"data.kind=digits is an image dataset; model.modality={cfg.model.modality}")
-        from .digits import DigitsSource
-
-        return DigitsSource(cfg.model.img_size, cfg.model.in_chans, cfg.seed)
-    if kind == "images":
-        from .images import ImageSource
-
-        m = cfg.model
-        return ImageSource(cfg.data.path if index is None else index, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
-                           threads=max(1, cfg.data.num_workers), verbose=verbose)
-    if kind == "audio":
-        from .audio import AudioSource
-
-        d = cfg.data
-        if d.max_tokens is None:
-            raise ValueError("data.kind=audio needs data.max_tokens (samples per micro-batch per rank)")
-        return AudioSource(d.path if index is None else index, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
-                           threads=max(1, d.num_workers), verbose=verbose)
-    if kind == "text":
-        from .text import TokenBlocks
-
-        m = cfg.model
-        return TokenBlocks(cfg.data.path, cfg.data.sample_length or m.max_positions, m.vocab_size, cfg.seed)
-    raise NotImplementedError(f"data.kind={kind} is not available yet; available: synthetic, digits, images, audio, text")
+    return kind.build(cfg, micro_batch, device, verbose, index)
 
 
 class StepLoader:

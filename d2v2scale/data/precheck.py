@@ -15,26 +15,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import modality as modalities
 from ..config import Config
 from ..logs import LOG
-from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
+from .files import DataError
 from .indexing import IndexSpec, ensure_index
-
-_SUFFIXES = {"images": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}
 
 
 def index_spec(cfg: Config) -> IndexSpec | None:
     """How ``data.path`` is indexed (None: synthetic, digits and token files need no index)."""
-    d = cfg.data
-    if d.kind not in _SUFFIXES:
+    d, kind = cfg.data, modalities.data_kind(cfg)
+    if kind is None or not kind.suffixes:
         return None
-    return IndexSpec(str(d.path), d.kind, _SUFFIXES[d.kind], d.index_cache, max(1, d.num_workers))
+    return IndexSpec(str(d.path), d.kind, kind.suffixes, d.index_cache, max(1, d.num_workers))
 
 
 def check_data(cfg: Config, builder: bool, verbose: bool) -> None:
     """Raise :class:`~d2v2scale.data.files.DataError` when ``cfg.data`` cannot feed a run."""
-    d, m = cfg.data, cfg.model
-    spec = index_spec(cfg)
+    spec, kind = index_spec(cfg), modalities.data_kind(cfg)
     if spec is not None and not builder:
         if not Path(spec.source).exists():
             raise DataError(f"data.path '{spec.source}' does not exist")
@@ -46,7 +44,5 @@ def check_data(cfg: Config, builder: bool, verbose: bool) -> None:
             how = f"built in {time.perf_counter() - t0:.1f} s" if index.origin == "built" else index.origin
             LOG.info(f"data index of {spec.source}: {len(index)} rows of {index.num_files} files ({how}; "
                      f"{index.nbytes() / 1e6:.1f} MB{'; cache ' + spec.cache if spec.cache else ''})")
-    elif d.kind == "text":
-        from .text import TokenBlocks
-
-        TokenBlocks(d.path, d.sample_length or m.max_positions, m.vocab_size, cfg.seed)
+    elif kind is not None and kind.check is not None:
+        kind.check(cfg)

@@ -4,21 +4,14 @@ from __future__ import annotations
 import torch
 
 from .. import counter_rng
+from .. import modality as modalities
 from ..config import Config
 
 
 def synthetic_batch(cfg: Config, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images (B, C, H, W) ~ N(0, 1); audio (B, S) ~ N(0, 1) with S = ``data.sample_length``;
-    text (B, T) token ids that avoid the padding id, T = ``data.sample_length`` or ``model.max_positions``."""
-    m = cfg.model
-    if m.modality == "image":
-        return torch.randn(batch_size, m.in_chans, m.img_size, m.img_size, generator=generator)
-    if m.modality == "audio":
-        length = cfg.data.sample_length or cfg.data.max_sample_size
-        return torch.randn(batch_size, length, generator=generator)
-    length = min(cfg.data.sample_length or m.max_positions, m.max_positions)
-    tokens = torch.randint(0, m.vocab_size - 1, (batch_size, length), generator=generator)
-    return tokens + (tokens >= m.pad_idx).long()
+    """``batch_size`` model-ready inputs of the modality's shape (images (B, C, H, W) ~ N(0, 1);
+    audio (B, S) ~ N(0, 1); text (B, T) token ids that avoid the padding id)."""
+    return modalities.get(cfg.model.modality).synthetic_batch(cfg, batch_size, generator)
 
 
 class SyntheticSource:

@@ -3,9 +3,9 @@
 Our module tree mirrors fairseq's, so the mapping is a table of renames: the modality encoder
 lives under ``encoder.`` instead of ``modality_encoders.<MOD>.``, its decoder under ``decoder.``,
 and the shared ``blocks.`` keep their names. Where fairseq wraps layers in ``TransposeLast``
-containers the Sequential indices differ; those few patterns are listed per modality (the audio
-conv positional encoder is ``Sequential(TransposeLast(), *blocks, TransposeLast())``, so our block
-``i`` is fairseq's ``i + 1``).
+containers the Sequential indices differ; those few patterns are each modality's own
+(:attr:`FairseqLayout.key_renames`: the audio conv positional encoder is
+``Sequential(TransposeLast(), *blocks, TransposeLast())``, so our block ``i`` is fairseq's ``i + 1``).
 
 fairseq nests the EMA teacher's parameters under the key ``_ema``. Where they live follows the
 model config: with ``ema_encoder_only`` (the text recipe) the teacher *is* ``model.blocks``, so
@@ -16,18 +16,66 @@ We hand the teacher back separately, always in our full names (``blocks.0.norm1.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
+
+from .. import modality as modalities
+
+
+class FairseqLayout:
+    """How fairseq's ``Data2VecMultiModel`` holds one modality (a modality's ``fairseq`` attribute).
+
+    ``tag``: its ``Modality`` name; ``key_renames``: (fairseq, ours) key templates beyond the common
+    ones; ``defaults``: fairseq's ``modalities.<name>`` dataclass defaults; ``mapped`` / ``fixed`` /
+    ``inert``: that section's fields in the three tables of :mod:`.fairseq_config`;
+    ``base_preset``: what converted weights start from. The methods cover what tables cannot."""
+
+    tag: str = ""
+    base_preset: str = ""
+    key_renames: tuple[tuple[str, str], ...] = ()
+    defaults: dict[str, Any] = {}
+    mapped: dict[str, str] = {}
+    fixed: dict[str, tuple[Any, str]] = {}
+    inert: frozenset[str] = frozenset()
+    alibi: bool = False  # fairseq's use_alibi_encoder is honoured
+
+    def values_in(self, section: dict, top: dict, where: str) -> dict[str, Any]:
+        """Our values from the fairseq section beyond ``mapped`` (ConfigError on what we cannot honour)."""
+        return {}
+
+    def values_out(self, cfg: Any, section: dict) -> None:
+        """Write what ``mapped`` cannot into the fairseq section."""
+
+    def derive(self, student: dict) -> dict[str, Any]:
+        """Our values that the student's tensor shapes determine."""
+        return {}
+
+    def without_config(self, student: dict, base: Any, given: set[str]) -> dict[str, Any]:
+        """For a checkpoint without ``cfg.model``: values the shapes cannot give, from ``base`` (the
+        preset's config) where that is safe; ``given``: the keys the user passed."""
+        return {}
+
+    def outside_config(self, student: dict) -> dict[str, Any]:
+        """Values fairseq keeps outside ``cfg.model`` (the text vocabulary is the task's)."""
+        return {}
+
+
+def fairseq_tags() -> dict[str, str]:
+    """Our modality name → fairseq's tag, for every registered modality fairseq has."""
+    return {name: modalities.get(name).fairseq.tag for name in modalities.names() if modalities.get(name).fairseq}
+
+
+def layout(modality: str) -> FairseqLayout:
+    tags = fairseq_tags()
+    if modality not in tags:
+        raise KeyMappingError(f"modality '{modality}' has no fairseq key mapping; supported: {', '.join(tags)}")
+    return modalities.get(modality).fairseq
+
 
 # (fairseq key, d2v2scale key) templates, most specific first; one table serves both directions.
 # {i}: a layer index, {i+1}: the same index plus one, {p}: weight|bias, {rest}: anything;
 # {M} is the modality's fairseq name.
-_AUDIO = [
-    ("modality_encoders.AUDIO.local_encoder.conv_layers.{i}.2.1.{p}", "encoder.local_encoder.conv_layers.{i}.2.{p}"),
-    ("modality_encoders.AUDIO.project_features.1.{p}", "encoder.project_features.0.{p}"),
-    ("modality_encoders.AUDIO.project_features.2.{p}", "encoder.project_features.1.{p}"),
-    ("modality_encoders.AUDIO.relative_positional_encoder.{i+1}.0.{p}", "encoder.relative_positional_encoder.{i}.0.{p}"),
-]
 _COMMON = [
     ("modality_encoders.{M}.decoder.{rest}", "decoder.{rest}"),
     ("blocks.{rest}", "blocks.{rest}"),
@@ -36,7 +84,6 @@ _COMMON = [
 # The teacher when it is ``model.blocks`` alone (``ema_encoder_only``).
 _BLOCKS_ONLY = [("{i}.{rest}", "blocks.{i}.{rest}")]
 _PLACEHOLDERS = {"i": ("i", r"\d+"), "i+1": ("next", r"\d+"), "p": ("p", "weight|bias"), "rest": ("rest", ".+")}
-MODALITY_NAMES = {"image": "IMAGE", "audio": "AUDIO", "text": "TEXT"}
 
 
 class KeyMappingError(KeyError):
@@ -66,12 +113,10 @@ def _table(pairs: list[tuple[str, str]], to_ours: bool) -> list[tuple[re.Pattern
 
 
 def _pairs(modality: str, blocks_only: bool = False) -> list[tuple[str, str]]:
-    if modality not in MODALITY_NAMES:
-        raise KeyMappingError(f"modality '{modality}' has no fairseq key mapping; supported: {', '.join(MODALITY_NAMES)}")
+    own = layout(modality)
     if blocks_only:
         return _BLOCKS_ONLY
-    name = MODALITY_NAMES[modality]
-    return (_AUDIO if modality == "audio" else []) + [(a.replace("{M}", name), b) for a, b in _COMMON]
+    return [(a.replace("{M}", own.tag), b) for a, b in [*own.key_renames, *_COMMON]]
 
 
 def _rename_all(state: dict, table: list, side: str, where: str) -> dict:
@@ -89,10 +134,11 @@ def _rename_all(state: dict, table: list, side: str, where: str) -> dict:
 
 def detect_modality(state_dict: dict) -> str:
     """The modality of a fairseq Data2VecMultiModel state_dict, from its encoder keys."""
-    found = {name for name, tag in MODALITY_NAMES.items()
-             if any(k.startswith(f"modality_encoders.{tag}.") for k in state_dict)}
+    tags = fairseq_tags()
+    found = {name for name, tag in tags.items() if any(k.startswith(f"modality_encoders.{tag}.") for k in state_dict)}
     if len(found) != 1:
-        raise KeyMappingError(f"expected the keys of exactly one modality encoder (modality_encoders.IMAGE|AUDIO|TEXT.*), "
+        raise KeyMappingError(f"expected the keys of exactly one modality encoder (modality_encoders."
+                              f"{'|'.join(tags.values())}.*), "
                               f"found {sorted(found) or 'none'}; is this a data2vec 2.0 (Data2VecMultiModel) checkpoint?")
     return found.pop()
 

@@ -11,7 +11,8 @@ Every fairseq field is in exactly one of three tables:
 A field in none of them is refused as unknown, so a newer fairseq field cannot slip through.
 The defaults are fairseq's dataclass defaults (``examples/data2vec/models/data2vec2.py`` and
 ``modalities/*.py``); they fill fields an older checkpoint lacks and the fields we do not model
-when writing a config back.
+when writing a config back. What is one modality's own (its section's defaults and tables) is in
+that modality's :class:`~.fairseq.FairseqLayout`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import itertools
 from typing import Any
 
 from ..config import Config, ConfigError
-from .fairseq import MODALITY_NAMES
+from .fairseq import fairseq_tags, layout
 
 # ------------------------------------------------------------------------------- fairseq defaults
 _DECODER_DEFAULTS = {
@@ -40,16 +41,6 @@ _MODALITY_DEFAULTS = {
     "num_alibi_heads": 12, "model_depth": 8,  # II("model.num_heads"), II("model.depth")
     "decoder": _DECODER_DEFAULTS,
 }
-_OWN_DEFAULTS = {
-    "audio": {"type": "AUDIO", "extractor_mode": "layer_norm",
-              "feature_encoder_spec": "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]",
-              "conv_pos_width": 95, "conv_pos_groups": 16, "conv_pos_depth": 5, "conv_pos_pre_ln": False},
-    "image": {"type": "IMAGE", "input_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 768, "alibi_dims": 2,
-              "alibi_distance": "manhattan", "fixed_positions": True, "transformer_decoder": False,
-              "enc_dec_transformer": False},
-    "text": {"type": "TEXT", "max_source_positions": 512, "learned_pos": True, "dropout": 0.1,
-             "no_scale_embedding": True, "layernorm_embedding": True, "no_token_positional_embeddings": False},
-}
 _TOP_DEFAULTS = {
     "_name": None, "loss_beta": 0.0, "loss_scale": None, "depth": 8, "start_drop_path_rate": 0.0,
     "end_drop_path_rate": 0.0, "num_heads": 12, "norm_eps": 1e-6, "norm_affine": True, "encoder_dropout": 0.1,
@@ -66,14 +57,15 @@ _TOP_DEFAULTS = {
 
 
 def modality_defaults(modality: str) -> dict[str, Any]:
-    """fairseq's default ``modalities.<modality>`` section."""
-    return copy.deepcopy({**_MODALITY_DEFAULTS, **_OWN_DEFAULTS[modality]})
+    """fairseq's default ``modalities.<section>`` for our ``modality`` (the section is named after
+    fairseq's tag, lower-cased)."""
+    return copy.deepcopy({**_MODALITY_DEFAULTS, **layout(modality).defaults})
 
 
 def fairseq_defaults() -> dict[str, Any]:
     """fairseq's default ``Data2VecMultiConfig`` as a plain dict."""
     out = copy.deepcopy(_TOP_DEFAULTS)
-    out["modalities"] = {"_name": None, **{m: modality_defaults(m) for m in _OWN_DEFAULTS}}
+    out["modalities"] = {"_name": None, **{tag.lower(): modality_defaults(name) for name, tag in fairseq_tags().items()}}
     return out
 
 
@@ -143,26 +135,6 @@ _DECODER_FIXED = {
     "add_positions_masked": (False, "the decoder adds no positions"),
     "add_positions_all": (False, "the decoder adds no positions"),
 }
-_OWN_MAPPED = {
-    "audio": {"conv_pos_width": "model.conv_pos_width", "conv_pos_groups": "model.conv_pos_groups",
-              "conv_pos_depth": "model.conv_pos_depth", "feature_encoder_spec": "model.conv_feature_layers"},
-    "image": {"input_size": "model.img_size", "in_chans": "model.in_chans", "patch_size": "model.patch_size"},
-    "text": {"max_source_positions": "model.max_positions", "dropout": "model.embed_dropout"},
-}
-_OWN_FIXED = {
-    "audio": {"extractor_mode": ("layer_norm", "the CNN uses layer norm"),
-              "conv_pos_pre_ln": (False, "the conv positions have no input LayerNorm")},
-    "image": {"fixed_positions": (True, "image positions are the fixed 2-D sin-cos table"),
-              "transformer_decoder": (False, "the decoder is convolutional"),
-              "enc_dec_transformer": (False, "the decoder is convolutional")},
-    "text": {"learned_pos": (True, "text positions are learned"),
-             "no_scale_embedding": (True, "token embeddings are not scaled"),
-             "layernorm_embedding": (True, "embeddings are layer-normed"),
-             "no_token_positional_embeddings": (False, "text positions are learned")},
-}
-_OWN_INERT = {"audio": set(), "image": {"embed_dim", "alibi_dims", "alibi_distance"}, "text": set()}
-
-
 # --------------------------------------------------------------------------- helpers
 def parse_conv_spec(spec: str) -> list[list[int]]:
     """fairseq's ``feature_encoder_spec`` ("[(512, 10, 5)] + [(512, 3, 2)] * 4 + ...") without eval."""
@@ -229,34 +201,32 @@ def config_values(cfg_model: dict, modality: str) -> dict[str, Any]:
     where = "cfg.model"
     _refuse_unknown(top, set(_TOP_MAPPED) | set(_TOP_FIXED) | _TOP_INERT, where)
     _refuse_fixed(top, _TOP_FIXED, where)
-    tag = MODALITY_NAMES[modality]
+    own = layout(modality)
+    tag = own.tag
     if top.get("supported_modality") is not None and _type_name(top["supported_modality"]) != tag:
         raise ConfigError(f"{where}.supported_modality={_type_name(top['supported_modality'])} but the weights are {tag}")
     mods = top.get("modalities") or {}
-    mod = {**modality_defaults(modality), **(mods.get(modality) or {})}
-    mwhere = f"{where}.modalities.{modality}"
+    mod = {**modality_defaults(modality), **(mods.get(tag.lower()) or {})}
+    mwhere = f"{where}.modalities.{tag.lower()}"
     if _type_name(mod["type"]) != tag:
         raise ConfigError(f"{mwhere}.type={_type_name(mod['type'])}; expected {tag}")
-    known = set(_MOD_MAPPED) | set(_MOD_FIXED) | _MOD_INERT | set(_OWN_MAPPED[modality]) | set(_OWN_FIXED[modality])
-    _refuse_unknown(mod, known | _OWN_INERT[modality], mwhere)
-    _refuse_fixed(mod, {**_MOD_FIXED, **_OWN_FIXED[modality]}, mwhere)
+    known = set(_MOD_MAPPED) | set(_MOD_FIXED) | _MOD_INERT | set(own.mapped) | set(own.fixed) | own.inert
+    _refuse_unknown(mod, known, mwhere)
+    _refuse_fixed(mod, {**_MOD_FIXED, **own.fixed}, mwhere)
 
     out = {ours: top[theirs] for theirs, ours in _TOP_MAPPED.items()}
     out["model.modality"] = modality
-    out.update({ours: mod[theirs] for theirs, ours in {**_MOD_MAPPED, **_OWN_MAPPED[modality]}.items()})
-    if modality == "audio":
-        out["model.conv_feature_layers"] = parse_conv_spec(mod["feature_encoder_spec"])
+    out.update({ours: mod[theirs] for theirs, ours in {**_MOD_MAPPED, **own.mapped}.items()})
+    out.update(own.values_in(mod, top, mwhere))
     if mod["use_alibi_encoder"]:
-        if modality != "audio":
-            raise ConfigError(f"{mwhere}.use_alibi_encoder=true is supported for audio only")
+        if not own.alibi:
+            supported = [name for name in fairseq_tags() if layout(name).alibi]
+            raise ConfigError(f"{mwhere}.use_alibi_encoder=true is supported for {', '.join(supported)} only")
         if not (mod["learned_alibi_scale"] and mod["learned_alibi_scale_per_head"]):
             raise ConfigError(f"{mwhere}: ALiBi needs learned_alibi_scale=true and learned_alibi_scale_per_head=true "
                               "(d2v2scale learns one scale per head, as the speech recipes do)")
     if mod.get("num_alibi_heads", top["num_heads"]) != top["num_heads"]:
         raise ConfigError(f"{mwhere}.num_alibi_heads={mod['num_alibi_heads']} must equal num_heads={top['num_heads']}")
-    if modality == "image" and mod["embed_dim"] != top["embed_dim"]:
-        raise ConfigError(f"{mwhere}.embed_dim={mod['embed_dim']} differs from embed_dim={top['embed_dim']} "
-                          "(a patch-embedding projection is not implemented)")
     dec = mod.get("decoder")
     if dec is None:
         raise ConfigError(f"{mwhere}.decoder is null; d2v2scale always trains the convolutional decoder")
@@ -281,17 +251,12 @@ def to_fairseq_config(cfg: Config) -> dict[str, Any]:
     out = fairseq_defaults()
     out.update({theirs: _get(cfg, ours) for theirs, ours in _TOP_MAPPED.items()})
     out.update({key: allowed for key, (allowed, _) in _TOP_FIXED.items()})
-    out["supported_modality"] = MODALITY_NAMES[modality]
-    mod = out["modalities"][modality]
-    mod.update({theirs: _get(cfg, ours) for theirs, ours in {**_MOD_MAPPED, **_OWN_MAPPED[modality]}.items()})
-    mod.update({key: allowed for key, (allowed, _) in {**_MOD_FIXED, **_OWN_FIXED[modality]}.items()})
-    if modality == "audio":
-        mod["feature_encoder_spec"] = format_conv_spec(cfg.model.conv_feature_layers)
-    if cfg.model.use_alibi:
-        mod["learned_alibi_scale"] = mod["learned_alibi_scale_per_head"] = True
-    if modality == "image":
-        mod["embed_dim"] = cfg.model.embed_dim
-        mod["init_extra_token_zero"] = False  # our init draws the extra tokens from N(0, 1)
+    own = layout(modality)
+    out["supported_modality"] = own.tag
+    mod = out["modalities"][own.tag.lower()]
+    mod.update({theirs: _get(cfg, ours) for theirs, ours in {**_MOD_MAPPED, **own.mapped}.items()})
+    mod.update({key: allowed for key, (allowed, _) in {**_MOD_FIXED, **own.fixed}.items()})
+    own.values_out(cfg, mod)
     for section in out["modalities"].values():
         if isinstance(section, dict):
             section["num_alibi_heads"], section["model_depth"] = cfg.model.num_heads, cfg.model.depth

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import counter_rng
+from .. import modality as modalities
 from ..config import ModelSpec
 from .blocks import checkpointed, make_blocks, run_block
-from .decoder import Decoder1d, Decoder2d
-from .encoders import build_encoder
 from .masking import MaskGenerator, MaskInfo
 from .targets import make_targets
 
@@ -141,12 +140,10 @@ class Data2Vec2(nn.Module):
         self.modality = m.modality
         self.clones = m.clone_batch
         self.num_extra = m.num_extra_tokens
-        self.encoder = build_encoder(m)
+        modality = modalities.get(m.modality)
+        self.encoder = modality.encoder(m)
         self.blocks = make_blocks(m, m.depth)
-        if m.modality == "image":
-            self.decoder: nn.Module | None = Decoder2d(cfg.decoder, m.embed_dim, self.encoder.grid)
-        else:
-            self.decoder = Decoder1d(cfg.decoder, m.embed_dim)
+        self.decoder: nn.Module | None = modality.decoder(cfg, self.encoder)
         self.loss_scale = m.loss_scale if m.loss_scale is not None else 1.0 / math.sqrt(m.embed_dim)
         self.mask_generator = MaskGenerator(
             cfg.mask_kind(), cfg.masking.mask_prob, cfg.masking.mask_length, cfg.masking.mask_prob_adjust, m.clone_batch

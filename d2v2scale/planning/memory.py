@@ -25,7 +25,8 @@ import functools
 import json
 from dataclasses import dataclass
 
-from ..config import BACKENDS, HOW_THE_MODEL_RUNS, Config, frame_lengths
+from .. import modality as modalities
+from ..config import BACKENDS, HOW_THE_MODEL_RUNS, Config
 from ..model.blocks import Block, checkpointed_count
 from .comm import ParamCounts
 
@@ -151,13 +152,7 @@ def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[st
     out = {"student_blocks": student, "decoder": decoder, "loss_tensors": loss, "teacher_transient": teacher}
     if ck:  # a block's recompute happens in backward, after the decoder and loss tensors are freed
         out["block_recompute"] = max(0.0, per_block - decoder - loss - teacher)
-    if m.modality == "audio":
-        cnn = 0.0
-        for (c_out, _, _), length in zip(m.conv_feature_layers, frame_lengths(m.conv_feature_layers, lay.input_len)):
-            cnn += c_out * length * (bytes_el + 4 + 4 + bytes_el)  # conv out, fp32 LN in/out, GELU
-        conv_pos = m.conv_pos_depth * 4 * positions * h * bytes_el
-        alibi = rows * m.num_heads / lay.tp * kept * kept * 4 if m.use_alibi else 0
-        out.update({"audio_cnn": lay.micro_items * cnn, "conv_positions": conv_pos, "alibi_bias": alibi})
+    out.update(modalities.get(m.modality).local_activation_bytes(cfg, lay, bytes_el))
     return out
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import BACKENDS, Config, ConfigError, frame_lengths, load_config
+from .. import modality as modalities
+from ..config import BACKENDS, Config, ConfigError, load_config
 from ..ds_config import BatchPlan, plan_batch, scale_batch_for_world
 from ..model.blocks import checkpointed_count
 from ..profiling.flops import PEAK_FLOPS, StepShape, forward_flops
@@ -65,12 +66,7 @@ class Plan:
 
 def positions_per_item(cfg: Config, input_len: int = 0) -> int:
     """T of one item: patches, CNN frames of ``input_len`` audio samples, or tokens per block."""
-    m = cfg.model
-    if m.modality == "image":
-        return (m.img_size // m.patch_size) ** 2
-    if m.modality == "audio":
-        return frame_lengths(m.conv_feature_layers, input_len)[-1]
-    return cfg.data.sample_length or m.max_positions
+    return modalities.get(cfg.model.modality).positions(cfg, input_len)
 
 
 def _per_gpu_flops(cfg: Config, shape: StepShape, input_len: int, tp: int) -> tuple[float, float]:
@@ -94,11 +90,8 @@ def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
     note = scale_batch_for_world(ds, cfg, dp)
     bp = plan_batch(ds, cfg, dp)
     m = cfg.model
-    if m.modality == "audio":
-        input_len = cfg.data.max_sample_size
-        items = max(1, bp.micro_batch // input_len)
-    else:
-        input_len, items = 0, bp.micro_batch
+    input_len = modalities.get(m.modality).input_length(cfg)
+    items = max(1, bp.micro_batch // input_len) if modalities.batch_budget(cfg) else bp.micro_batch
     positions = positions_per_item(cfg, input_len)
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
     lay = Layout(tp, dp, zero, bool(ds.get("bf16", {}).get("enabled", False)), items, positions, input_len,
@@ -181,11 +174,12 @@ def teacher_layouts(gpus: int, bf16: bool = True) -> str:
 
 
 def set_micro_batch(cfg: Config, ds: dict, micro: int | None) -> None:
-    """The per-GPU micro-batch where it lives: ``data.max_tokens`` (audio samples) or the JSON's
-    ``train_micro_batch_size_per_gpu``."""
+    """The per-GPU micro-batch where it lives: the modality's data budget key (audio:
+    ``data.max_tokens`` samples) or the JSON's ``train_micro_batch_size_per_gpu``."""
     if micro is None:
         return
-    if cfg.model.modality == "audio":
-        cfg.data.max_tokens = micro
+    budget_key = modalities.get(cfg.model.modality).budget_key
+    if budget_key:
+        setattr(cfg.data, budget_key, micro)
     else:
         ds["train_micro_batch_size_per_gpu"] = micro

@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from .. import modality as modalities
 from ..config import Config, ConfigError, load_config
 from ..ds_config import load_ds_config
 from .cluster import ClusterProfile
 from .planner import Plan, plan, set_micro_batch
 from .timing import Efficiency
 
-IMAGE_MICRO = (1, 2, 4, 8, 16, 32, 64)
-AUDIO_MICRO_CROPS = (1, 1.5, 2, 3, 4, 6)  # × data.max_sample_size samples per GPU
+ITEM_MICRO = (1, 2, 4, 8, 16, 32, 64)  # items per GPU; a modality with a budget key offers its own
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Candidate:
 
     def overrides(self, cfg: Config) -> list[str]:
         out = [f"model.activation_checkpointing={self.checkpoint_every}"]
-        if cfg.model.modality == "audio":
-            out.append(f"data.max_tokens={self.micro}")
+        budget_key = modalities.get(cfg.model.modality).budget_key
+        if budget_key:
+            out.append(f"data.{budget_key}={self.micro}")
         return out
 
 
@@ -47,9 +48,14 @@ def _tp_options(cfg: Config, world: int, per_node: int) -> list[int]:
 
 
 def _micro_options(cfg: Config) -> list[int]:
-    if cfg.model.modality == "audio":
-        return sorted({int(cfg.data.max_sample_size * k) for k in AUDIO_MICRO_CROPS})
-    return list(IMAGE_MICRO)
+    modality = modalities.get(cfg.model.modality)
+    return modality.budget_options(cfg) if modality.budget_key else list(ITEM_MICRO)
+
+
+def _micro_key(cfg: Config) -> str:
+    """Where the micro-batch is set: the modality's data budget key or the JSON's item count."""
+    budget_key = modalities.get(cfg.model.modality).budget_key
+    return f"data.{budget_key}" if budget_key else "train_micro_batch_size_per_gpu"
 
 
 def search(cfg: Config, ds: dict, nodes: int, profile: ClusterProfile, efficiency: Efficiency,
@@ -111,8 +117,7 @@ def report(ranked: list[Candidate], rejected: dict[str, int], nodes: int, profil
     else:
         why = "the fastest predicted step that keeps the preset's global batch"
     ds_values = (f"zero_optimization.stage={best.zero}, "
-                 + (f"data.max_tokens={best.micro}" if cfg.model.modality == "audio"
-                    else f"train_micro_batch_size_per_gpu={best.micro}")
+                 + f"{_micro_key(cfg)}={best.micro}"
                  + f", gradient_accumulation_steps={best.plan.batch.grad_accum}")
     overrides = " ".join(best.overrides(cfg))
     lines += [f"  chosen #1 ({why}): tp={best.tp}, {ds_values}, model.activation_checkpointing="
@@ -128,20 +133,20 @@ def ways_out(cfg: Config, ds: dict, nodes: int, gpus: int, tp: int) -> str:
     """Concrete alternatives when the global batch cannot be split over ``nodes × gpus / tp`` ranks."""
     world = nodes * gpus
     g = cfg.train.global_batch
-    audio = cfg.model.modality == "audio"
-    unit = "data.max_tokens" if audio else "train_micro_batch_size_per_gpu"
+    unit = _micro_key(cfg)
+    budget = modalities.get(cfg.model.modality).budget_key is not None
     out = []
     for t in [tp] + [t for t in range(1, gpus + 1) if t != tp and cfg.model.num_heads % t == 0 and world % t == 0]:
         dp = world // t
-        micros = [m for m in (_micro_options(cfg) if audio else range(1, 65)) if g % (m * dp) == 0]
+        micros = [m for m in (_micro_options(cfg) if budget else range(1, 65)) if g % (m * dp) == 0]
         if micros:
             tp_part = f"--tp {t} (parallel.tp={t}) with " if t != tp else ""
             out.append(f"{tp_part}{unit}={micros[0]}" + (f" (or {', '.join(map(str, micros[1:4]))})" if micros[1:] else ""))
     if not any(o.startswith(unit) for o in out):
         out.insert(0, f"no {unit} splits {g} over {world // tp} data-parallel ranks")
     lr = ds.get("optimizer", {}).get("params", {}).get("lr")
-    micro = cfg.data.max_tokens if audio else (ds.get("train_micro_batch_size_per_gpu") if
-                                               isinstance(ds.get("train_micro_batch_size_per_gpu"), int) else 1)
+    micro = modalities.batch_budget(cfg) if budget else (ds.get("train_micro_batch_size_per_gpu") if
+                                                           isinstance(ds.get("train_micro_batch_size_per_gpu"), int) else 1)
     quantum = (micro or 1) * (world // tp)
     new = -(-g // quantum) * quantum
     out.append(f"train.batch_scaling=linear (global batch {g} → {new}, peak lr {lr} → "

@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import Config, frame_lengths
+from .. import modality as modalities
+from ..config import Config
 
 # Dense bf16 peak per device (FLOP/s), for MFU.
 PEAK_FLOPS = {
@@ -49,15 +50,9 @@ def _block(cfg, tokens: int) -> float:
     return 2.0 * tokens * (4 * h * h + 2 * h * f) + 4.0 * tokens * tokens * h
 
 
-def _conv_positions(cfg, tokens: int) -> float:
-    h = cfg.embed_dim
-    k = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
-    return cfg.conv_pos_depth * 2.0 * tokens * h * (h // cfg.conv_pos_groups) * k
-
-
 def _decoder(cfg: Config, tokens: int) -> float:
     d, m = cfg.decoder, cfg.model
-    dims = 2 if m.modality == "image" else 1
+    dims = modalities.get(m.modality).decoder_dims
     flops, c_in = 0.0, m.embed_dim
     for _ in range(d.layers):
         flops += 2.0 * tokens * d.dim * (c_in // d.groups) * d.kernel**dims
@@ -72,19 +67,6 @@ def _decoder(cfg: Config, tokens: int) -> float:
     return flops + 2.0 * tokens * cur * m.embed_dim
 
 
-def _local_encoder(cfg, samples_len: int, positions: int) -> float:
-    """Forward FLOPs of the local encoder for one sample (``samples_len``: audio input length)."""
-    if cfg.modality == "image":
-        return 2.0 * positions * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim
-    if cfg.modality == "audio":
-        flops, c_in = 0.0, 1
-        for (c_out, k, _), length in zip(cfg.conv_feature_layers, frame_lengths(cfg.conv_feature_layers, samples_len)):
-            flops += 2.0 * length * c_in * c_out * k
-            c_in = c_out
-        return flops + 2.0 * positions * c_in * cfg.embed_dim  # projection
-    return 0.0  # token embedding: a lookup
-
-
 def forward_flops(cfg: Config, shape: StepShape, input_len: int = 0) -> dict[str, float]:
     """Forward FLOPs of one step by part (what FlopCounterMode sees for one model forward)."""
     m = cfg.model
@@ -92,8 +74,9 @@ def forward_flops(cfg: Config, shape: StepShape, input_len: int = 0) -> dict[str
     t_kept = shape.kept + m.num_extra_tokens
     blocks = m.depth + m.prenet_depth
     views = shape.samples * m.clone_batch
-    local = _local_encoder(m, input_len, shape.positions)
-    conv_pos = _conv_positions(m, shape.positions) if m.modality == "audio" else 0.0
+    modality = modalities.get(m.modality)
+    local = modality.local_encoder_flops(m, input_len, shape.positions)
+    conv_pos = modality.context_flops(m, shape.positions)
     teacher_local = local if (cfg.teacher.ema_local_encoder and not cfg.teacher.ema_encoder_only) else 0.0
     teacher_blocks = m.depth if cfg.teacher.ema_encoder_only else blocks
     return {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import modality as modalities
 from .. import runfiles
 from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, load_config
 from ..distributed.dims import LaunchEnv
@@ -30,8 +31,6 @@ from .shards import has_shards
 from .sinks import check_sinks
 from .verify import CheckpointError
 
-NEEDS_PATH = ("images", "audio", "text")
-INDEXED = ("images", "audio")  # indexed once per job (d2v2scale.data.indexing)
 PREEMPTED_MARKER = "PREEMPTED"
 
 # Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
@@ -205,14 +204,13 @@ def prepare(args) -> Setup:
     check_ds_config(backend, ds, tp)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     check_sinks(ds)
-    if cfg.data.kind == "audio" and cfg.data.max_tokens is None:
-        raise ConfigError("data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
-    if cfg.data.kind in NEEDS_PATH and not cfg.data.path:
+    kind = modalities.data_kind(cfg)  # None: synthetic
+    if kind is not None and kind.needs_path and not cfg.data.path:
         raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
-    if cfg.data.kind in INDEXED and cfg.data.index_cache is None:
+    if kind is not None and kind.suffixes and cfg.data.index_cache is None:  # indexed once per job
         cfg.data.index_cache = str(run_dir / "data.d2v2index")  # config.yaml says where it is
-    if cfg.data.kind in NEEDS_PATH and not getattr(args, "dry_run", False):
+    if kind is not None and kind.needs_path and not getattr(args, "dry_run", False):
         from ..data.files import DataError
         from ..data.precheck import check_data
 
