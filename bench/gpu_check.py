@@ -99,7 +99,7 @@ def calibrate(presets: list[str], micros: list[int], peak: float) -> list[dict]:
             per_block = (t_hi - t_lo) / (CUT_DEPTHS[1] - CUT_DEPTHS[0])
             step_s = t_lo + per_block * (blocks - CUT_DEPTHS[0])
             source = synthetic_batch(full, micro, torch.Generator().manual_seed(0))
-            t = positions_per_item(full, source.shape[-1] if full.model.modality == "audio" else 0)
+            t = positions_per_item(full, source.shape[-1])  # the raw length (audio samples); others ignore it
             kept = int(t * (1 - full.masking.mask_prob))
             flops = step_flops(full, StepShape(micro, t, kept), source.shape[-1])
             points.append({"preset": preset, "micro_batch": micro, "flops_per_micro_batch": flops,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -253,6 +254,9 @@ class Config:
 
     preset: str = ""
     seed: int = 1
+    # Python modules imported before anything else is read: a modality registered outside the
+    # package (d2v2scale.modality.register) comes with its run's config.yaml wherever it goes.
+    plugins: list = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -303,7 +307,7 @@ class ModelSpec:
 
 MASK_KINDS = ("auto", "block2d", "block1d", "random")
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
-_SCALARS = ("preset", "seed")
+_SCALARS = ("preset", "seed", "plugins")
 
 
 def _type_name(tp: Any) -> str:
@@ -428,21 +432,36 @@ def load_config(
     """Build a validated :class:`Config` from a preset (name or YAML path), then ``values``
     (``{"model.depth": 3}``, e.g. read from a checkpoint), then command-line overrides."""
     name, data = _read_preset(preset)
+    parsed = [parse_override(text) for text in overrides]
+    import_plugins([*(data.get("plugins") or []), *((values or {}).get("plugins") or []),
+                    *(name for section, key, value in parsed if section == "plugins" and key is None
+                      for name in (value if isinstance(value, list) else [value]))])
     cfg = Config(preset=name)
     for section, value in data.items():
         _apply(cfg, str(section), None, value, f"preset '{preset}'")
     for dotted, value in (values or {}).items():
         section, _, key = dotted.partition(".")
         _apply(cfg, section, key or None, value, "checkpoint config")
-    for text in overrides:
-        section, key, value = parse_override(text)
+    for section, key, value in parsed:
         _apply(cfg, section, key, value, "command line")
     validate(cfg)
     return cfg
 
 
+def import_plugins(names: list) -> None:
+    """Import the ``plugins`` modules (each registers what it brings); one line when one cannot."""
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"plugins: expected Python module names, got {name!r}")
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"plugins: cannot import {name!r} ({e}); is it on PYTHONPATH?") from None
+
+
 def config_from_dict(data: dict) -> Config:
     """Rebuild a config saved with :meth:`Config.to_dict` (e.g. a run directory's config.yaml)."""
+    import_plugins(data.get("plugins") or [])
     cfg = Config()
     for section, value in data.items():
         _apply(cfg, str(section), None, value, "saved config")

@@ -51,9 +51,10 @@ class FairseqLayout:
         """Our values that the student's tensor shapes determine."""
         return {}
 
-    def without_config(self, student: dict, base: Any, given: set[str]) -> dict[str, Any]:
+    def without_config(self, student: dict, base: Any, given: set[str], from_preset: bool) -> dict[str, Any]:
         """For a checkpoint without ``cfg.model``: values the shapes cannot give, from ``base`` (the
-        preset's config) where that is safe; ``given``: the keys the user passed."""
+        config of ``--preset``, or of :attr:`base_preset` when ``from_preset`` is false) where that
+        is safe; ``given``: the keys the user passed (ConfigError names what is still missing)."""
         return {}
 
     def outside_config(self, student: dict) -> dict[str, Any]:

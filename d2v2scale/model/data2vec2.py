@@ -183,7 +183,8 @@ class Data2Vec2(nn.Module):
         if t.ema_encoder_only:
             excluded.append((self, "encoder"))
         elif not t.ema_local_encoder:
-            excluded += [(self.encoder, "local_encoder"), (self.encoder, "project_features")]
+            excluded += [(self.encoder, name) for name in ("local_encoder", "project_features")
+                         if hasattr(self.encoder, name)]
         saved = [(owner, name, getattr(owner, name)) for owner, name in excluded]
         try:
             for owner, name, _ in saved:

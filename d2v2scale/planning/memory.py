@@ -52,7 +52,7 @@ class Layout:
 
 def param_counts(cfg: Config, tp: int) -> ParamCounts:
     """Element counts one TP rank holds (block matrices / tp, the rest replicated), from a meta model."""
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in HOW_THE_MODEL_RUNS}
+    model = {k: v for k, v in cfg.model.flat().items() if k not in HOW_THE_MODEL_RUNS}
     key = json.dumps([model, dataclasses.asdict(cfg.decoder), dataclasses.asdict(cfg.teacher)])
     return _param_counts(key, tp)
 

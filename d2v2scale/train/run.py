@@ -13,7 +13,7 @@ import yaml
 
 from .. import modality as modalities
 from .. import runfiles
-from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, load_config
+from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, config_from_dict, load_config
 from ..distributed.dims import LaunchEnv
 from ..ds_config import (
     BatchPlan,
@@ -125,7 +125,8 @@ def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | No
     included). A layout-free checkpoint resumes on any layout: returns the line saying how it
     changes; a native DeepSpeed one only on the layout that wrote it."""
     info = checkpoint.read_run_info(tag_dir)
-    diff = _first_difference(_saved_config(info), cfg.to_dict(), RESUMABLE)
+    saved = config_from_dict(_saved_config(info)).to_dict()  # keys added since it was written: their defaults
+    diff = _first_difference(saved, cfg.to_dict(), RESUMABLE)
     if diff:
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: {key} was {old!r} in the checkpoint, is {new!r} now; keys that "

@@ -1,0 +1,181 @@
+"""A modality from outside the package: 1-D multichannel sensor sequences (B, C, L), cut into
+patches of ``model.sensor_patch`` samples and embedded by one linear layer, with fixed sinusoidal
+positions. This file is the whole of it - its keys, checks, encoder, decoder, synthetic data,
+positions and FLOPs - registered with :func:`d2v2scale.modality.register` when imported; a run
+names it under ``plugins`` and trains it through the launcher, no package file touched."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from d2v2scale import modality as modalities
+from d2v2scale.config import Config, ConfigError, load_config
+from d2v2scale.model.decoder import Decoder1d
+from d2v2scale.model.encoders import context_encoder, gather_kept
+from d2v2scale.modality import Modality, register
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = Path(__file__).stem
+
+
+@dataclass
+class SensorKeys:
+    sensor_channels: int = 3
+    sensor_patch: int = 4
+
+
+def sinusoid(positions: int, dim: int) -> torch.Tensor:
+    """(T, D) fixed 1-D sin-cos positions."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    freq = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1).float()
+
+
+class SensorEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch, self.dim = cfg.sensor_patch, cfg.embed_dim
+        self.local_encoder = nn.Linear(cfg.sensor_channels * cfg.sensor_patch, cfg.embed_dim)
+        self.context_encoder = context_encoder(cfg, with_norm=True)
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def local_features(self, x: torch.Tensor, lengths=None):
+        b, c, length = x.shape
+        t = length // self.patch
+        patches = x[..., : t * self.patch].reshape(b, c, t, self.patch).permute(0, 2, 1, 3).reshape(b, t, -1)
+        return self.local_encoder(patches), None
+
+    def num_positions(self, x: torch.Tensor, lengths=None):
+        return x.shape[-1] // self.patch, None
+
+    def forward(self, x: torch.Tensor, valid, mask, clones: int = 1):
+        x = x + sinusoid(x.shape[1], self.dim).to(x)
+        if mask is not None:
+            x = gather_kept(x, mask, clones)
+        return self.context_encoder(x), None
+
+
+class Sensor(Modality):
+    name = "sensor"
+    model_keys = SensorKeys
+
+    def validate(self, cfg: Config) -> None:
+        super().validate(cfg)
+        if (cfg.data.sample_length or 0) < cfg.model.sensor_patch:
+            raise ConfigError(f"data.sample_length={cfg.data.sample_length} is shorter than one patch "
+                              f"(model.sensor_patch={cfg.model.sensor_patch})")
+
+    def encoder(self, model_cfg) -> nn.Module:
+        return SensorEncoder(model_cfg)
+
+    def decoder(self, spec, encoder) -> nn.Module:
+        return Decoder1d(spec.decoder, spec.model.embed_dim)
+
+    def synthetic_batch(self, cfg: Config, batch_size: int, generator) -> torch.Tensor:
+        return torch.randn(batch_size, cfg.model.sensor_channels, cfg.data.sample_length, generator=generator)
+
+    def positions(self, cfg: Config, input_length: int) -> int:
+        return cfg.data.sample_length // cfg.model.sensor_patch
+
+    def local_encoder_flops(self, model_cfg, input_length: int, positions: int) -> float:
+        return 2.0 * positions * model_cfg.sensor_channels * model_cfg.sensor_patch * model_cfg.embed_dim
+
+
+if "sensor" not in modalities.names():
+    register(Sensor())
+
+PRESET = {
+    "plugins": [PLUGIN],
+    "model": {"modality": "sensor", "sensor_channels": 3, "sensor_patch": 4, "embed_dim": 32, "depth": 2,
+              "prenet_depth": 1, "num_heads": 4, "clone_batch": 2, "average_top_k_layers": 2, "norm_eps": 1e-5},
+    "decoder": {"dim": 32, "kernel": 3, "layers": 2, "groups": 4},
+    "masking": {"mask_prob": 0.5, "mask_length": 2, "inverse_mask": False},
+    "teacher": {"ema_anneal_end_step": 10, "ema_local_encoder": True, "ema_encoder_only": False},
+    "data": {"kind": "synthetic", "num_workers": 0, "sample_length": 64},
+    "train": {"global_batch": 8, "max_updates": 2, "log_every": 1, "save_every": 2, "allow_long_warmup": True},
+}
+
+
+@pytest.fixture
+def preset(tmp_path) -> Path:
+    path = tmp_path / "tiny_sensor.yaml"
+    path.write_text(yaml.safe_dump(PRESET))
+    return path
+
+
+def test_the_core_reads_the_sensor_modality_through_its_hooks(preset):
+    """Config keys, checks, mask, positions and FLOPs come from the class above, compared with
+    formulas written here; keys of other modalities stay out of the run's config."""
+    from d2v2scale.planning.planner import positions_per_item
+    from d2v2scale.profiling.flops import StepShape, forward_flops
+
+    cfg = load_config(str(preset))
+    assert (cfg.model.sensor_channels, cfg.model.sensor_patch, cfg.mask_kind()) == (3, 4, "block1d")
+    run = cfg.run_dict()
+    assert run["plugins"] == [PLUGIN] and run["model"]["sensor_patch"] == 4
+    assert not {"img_size", "conv_feature_layers", "vocab_size"} & set(run["model"])
+    assert "max_tokens" not in run["data"]
+    assert positions_per_item(cfg) == 64 // 4
+    f = forward_flops(cfg, StepShape(samples=5, positions=16, kept=8))
+    assert f["local_encoder"] == 5 * 2.0 * 16 * (3 * 4) * 32
+    with pytest.raises(ConfigError, match="shorter than one patch"):
+        load_config(str(preset), ["data.sample_length=2"])
+    with pytest.raises(ConfigError, match="allowed values for sensor: 0"):
+        load_config(str(preset), ["model.cls_loss=1.0"])
+    with pytest.raises(ConfigError, match="data.kind=images is not data for model.modality=sensor"):
+        load_config(str(preset), ["data.kind=images", "data.path=x"])
+
+    from d2v2scale.data.synthetic import synthetic_batch
+    from d2v2scale.model import Data2Vec2, normalize_loss
+
+    model = Data2Vec2(cfg.model_spec())
+    x = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
+    local, _ = model.encoder.local_features(x)
+    assert x.shape == (2, 3, 64) and local.shape == (2, 16, 32)
+    patch = x[1, :, 20:24].reshape(-1)  # the 6th patch of item 1, channel-major
+    assert torch.allclose(local[1, 5], model.encoder.local_encoder(patch), atol=1e-6)
+    teacher = model.teacher_copy()
+    mask = model.make_mask(cfg.seed, 1, torch.arange(2), x)
+    assert mask.mask.shape == (2 * cfg.model.clone_batch, 16)
+    assert math.isfinite(normalize_loss(model(x, model.teacher_fn(teacher), mask, layerdrop_key=1)).item())
+
+
+def test_an_unknown_plugin_is_one_line(preset):
+    with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_plugin'"):
+        load_config(str(preset), ["plugins=[no_such_plugin]"])
+
+
+@pytest.mark.slow
+def test_the_sensor_modality_trains_two_steps_through_the_launcher(preset, tmp_path):
+    """Two processes (data parallel, gloo), the package as shipped; the run directory records the
+    plugin, so the run resumes from its own config.yaml."""
+    from d2v2scale.runfiles import read_metrics
+    from test_deepspeed_training import _env, _torchrun
+
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    run = tmp_path / "run"
+    args = [*_torchrun(2), "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", str(preset),
+            "--run_dir", str(run)]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["plugins"] == [PLUGIN] and saved["model"]["modality"] == "sensor"
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+    more = subprocess.run([*args, "--resume", "auto", "train.max_updates=3"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-5000:]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
