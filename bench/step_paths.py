@@ -40,6 +40,7 @@ from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.data.loader import StepLoader  # noqa: E402
 from d2v2scale.data.schedule import RankSchedule  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
+from d2v2scale.modality import batch_budget  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, device_peak_flops, step_flops  # noqa: E402
 from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = args.batch, 1
-    if cfg.model.modality == "audio":
+    if batch_budget(cfg) is not None:  # the modality counts its micro-batch in input units (audio samples)
         ds["train_micro_batch_size_per_gpu"] = "auto"
     variants, trainers = {}, {}
     for compile_ in (False, True):
