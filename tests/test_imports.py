@@ -116,3 +116,21 @@ def test_backends_are_found_in_the_registry_the_config_names():
     for name, load in REGISTRY.items():
         module = load()
         assert module.__name__ == f"d2v2scale.train.backend.{name}" and callable(module.check_ds_config)
+
+
+def test_the_core_never_branches_on_a_modality_name():
+    """What a modality is lives in its module under ``modalities/``; the core asks the registry
+    (``d2v2scale.modality``) and never compares a modality's name or indexes a table by it. (The
+    data readers and the index still name their file formats: ``images`` and ``audio`` files.)"""
+    import re
+
+    branch = re.compile(r"modality ==|modality !=|modality in|data.kind ==|\[.?modality.?\]")
+    found = []
+    for name, path in MODULES.items():
+        if name.startswith("d2v2scale.modalities"):
+            continue
+        for k, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if branch.search(code):
+                found.append(f"{path.relative_to(PACKAGE)}:{k}: {line.strip()}")
+    assert found == []
