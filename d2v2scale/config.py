@@ -21,6 +21,7 @@ import yaml
 from . import modality as modalities
 from .errors import ConfigError
 
+
 class _OpenSection:
     """A section that a modality adds keys to (``model``, ``data``). Its own fields are the keys
     every modality reads; each registered modality's keys (``model.img_size`` is the image

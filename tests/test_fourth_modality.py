@@ -18,9 +18,9 @@ from torch import nn
 
 from d2v2scale import modality as modalities
 from d2v2scale.config import Config, ConfigError, load_config
+from d2v2scale.modality import Modality, register
 from d2v2scale.model.decoder import Decoder1d
 from d2v2scale.model.encoders import context_encoder, gather_kept
-from d2v2scale.modality import Modality, register
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = Path(__file__).stem
@@ -160,6 +160,7 @@ def test_the_sensor_modality_trains_two_steps_through_the_launcher(preset, tmp_p
     """Two processes (data parallel, gloo), the package as shipped; the run directory records the
     plugin, so the run resumes from its own config.yaml."""
     from d2v2scale.runfiles import read_metrics
+
     from test_deepspeed_training import _env, _torchrun
 
     env = _env()
