@@ -460,13 +460,16 @@ def import_plugins(names: list) -> None:
             raise ConfigError(f"plugins: cannot import {name!r} ({e}); is it on PYTHONPATH?") from None
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. a run directory's config.yaml)."""
+def config_from_dict(data: dict, check: bool = True) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. a run directory's config.yaml);
+    keys added since it was written take their defaults. ``check=False``: as it was saved, not
+    held to today's checks (a resume compares it with the config it continues)."""
     import_plugins(data.get("plugins") or [])
     cfg = Config()
     for section, value in data.items():
         _apply(cfg, str(section), None, value, "saved config")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

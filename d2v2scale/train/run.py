@@ -125,7 +125,7 @@ def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | No
     included). A layout-free checkpoint resumes on any layout: returns the line saying how it
     changes; a native DeepSpeed one only on the layout that wrote it."""
     info = checkpoint.read_run_info(tag_dir)
-    saved = config_from_dict(_saved_config(info)).to_dict()  # keys added since it was written: their defaults
+    saved = config_from_dict(_saved_config(info), check=False).to_dict()  # keys added since: their defaults
     diff = _first_difference(saved, cfg.to_dict(), RESUMABLE)
     if diff:
         key, old, new = diff
