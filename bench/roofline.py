@@ -1,0 +1,129 @@
+"""A roofline of the training step users run, predicted for a GPU from one CPU process.
+
+One step of the real path - the DeepSpeed backend built from the JSON, the sharded EMA teacher,
+student, decoder, losses, backward, clipping, AdamW, EMA update - runs under
+:class:`d2v2scale.profiling.roofline.OpCounter` after one warm-up step; every aten op is a kernel
+with its FLOPs and bytes, predicted on ``--device`` as max(FLOPs/peak, bytes/bandwidth) + launch.
+Full-size models are counted at depth 1 and 2 and extrapolated to the preset's depth (every cost
+of the step is affine in the depth), so ``vit_h`` fits a laptop. bf16 is run as bf16 on the CPU
+when the JSON enables it, so the bytes are the device's. Prints kernels, predicted time and the
+MFU bound per phase, the ten most expensive op groups and what bounds them, and the host syncs.
+
+    python bench/roofline.py --preset vit_h --micro 8 [--device h100|a100-40gb|h200] [--json out.json] [overrides]
+    python bench/roofline.py --preset tiny_image --micro 8 --ds_config ds_configs/cpu_tiny.json --depths 0
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from d2v2scale import modality as modalities  # noqa: E402
+from d2v2scale.cli import fail  # noqa: E402
+from d2v2scale.config import ConfigError, load_config  # noqa: E402
+from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
+from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.profiling.roofline import DEVICES, ZERO, OpCounter, Prediction, predict  # noqa: E402
+from d2v2scale.profiling.timers import PHASES  # noqa: E402
+from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
+
+ORDER = (*PHASES[1:], "other")
+HOST = PHASES[0]  # "data": the loader and the masks, made on the host ahead of the step (never GPU kernels)
+
+
+def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict]:
+    """The second step of a fresh trainer, counted; and its shape."""
+    plan = plan_batch(ds, cfg, 1)
+    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    tr.model.train()
+    train_step(tr, 0)  # first-step work (optimizer state, lazy buffers) is not a step's
+    counter = OpCounter()
+    tr.timer, tr.model.phase = counter, counter.phase
+    with counter:
+        train_step(tr, 1)
+    tr.loader.close()
+    return counter, dict(tr.last_shape)
+
+
+def predictions(counter: OpCounter, device) -> dict[tuple[str, str], Prediction]:
+    return {key: predict(group, device) for key, group in counter.groups.items() if key[0] != HOST}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny_image")
+    p.add_argument("--micro", type=int, default=8, help="items per micro-batch (audio: samples, data.max_tokens)")
+    p.add_argument("--ds_config", default=None, help="default: the preset's shipped JSON")
+    p.add_argument("--device", default="h100", choices=sorted(DEVICES))
+    p.add_argument("--depths", default="auto", help="auto: count at depth 1 and 2 and extrapolate; 0: the preset's")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    try:
+        base = load_config(args.preset, ["data.kind=synthetic", "data.prefetch_steps=0", *args.overrides])
+        ds = load_ds_config(args.ds_config or str(ROOT / "ds_configs" / f"{base.preset}.json"))
+    except ConfigError as e:
+        return fail("roofline", e)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    dims, device = init_distributed(1)
+    target = base.model.depth
+    depths = [target] if args.depths == "0" or target <= 2 else [1, 2]
+    runs = []
+    for depth in depths:
+        cfg = copy.deepcopy(base)
+        cfg.model.depth, cfg.model.average_top_k_layers = depth, min(base.model.average_top_k_layers, depth)
+        cfg.train.global_batch = args.micro
+        run_ds = {**copy.deepcopy(ds), "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}
+        budget_key = modalities.get(cfg.model.modality).budget_key
+        if budget_key and modalities.batch_budget(cfg) is not None:  # audio: the micro-batch in samples
+            setattr(cfg.data, budget_key, args.micro)
+        runs.append(count_step(cfg, run_ds, dims, device))
+    dev = DEVICES[args.device]
+    groups = predictions(runs[0][0], dev)
+    if len(runs) == 2:
+        deeper = predictions(runs[1][0], dev)
+        groups = {k: groups.get(k, ZERO).extrapolate(deeper.get(k, ZERO), target - depths[0])
+                  for k in set(groups) | set(deeper)}
+    phases = {ph: ZERO for ph in ORDER}
+    for (phase, _), pred in groups.items():
+        phases[phase] = phases.get(phase, ZERO) + pred
+    total = sum(phases.values(), ZERO)
+    shape = runs[0][1]
+    dtype = "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+    how = f"counted at depth {depths[0]} and {depths[1]}, extrapolated to {target}" if len(runs) == 2 else \
+        f"counted at depth {target}"
+    print(f"roofline of {base.preset}: {shape['samples']} samples × M={base.model.clone_batch}, T={shape['positions']} "
+          f"(kept {shape['kept']}), {dtype}, eager; {dev.name} ({dev.peak_flops / 1e12:.0f} TFLOP/s, "
+          f"{dev.bandwidth / 1e12:.2f} TB/s, {dev.launch_s * 1e6:.0f} µs/kernel); {how}")
+    print(f"  {'phase':<14}{'kernels':>9}{'GFLOP':>11}{'GB':>9}{'time ms':>10}{'MFU ≤':>8}  bound")
+    for name, pred in [*phases.items(), ("total", total)]:
+        if pred.kernels or name == "total":
+            print(f"  {name:<14}{pred.kernels:>9.0f}{pred.flops / 1e9:>11.1f}{pred.bytes / 1e9:>9.2f}"
+                  f"{pred.time_s * 1e3:>10.3f}{pred.mfu(dev):>8.1%}  {pred.bound}")
+    print("  the ten most expensive op groups:")
+    top = sorted(groups.items(), key=lambda kv: -kv[1].time_s)[:10]
+    for (phase, op), pred in top:
+        print(f"    {phase:<13} {op:<44} {pred.kernels:>7.0f} kernels {pred.time_s * 1e3:8.3f} ms "
+              f"({pred.time_s / total.time_s:5.1%}) {pred.bound}-bound")
+    syncs = runs[-1][0].syncs
+    print(f"  host syncs per step: {syncs} (each stalls the GPU's queue)")
+    if args.json:
+        rows = {name: {"kernels": pred.kernels, "flops": pred.flops, "bytes": pred.bytes, "time_s": pred.time_s,
+                       "mfu_bound": pred.mfu(dev), "bound": pred.bound} for name, pred in phases.items()}
+        Path(args.json).write_text(json.dumps({"preset": base.preset, "device": args.device, "shape": shape,
+                                               "depths": depths, "phases": rows, "total_s": total.time_s,
+                                               "syncs": syncs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

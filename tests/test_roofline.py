@@ -1,0 +1,123 @@
+"""The roofline counter (d2v2scale.profiling.roofline) and bench/roofline.py in CI-sized form:
+FLOPs per phase against the analytic model (profiling/flops), kernels of an unfused variant,
+and the prediction rule on hand-computed kernels."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from d2v2scale.config import load_config
+from d2v2scale.data.synthetic import synthetic_batch
+from d2v2scale.model import Data2Vec2, normalize_loss
+from d2v2scale.profiling.flops import StepShape, forward_flops
+from d2v2scale.profiling.roofline import Device, OpCounter, by_phase, predict
+from d2v2scale.train.teacher import build_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _count(model, cfg, source):
+    teacher = build_teacher(model, cfg)
+    mask = model.make_mask(0, 0, torch.arange(len(source)), source)
+    counter = OpCounter()
+    model.phase = counter.phase
+    with counter:
+        out = model(source, model.teacher_fn(teacher.module), mask)
+        with counter.phase("backward"):
+            normalize_loss(out).backward()
+    return counter, StepShape(len(source), mask.mask.shape[1], mask.num_kept)
+
+
+@pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
+def test_forward_flops_per_phase_equal_the_analytic_ones(preset):
+    """The fused CPU attention and grouped convolutions included: exact per phase."""
+    cfg = load_config(preset)
+    torch.manual_seed(0)
+    source = synthetic_batch(cfg, 3, torch.Generator().manual_seed(0))
+    counter, shape = _count(Data2Vec2(cfg.model_spec()).train(), cfg, source)
+    phases = by_phase(counter, Device("test", 1e12, 1e12))
+    want = forward_flops(cfg, shape, source.shape[-1])
+    got = {k: phases[k].flops for k in ("teacher", "student", "local_encoder", "decoder_loss") if k in phases}
+    assert got.get("local_encoder", 0.0) == pytest.approx(want["local_encoder"], rel=1e-9)
+    assert (got["teacher"], got["student"], got["decoder_loss"]) == pytest.approx(
+        (want["teacher"], want["student"], want["decoder"]), rel=1e-9)
+    trained = want["local_encoder"] + want["student"] + want["decoder"]
+    # backward = 2 × forward of what trains, less the input-gradient of the first layer nothing needs
+    assert phases["backward"].flops == pytest.approx(2 * trained, rel=0.05)
+
+
+class _UnfusedLayerNorm(nn.LayerNorm):
+    """LayerNorm written out in elementwise steps: what a missing fused kernel costs."""
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = (x - mu).pow(2).mean(-1, keepdim=True)
+        return (x - mu) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def test_an_unfused_variant_shows_more_kernels_for_the_same_flops():
+    cfg = load_config("tiny_image")
+    source = synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    fused = Data2Vec2(cfg.model_spec()).train()
+    torch.manual_seed(0)
+    unfused = Data2Vec2(cfg.model_spec()).train()
+    norms = 0
+    for module in unfused.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.LayerNorm and child.elementwise_affine:
+                setattr(module, name, _UnfusedLayerNorm(child.normalized_shape, child.eps))
+                getattr(module, name).load_state_dict(child.state_dict())
+                norms += 1
+    assert norms
+    a = by_phase(_count(fused, cfg, source)[0], Device("test", 1e12, 1e12))
+    b = by_phase(_count(unfused, cfg, source)[0], Device("test", 1e12, 1e12))
+    assert b["student"].kernels >= a["student"].kernels + 5 * cfg.model.depth  # ≥ 6 kernels for 1, per block norm
+    assert b["student"].flops == a["student"].flops
+
+
+def test_a_kernel_takes_its_bound_plus_the_launch():
+    """A 4096² bf16 matmul (137 GFLOP, 100 MB) is compute-bound; a 1 GB add is memory-bound; a tiny
+    add is launch-bound: times by hand on a 1 PFLOP/s, 1 TB/s, 5 µs device."""
+    dev = Device("test", 1e15, 1e12, 5e-6)
+    a = torch.zeros(4096, 4096, dtype=torch.bfloat16, device="meta")  # shapes only: nothing is computed
+    big = torch.zeros(2**27, dtype=torch.float32, device="meta")  # 512 MB: read once (the same tensor), write once
+    counter = OpCounter()
+    with counter:
+        a @ a
+        big + big
+        torch.ones(4, device="meta") + torch.ones(4, device="meta")
+    mm, add = counter.groups[("other", "mm")], counter.groups[("other", "add")]
+    p = predict(mm, dev)
+    assert (p.kernels, p.bound) == (1, "compute")
+    assert p.time_s == pytest.approx(2 * 4096**3 / 1e15 + 5e-6)
+    q = predict(add, dev)
+    assert q.kernels == 2 and q.memory_s == pytest.approx(2 * 2**29 / 1e12)
+    assert q.launch_s == pytest.approx(2 * 5e-6 + 48 / 1e12)  # the tiny add: 3 × 16 bytes within its launch
+    assert counter.syncs == 0
+
+
+@pytest.mark.slow
+def test_the_bench_counts_the_real_step_and_extrapolates_the_depth(tmp_path):
+    """bench/roofline.py on tiny_audio (depth 3, counted at 1 and 2): per-phase FLOPs of the
+    extrapolated step within 5 % of the analytic model at depth 3; every phase of the step present."""
+    out = tmp_path / "roofline.json"
+    proc = subprocess.run([sys.executable, "bench/roofline.py", "--preset", "tiny_audio", "--micro", "4",
+                           "--ds_config", "ds_configs/cpu_tiny.json", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["depths"] == [1, 2] and "the ten most expensive op groups" in proc.stdout
+    phases, shape = report["phases"], report["shape"]
+    cfg = load_config("tiny_audio")
+    want = forward_flops(cfg, StepShape(shape["samples"], shape["positions"], shape["kept"]), shape["input_len"])
+    for ours, theirs in (("teacher", "teacher"), ("student", "student"), ("decoder_loss", "decoder"),
+                         ("local_encoder", "local_encoder")):
+        assert phases[ours]["flops"] == pytest.approx(want[theirs], rel=0.05), ours
+    trained = want["local_encoder"] + want["student"] + want["decoder"]
+    assert phases["backward"]["flops"] == pytest.approx(2 * trained, rel=0.05)
+    assert all(phases[p]["kernels"] > 0 for p in ("optimizer", "ema", "backward"))
