@@ -5,8 +5,9 @@ student, decoder, losses, backward, clipping, AdamW, EMA update - runs under
 :class:`d2v2scale.profiling.roofline.OpCounter` after one warm-up step; every aten op is a kernel
 with its FLOPs and bytes, predicted on ``--device`` as max(FLOPs/peak, bytes/bandwidth) + launch.
 Full-size models are counted at depth 1 and 2 and extrapolated to the preset's depth (every cost
-of the step is affine in the depth), so ``vit_h`` fits a laptop. bf16 is run as bf16 on the CPU
-when the JSON enables it, so the bytes are the device's. Prints kernels, predicted time and the
+of the step is affine in the depth), so ``vit_h`` fits a laptop. A bf16 JSON is run in fp32 on
+the CPU (CPU bf16 matmuls are ~50× slower than fp32) and predicted as bf16: fp32 bytes count half,
+except the optimizer's and the EMA's (fp32 masters and moments stay fp32) - an estimate, said so. Prints kernels, predicted time and the
 MFU bound per phase, the ten most expensive op groups and what bounds them, and the host syncs.
 
     python bench/roofline.py --preset vit_h --micro 8 [--device h100|a100-40gb|h200] [--json out.json] [overrides]
@@ -32,7 +33,8 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
-from d2v2scale.profiling.roofline import DEVICES, ZERO, OpCounter, Prediction, predict  # noqa: E402
+from d2v2scale.profiling.roofline import (  # noqa: E402
+    DEVICES, SYNC, ZERO, OpCounter, Prediction, bf16_scale, predict)
 from d2v2scale.profiling.timers import PHASES  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
@@ -54,8 +56,9 @@ def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict]:
     return counter, dict(tr.last_shape)
 
 
-def predictions(counter: OpCounter, device) -> dict[tuple[str, str], Prediction]:
-    return {key: predict(group, device) for key, group in counter.groups.items() if key[0] != HOST}
+def predictions(counter: OpCounter, device, bf16: bool) -> dict[tuple[str, str], Prediction]:
+    return {key: predict(group, device, bf16_scale(key[0]) if bf16 else 1.0)
+            for key, group in counter.groups.items() if key[0] != HOST}
 
 
 def main() -> int:
@@ -82,15 +85,17 @@ def main() -> int:
         cfg = copy.deepcopy(base)
         cfg.model.depth, cfg.model.average_top_k_layers = depth, min(base.model.average_top_k_layers, depth)
         cfg.train.global_batch = args.micro
-        run_ds = {**copy.deepcopy(ds), "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}
+        run_ds = {**copy.deepcopy(ds), "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+                  "bf16": {"enabled": False}}  # see the module docstring: bf16 is predicted, not run
         budget_key = modalities.get(cfg.model.modality).budget_key
         if budget_key and modalities.batch_budget(cfg) is not None:  # audio: the micro-batch in samples
             setattr(cfg.data, budget_key, args.micro)
         runs.append(count_step(cfg, run_ds, dims, device))
     dev = DEVICES[args.device]
-    groups = predictions(runs[0][0], dev)
+    bf16 = bool(ds.get("bf16", {}).get("enabled"))
+    groups = predictions(runs[0][0], dev, bf16)
     if len(runs) == 2:
-        deeper = predictions(runs[1][0], dev)
+        deeper = predictions(runs[1][0], dev, bf16)
         groups = {k: groups.get(k, ZERO).extrapolate(deeper.get(k, ZERO), target - depths[0])
                   for k in set(groups) | set(deeper)}
     phases = {ph: ZERO for ph in ORDER}
@@ -98,7 +103,7 @@ def main() -> int:
         phases[phase] = phases.get(phase, ZERO) + pred
     total = sum(phases.values(), ZERO)
     shape = runs[0][1]
-    dtype = "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+    dtype = "bf16 (run in fp32, bytes scaled)" if bf16 else "fp32"
     how = f"counted at depth {depths[0]} and {depths[1]}, extrapolated to {target}" if len(runs) == 2 else \
         f"counted at depth {target}"
     print(f"roofline of {base.preset}: {shape['samples']} samples × M={base.model.clone_batch}, T={shape['positions']} "
@@ -115,7 +120,9 @@ def main() -> int:
         print(f"    {phase:<13} {op:<44} {pred.kernels:>7.0f} kernels {pred.time_s * 1e3:8.3f} ms "
               f"({pred.time_s / total.time_s:5.1%}) {pred.bound}-bound")
     syncs = runs[-1][0].syncs
-    print(f"  host syncs per step: {syncs} (each stalls the GPU's queue)")
+    where = {phase: g.calls for (phase, op), g in runs[-1][0].groups.items() if op == SYNC}
+    print(f"  host syncs per step: {syncs} (each stalls the GPU's queue): "
+          + ", ".join(f"{phase} {n}" for phase, n in where.items()))
     if args.json:
         rows = {name: {"kernels": pred.kernels, "flops": pred.flops, "bytes": pred.bytes, "time_s": pred.time_s,
                        "mfu_bound": pred.mfu(dev), "bound": pred.bound} for name, pred in phases.items()}

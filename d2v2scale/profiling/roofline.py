@@ -79,13 +79,16 @@ def op_flops(func, args: tuple, kwargs: dict, out) -> float:
     return float(count(*args, **kwargs, out_val=out)) if count is not None else 0.0
 
 
-def _bytes(values) -> int:
-    seen, total = set(), 0
+def _bytes(values) -> tuple[int, int]:
+    """(all bytes, the fp32 ones) of the distinct tensors in ``values``."""
+    seen, total, fp32 = set(), 0, 0
     for t in tree_leaves(values):
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+            n = t.numel() * t.element_size()
+            total += n
+            fp32 += n if t.dtype == torch.float32 else 0
+    return total, fp32
 
 
 @dataclass
@@ -98,7 +101,7 @@ class OpGroup:
     calls: int = 0
     flops: float = 0.0
     bytes: float = 0.0
-    per_call: list[tuple[float, float]] = field(default_factory=list)  # (flops, bytes) of each call
+    per_call: list[tuple[float, float, float]] = field(default_factory=list)  # (flops, bytes, fp32 bytes) per call
 
 
 class OpCounter(TorchDispatchMode):
@@ -128,17 +131,18 @@ class OpCounter(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name == "_local_scalar_dense":
             self.syncs += 1
-            self._add(SYNC, 0.0, 0.0)
+            self._add(SYNC, 0.0, 0, 0)
         elif not (func.is_view or name in _NO_KERNEL or func.namespace in ("c10d", "_c10d_functional")):
-            self._add(name, op_flops(func, args, kwargs, out), float(_bytes((args, kwargs)) + _bytes(out)))
+            (read, read32), (written, written32) = _bytes((args, kwargs)), _bytes(out)
+            self._add(name, op_flops(func, args, kwargs, out), read + written, read32 + written32)
         return out
 
-    def _add(self, op: str, flops: float, nbytes: float) -> None:
+    def _add(self, op: str, flops: float, nbytes: int, fp32_bytes: int) -> None:
         group = self.groups.setdefault((self.current, op), OpGroup(self.current, op))
         group.calls += 1
         group.flops += flops
         group.bytes += nbytes
-        group.per_call.append((flops, nbytes))
+        group.per_call.append((flops, float(nbytes), float(fp32_bytes)))
 
 
 @dataclass(frozen=True)
@@ -180,12 +184,15 @@ class Prediction:
 ZERO = Prediction(0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-def predict(group: OpGroup, device: Device) -> Prediction:
-    """Each kernel: max(FLOPs / peak, bytes / bandwidth) + launch; its time goes to its bound."""
+def predict(group: OpGroup, device: Device, fp32_scale: float = 1.0) -> Prediction:
+    """Each kernel: max(FLOPs / peak, bytes / bandwidth) + launch; its time goes to its bound.
+    ``fp32_scale``: what an fp32 byte of a CPU run counts for (0.5: the GPU run holds it in bf16)."""
     if group.op == SYNC:
         return Prediction(0, 0.0, 0.0, 0.0, 0.0, group.calls * device.launch_s)
-    compute = memory = launch = 0.0
-    for flops, nbytes in group.per_call:
+    compute = memory = launch = total_bytes = 0.0
+    for flops, nbytes, fp32 in group.per_call:
+        nbytes -= fp32 * (1.0 - fp32_scale)
+        total_bytes += nbytes
         c, m = flops / device.peak_flops, nbytes / device.bandwidth
         launch += device.launch_s
         if c >= m and c > device.launch_s:
@@ -194,12 +201,21 @@ def predict(group: OpGroup, device: Device) -> Prediction:
             memory += m
         else:
             launch += max(c, m)
-    return Prediction(group.calls, group.flops, group.bytes, compute, memory, launch)
+    return Prediction(group.calls, group.flops, total_bytes, compute, memory, launch)
 
 
 def by_phase(counter: OpCounter, device: Device) -> dict[str, Prediction]:
-    """Phase → the sum of its op groups' predictions."""
+    """Phase → the sum of its op groups' predictions (bytes as the run held them)."""
     out: dict[str, Prediction] = defaultdict(lambda: ZERO)
     for group in counter.groups.values():
         out[group.phase] = out[group.phase] + predict(group, device)
     return dict(out)
+
+
+FP32_PHASES = ("optimizer", "ema")  # fp32 masters and AdamW moments stay fp32 in a bf16 run
+
+
+def bf16_scale(phase: str) -> float:
+    """How an fp32 byte of an fp32 CPU run counts when predicting the bf16 GPU run: activations,
+    weights and gradients are bf16 (half); the optimizer's and the teacher's fp32 state is not."""
+    return 1.0 if phase in FP32_PHASES else 0.5
