@@ -68,6 +68,8 @@ def main() -> int:
     p.add_argument("--ds_config", default=None, help="default: the preset's shipped JSON")
     p.add_argument("--device", default="h100", choices=sorted(DEVICES))
     p.add_argument("--depths", default="auto", help="auto: count at depth 1 and 2 and extrapolate; 0: the preset's")
+    p.add_argument("--host_us", type=float, default=20.0,
+                   help="host time per dispatched op in eager mode (an assumption until calibrated on a GPU)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -119,6 +121,14 @@ def main() -> int:
     for (phase, op), pred in top:
         print(f"    {phase:<13} {op:<44} {pred.kernels:>7.0f} kernels {pred.time_s * 1e3:8.3f} ms "
               f"({pred.time_s / total.time_s:5.1%}) {pred.bound}-bound")
+    host_ops = sum(n for phase, n in runs[0][0].host_ops.items() if phase != HOST)
+    if len(runs) == 2:
+        deeper_ops = sum(n for phase, n in runs[1][0].host_ops.items() if phase != HOST)
+        host_ops = host_ops + (target - depths[0]) * (deeper_ops - host_ops)
+    host_s = host_ops * args.host_us * 1e-6
+    print(f"  host: {host_ops:.0f} ops dispatched per step (views included); at {args.host_us:g} µs each "
+          f"{host_s * 1e3:.1f} ms, {'above' if host_s > total.time_s else 'below'} the kernels' "
+          f"{total.time_s * 1e3:.1f} ms: the eager step is {'host' if host_s > total.time_s else 'GPU'}-bound")
     syncs = runs[-1][0].syncs
     where = {phase: g.calls for (phase, op), g in runs[-1][0].groups.items() if op == SYNC}
     print(f"  host syncs per step: {syncs} (each stalls the GPU's queue): "
@@ -128,7 +138,7 @@ def main() -> int:
                        "mfu_bound": pred.mfu(dev), "bound": pred.bound} for name, pred in phases.items()}
         Path(args.json).write_text(json.dumps({"preset": base.preset, "device": args.device, "shape": shape,
                                                "depths": depths, "phases": rows, "total_s": total.time_s,
-                                               "syncs": syncs}, indent=1))
+                                               "host_ops": host_ops, "syncs": syncs}, indent=1))
     return 0
 
 

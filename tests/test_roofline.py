@@ -99,6 +99,9 @@ def test_a_kernel_takes_its_bound_plus_the_launch():
     assert q.kernels == 2 and q.memory_s == pytest.approx(2 * 2**29 / 1e12)
     assert q.launch_s == pytest.approx(2 * 5e-6 + 48 / 1e12)  # the tiny add: 3 × 16 bytes within its launch
     assert counter.syncs == 0
+    with counter:
+        a.t()  # a view: the host dispatches it, no kernel runs
+    assert counter.host_ops["other"] == sum(g.calls for g in counter.groups.values()) + 1
 
 
 @pytest.mark.slow
@@ -121,3 +124,4 @@ def test_the_bench_counts_the_real_step_and_extrapolates_the_depth(tmp_path):
     trained = want["local_encoder"] + want["student"] + want["decoder"]
     assert phases["backward"]["flops"] == pytest.approx(2 * trained, rel=0.05)
     assert all(phases[p]["kernels"] > 0 for p in ("optimizer", "ema", "backward"))
+    assert report["host_ops"] > sum(row["kernels"] for row in phases.values())  # views cost the host too

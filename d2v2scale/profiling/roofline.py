@@ -9,7 +9,10 @@ perfect kernel would need, so the prediction is a lower bound per kernel, and wh
 (compute, memory or launch) says where the step loses time.
 
 Ops that only change a tensor's metadata (views, detach) launch nothing; a copy of a scalar to
-the host (``.item()``, a bool of a device tensor) is a synchronisation, counted apart.
+the host (``.item()``, a bool of a device tensor) is a synchronisation, counted apart. The host
+dispatches every op, views included, and in eager mode spends tens of microseconds on each
+(Python, dispatcher, autograd): ``host_ops`` counts them, because a step whose kernels are short
+waits for the host, not the GPU.
 """
 from __future__ import annotations
 
@@ -113,6 +116,7 @@ class OpCounter(TorchDispatchMode):
         self.current = "other"
         self.groups: dict[tuple[str, str], OpGroup] = {}
         self.syncs = 0
+        self.host_ops: dict[str, int] = defaultdict(int)  # every op the host dispatches, views included
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -129,6 +133,7 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
+        self.host_ops[self.current] += 1
         if name == "_local_scalar_dense":
             self.syncs += 1
             self._add(SYNC, 0.0, 0, 0)
