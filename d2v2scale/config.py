@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import types
 import typing
@@ -380,7 +381,9 @@ def _apply(cfg: Config, section: str, key: str | None, value: Any, source: str) 
     setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    """A section's resolved annotations, once per class (callers copy before they change it)."""
     return typing.get_type_hints(cls)
 
 

@@ -13,6 +13,7 @@ This module imports only :mod:`d2v2scale.errors`, so every room may read it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +151,18 @@ def own_keys(modality: Modality, section: str) -> dict[str, tuple[Any, Any]]:
     cls = modality.model_keys if section == "model" else modality.data_keys
     if cls is None:
         return {}
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # a fresh list
         out[f.name] = (hints[f.name], default)
     return out
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A keys class's resolved annotations (resolving them is most of a config load's time)."""
+    return typing.get_type_hints(cls)
 
 
 def key_owner(section: str, key: str) -> str | None:
