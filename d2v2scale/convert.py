@@ -88,8 +88,13 @@ def derive_values(student: dict[str, torch.Tensor], teacher: dict | None, modali
     return out
 
 
+def _given_keys(overrides: list[str]) -> set[str]:
+    """The ``section.key`` names of ``key=value`` overrides."""
+    return {o.split("=", 1)[0].strip() for o in overrides}
+
+
 def _given(key: str, overrides: list[str]) -> bool:
-    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+    return key in _given_keys(overrides)
 
 
 def _values_without_config(student: dict, teacher: dict | None, modality: str, preset: str | None,
@@ -101,8 +106,7 @@ def _values_without_config(student: dict, teacher: dict | None, modality: str, p
     if not preset and not _given("model.num_heads", overrides):
         raise ConfigError("the checkpoint has no cfg.model and model.num_heads is not recoverable from tensors; "
                           "pass model.num_heads=N or --preset NAME")
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    values.update(own.without_config(student, base, given, from_preset=bool(preset)))
+    values.update(own.without_config(student, base, _given_keys(overrides), from_preset=bool(preset)))
     # not in the weights; the base preset's value, capped by the depth (override to change)
     values["model.average_top_k_layers"] = min(base.model.average_top_k_layers, values["model.depth"])
     return values
