@@ -15,6 +15,11 @@
    Efficiency = the full model's FLOPs / (full time × peak).
 4. Writes ``calibration.json`` for ``python -m d2v2scale.plan --calibration`` and prints the table.
 
+``--efficiency`` instead runs ``bench/efficiency.py`` (its flags follow): the full-depth step of
+``vit_h`` (micro-batch 1, 2, 4, 8), ``vit_l`` (8) and ``audio_large`` on the DeepSpeed path with the
+preset's JSON, bf16, eager and compiled: step time, MFU, phase split, kernels, the fixed cost per
+micro-batch, and ``calibration.json`` from those runs.
+
 Without CUDA it prints one line and exits 0. Exit 1 when a ``gpu`` test fails.
 """
 from __future__ import annotations
@@ -39,19 +44,10 @@ from d2v2scale.profiling.flops import PEAK_FLOPS, StepShape, step_flops  # noqa:
 from d2v2scale.train.teacher import build_teacher  # noqa: E402
 from d2v2scale.train.compile import apply_compile  # noqa: E402
 
+import efficiency  # noqa: E402  (bench/, this script's folder)
+
 CUT_DEPTHS = (4, 8)
 DEVICE = "cuda"
-
-
-def gpu_key() -> str:
-    """The planner's name for this GPU (plan --gpu / cluster profile ``gpu``)."""
-    props = torch.cuda.get_device_properties(0)
-    name, gb = props.name.upper(), props.total_memory / 1e9
-    for tag, key in (("A100", "a100-80gb" if gb > 50 else "a100-40gb"), ("H200", "h200"), ("H100", "h100-80gb"),
-                     ("V100", "v100-32gb")):
-        if tag in name:
-            return key
-    raise SystemExit(f"gpu_check: unknown GPU {props.name!r}; add its bf16 peak to profiling/flops.py PEAK_FLOPS")
 
 
 def time_step(preset: str, micro: int, depth: int, steps: int = 5, compile_: bool = False) -> float:
@@ -131,6 +127,9 @@ def compile_speedup(specs: list[tuple[str, int]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--efficiency" in argv:  # the full-depth DeepSpeed-path measurement (bench/efficiency.py), its flags after
+        return efficiency.main([a for a in argv if a != "--efficiency"])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="calibration.json")
     p.add_argument("--presets", default="vit_l,vit_h,audio_large")
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False here); nothing to check")
         return 0
-    key = gpu_key()
+    key = efficiency.gpu_name()
     print(f"gpu_check: {torch.cuda.get_device_name(0)} ({key}), {torch.cuda.device_count()} GPU(s), "
           f"torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     tests_ok = True

@@ -2,6 +2,7 @@
 FLOPs per phase against the analytic model (profiling/flops), kernels of an unfused variant,
 and the prediction rule on hand-computed kernels."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from torch import nn
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
-from d2v2scale.profiling.flops import StepShape, forward_flops
+from d2v2scale.planning.timing import load_calibration
+from d2v2scale.profiling.flops import StepShape, forward_flops, step_flops
 from d2v2scale.profiling.roofline import Device, OpCounter, by_phase, predict
+from d2v2scale.profiling.timers import PHASES
 from d2v2scale.train.teacher import build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +128,42 @@ def test_the_bench_counts_the_real_step_and_extrapolates_the_depth(tmp_path):
     assert phases["backward"]["flops"] == pytest.approx(2 * trained, rel=0.05)
     assert all(phases[p]["kernels"] > 0 for p in ("optimizer", "ema", "backward"))
     assert report["host_ops"] > sum(row["kernels"] for row in phases.values())  # views cost the host too
+
+
+def test_the_efficiency_bench_times_the_deepspeed_step_and_fits_the_fixed_cost(tmp_path):
+    """bench/efficiency.py (gpu_check.py --efficiency) on the CPU: the step of tiny_image at three
+    micro-batch sizes. Its FLOPs are the analytic step's for the shapes it ran, its fixed cost the
+    least-squares intercept of its own times (by the normal equations here), its calibration file is
+    one the planner reads, and its kernel count does not grow with the micro-batch."""
+    out = tmp_path / "calibration.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--efficiency", "--device", "cpu", "--runs",
+                           "tiny_image:1/2/4", "--modes", "eager", "--calibrate_with", "eager", "--steps", "2",
+                           "--ds_config", "ds_configs/cpu_tiny.json", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [r["micro_batch"] for r in runs] == [1, 2, 4] and all(r["mode"] == "eager" for r in runs)
+    cfg = load_config("tiny_image")
+    for r in runs:
+        s = r["shape"]
+        assert r["flops_per_micro_batch"] == pytest.approx(
+            step_flops(cfg, StepShape(r["micro_batch"], s["positions"], s["kept"]), s["input_len"]), rel=1e-9)
+        assert r["efficiency"] == pytest.approx(r["flops_per_micro_batch"] / (r["step_s"] * r["peak_flops"]))
+        assert 0.5 * r["step_s"] < sum(r["phases_s"].values()) <= 1.05 * r["step_s"]  # the phases are the step
+        assert set(r["phases_s"]) <= set(PHASES) and {"teacher", "student", "optimizer", "ema"} <= set(r["phases_s"])
+    assert runs[1]["kernels"] == runs[2]["kernels"] > 0  # the same kernels whatever the batch
+    x = [r["micro_batch"] for r in runs]
+    y = [r["step_s"] for r in runs]
+    mx, my = sum(x) / 3, sum(y) / 3
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    fit = report["fixed_cost"]["tiny_image/eager"]
+    assert fit["fixed_s_per_micro_batch"] == pytest.approx(my - slope * mx, rel=1e-6)
+    assert fit["s_per_item"] == pytest.approx(slope, rel=1e-6)
+    curve = load_calibration(str(out), "cpu")
+    assert [f for f, _ in curve.points] == sorted(r["flops_per_micro_batch"] for r in runs)
+    assert "fixed cost per micro-batch" in proc.stdout
+    bad = subprocess.run([sys.executable, "bench/gpu_check.py", "--efficiency", "--runs", "vit_h:eight"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--runs" in bad.stderr

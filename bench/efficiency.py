@@ -1,0 +1,222 @@
+"""Full-depth step efficiency on the path users run: the DeepSpeed backend built from the preset's
+JSON, one rank, bf16 as the JSON says, eager and ``model.compile=true``.
+
+Per run: the step time (mean of ``--steps`` after warm-up; wall clock around a device sync), MFU
+(the analytic model FLOPs of the step, ``profiling/flops``, over time × the device's dense peak),
+the phase split (the engine's own phase timers: CUDA events on a GPU), and the kernels of one step
+(on CUDA the device-side events of a ``torch.profiler`` step; on CPU the dispatch-level count of
+``profiling/roofline.OpCounter``, eager only). Per preset and mode with two or more micro-batch
+sizes, the fixed cost per micro-batch: the intercept of a least-squares line of step time against
+the micro-batch size (one micro-batch a step, so the intercept is what a step costs with no
+samples: launches, optimizer, EMA, host work). Writes ``calibration.json`` (the planner's points:
+the eager or compiled run of each shape, whichever ``--calibrate_with`` says; every run is kept
+under ``runs``).
+
+    python bench/gpu_check.py --efficiency                       # vit_h 1/2/4/8, vit_l 8, audio_large
+    python bench/efficiency.py --runs vit_b:8/16 --modes compiled --out calibration.json
+    python bench/efficiency.py --device cpu --runs tiny_image:1/2/4 --ds_config ds_configs/cpu_tiny.json
+
+``--runs`` is ``preset:micro/micro,...``; a micro-batch of 0 is the preset's own (audio: one
+``data.max_tokens`` budget of samples). Runs go in order until ``--budget_s`` is spent; what ran is
+written either way.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from d2v2scale import modality as modalities  # noqa: E402
+from d2v2scale.cli import fail  # noqa: E402
+from d2v2scale.config import ConfigError, load_config  # noqa: E402
+from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
+from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.profiling.roofline import OpCounter  # noqa: E402
+from d2v2scale.profiling.timers import StepTimer  # noqa: E402
+from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
+
+DEFAULT_RUNS = "vit_h:1/2/4/8,vit_l:8,audio_large:0"
+MODES = {"eager": False, "compiled": True}
+
+
+def parse_runs(text: str) -> list[tuple[str, list[int]]]:
+    """``vit_h:1/2/4/8,audio_large:0`` as [(preset, [micro, ...]), ...]; unknown presets fail here."""
+    runs = []
+    for spec in filter(None, text.split(",")):
+        preset, _, micros = spec.partition(":")
+        sizes = micros.split("/") if micros else ["0"]
+        if not all(s.isdigit() for s in sizes):
+            raise ValueError(f"--runs {spec!r}: expected preset:micro/micro..., e.g. vit_h:1/2/4/8 (0: the preset's)")
+        load_config(preset)
+        runs.append((preset, [int(s) for s in sizes]))
+    return runs
+
+
+def one_rank_config(preset: str, micro: int, compiled: bool, overrides: list[str]):
+    """The preset as one rank runs it: ``micro`` items per micro-batch (0: the preset's), one micro-batch a step."""
+    cfg = load_config(preset, ["data.kind=synthetic", f"model.compile={str(compiled).lower()}", *overrides])
+    budget_key = modalities.get(cfg.model.modality).budget_key
+    budgeted = budget_key and modalities.batch_budget(cfg) is not None  # audio: the micro-batch is a sample budget
+    if micro and budgeted:
+        setattr(cfg.data, budget_key, micro)
+    cfg.train.global_batch = modalities.batch_budget(cfg) if budgeted else (micro or cfg.train.global_batch)
+    return cfg
+
+
+def one_rank_ds(ds: dict, bf16: bool | None = None) -> dict:
+    out = {**copy.deepcopy(ds), "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+           "gradient_accumulation_steps": 1}
+    if bf16 is not None:
+        out["bf16"] = {**out.get("bf16", {}), "enabled": bf16}
+    return out
+
+
+def device_kernels(tr, step: int, device: torch.device, compiled: bool) -> int | None:
+    """Kernels of one step: device-side profiler events on CUDA; the dispatch count on CPU (eager only:
+    compiled regions run generated code no dispatch mode sees)."""
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train_step(tr, step)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    if compiled:
+        return None
+    counter = OpCounter()
+    with counter:
+        train_step(tr, step)
+    return sum(g.calls for g in counter.groups.values())
+
+
+def time_run(cfg, ds: dict, dims, device, steps: int, warmup: int) -> dict:
+    plan = plan_batch(ds, cfg, 1)
+    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    tr.model.train()
+    step = 0
+    for step in range(warmup):  # compiles (and, audio, recompiles dynamic once); allocator settles
+        train_step(tr, step)
+    kernels = device_kernels(tr, warmup, device, cfg.model.compile)
+    timer = StepTimer(device, enabled=True)
+    tr.timer, tr.model.phase = timer, timer.phase
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    flops = 0.0
+    for step in range(warmup + 1, warmup + 1 + steps):
+        flops = train_step(tr, step).flops
+    sync()
+    step_s = (time.perf_counter() - t0) / steps
+    rows = timer.resolve()
+    phases = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in sorted({k for r in rows for k in r})}
+    shape = dict(tr.last_shape)
+    tr.loader.close()
+    peak = tr.peak_flops
+    return {"step_s": step_s, "flops_per_micro_batch": flops, "peak_flops": peak,
+            "efficiency": flops / (step_s * peak) if peak else None, "phases_s": phases, "kernels": kernels,
+            "shape": shape}
+
+
+def fixed_cost(runs: list[dict]) -> dict[str, dict]:
+    """Per preset and mode: intercept and slope of step time against micro-batch size (≥ 2 sizes)."""
+    out = {}
+    for key in sorted({(r["preset"], r["mode"]) for r in runs}):
+        pts = [(r["micro_batch"], r["step_s"]) for r in runs if (r["preset"], r["mode"]) == key]
+        if len({m for m, _ in pts}) >= 2:
+            slope, intercept = np.polyfit([m for m, _ in pts], [t for _, t in pts], 1)
+            out[f"{key[0]}/{key[1]}"] = {"fixed_s_per_micro_batch": float(intercept), "s_per_item": float(slope)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="preset:micro/micro,... (0: the preset's micro-batch)")
+    p.add_argument("--modes", default="eager,compiled")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--ds_config", default=None, help="default: each preset's shipped JSON")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--budget_s", type=float, default=420.0, help="start no run after this many seconds")
+    p.add_argument("--calibrate_with", default="compiled", choices=sorted(MODES))
+    p.add_argument("--gpu", default=None, help="the planner's GPU name for calibration.json (default: detected)")
+    p.add_argument("--out", default="calibration.json")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run")
+    args = p.parse_args(argv)
+    try:
+        runs = parse_runs(args.runs)
+        modes = [m for m in args.modes.split(",") if m]
+        if not modes or any(m not in MODES for m in modes):
+            raise ValueError(f"--modes {args.modes!r}: expected a comma list of {sorted(MODES)}")
+        shipped = {preset: load_ds_config(args.ds_config or str(ROOT / "ds_configs" / f"{preset}.json"))
+                   for preset, _ in runs}
+    except (ValueError, ConfigError) as e:
+        return fail("efficiency", e)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("efficiency: needs a CUDA GPU (torch.cuda.is_available() is False here); --device cpu runs it on the CPU")
+        return 0
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
+    dims, device = init_distributed(1)
+    gpu = args.gpu or (gpu_name() if device.type == "cuda" else "cpu")
+    start, results = time.perf_counter(), []
+    print(f"efficiency on {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'} ({gpu}), torch "
+          f"{torch.__version__}; the DeepSpeed backend, one rank, mean of {args.steps} steps after {args.warmup}",
+          flush=True)
+    print("| preset | micro | mode | step ms | MFU | kernels | phases ms |\n|---|---|---|---|---|---|---|", flush=True)
+    for preset, micros in runs:
+        for mode in modes:
+            for micro in micros:
+                if time.perf_counter() - start > args.budget_s:
+                    print(f"  budget of {args.budget_s:.0f} s spent: {preset} {mode} micro {micro} not run", flush=True)
+                    continue
+                cfg = one_rank_config(preset, micro, MODES[mode], args.overrides)
+                try:
+                    row = time_run(cfg, one_rank_ds(shipped[preset]), dims, device, args.steps,
+                                   args.warmup + (1 if MODES[mode] else 0))
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"| {preset} | {micro} | {mode} | out of memory | | | |", flush=True)
+                    continue
+                row = {"preset": preset, "micro_batch": cfg.train.global_batch, "mode": mode, **row}
+                results.append(row)
+                split = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["phases_s"].items())
+                mfu = f"{row['efficiency']:.1%}" if row["efficiency"] is not None else "n/a"
+                print(f"| {preset} | {row['micro_batch']} | {mode} | {row['step_s'] * 1e3:.1f} | {mfu} | "
+                      f"{row['kernels'] if row['kernels'] is not None else 'n/a'} | {split} |", flush=True)
+    fixed = fixed_cost(results)
+    for key, fit in fixed.items():
+        print(f"  {key}: fixed cost per micro-batch {fit['fixed_s_per_micro_batch'] * 1e3:.1f} ms "
+              f"(+{fit['s_per_item'] * 1e3:.2f} ms an item)")
+    points = [{"preset": r["preset"], "micro_batch": r["micro_batch"], "flops_per_micro_batch": r["flops_per_micro_batch"],
+               "step_s": r["step_s"], "efficiency": r["efficiency"]}
+              for r in results if r["mode"] == args.calibrate_with and r["efficiency"] is not None]
+    Path(args.out).write_text(json.dumps({
+        "gpu": gpu, "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"), "path": "deepspeed backend, one rank",
+        "points": points, "fixed_cost": fixed, "runs": results}, indent=1))
+    print(f"wrote {args.out} ({len(points)} {args.calibrate_with} points): "
+          f"python -m d2v2scale.plan --calibration {args.out} ...")
+    return 0
+
+
+def gpu_name() -> str:
+    """The planner's name for this GPU (plan --gpu / cluster profile ``gpu``)."""
+    props = torch.cuda.get_device_properties(0)
+    name, gb = props.name.upper(), props.total_memory / 1e9
+    for tag, key in (("A100", "a100-80gb" if gb > 50 else "a100-40gb"), ("H200", "h200"), ("H100", "h100-80gb"),
+                     ("V100", "v100-32gb")):
+        if tag in name:
+            return key
+    raise SystemExit(f"efficiency: unknown GPU {props.name!r}; add its bf16 peak to profiling/flops.py PEAK_FLOPS")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
