@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, fit in fixed.items():
         print(f"  {key}: fixed cost per micro-batch {fit['fixed_s_per_micro_batch'] * 1e3:.1f} ms "
               f"(+{fit['s_per_item'] * 1e3:.2f} ms an item)")
-    points = [{"preset": r["preset"], "micro_batch": r["micro_batch"], "flops_per_micro_batch": r["flops_per_micro_batch"],
-               "step_s": r["step_s"], "efficiency": r["efficiency"]}
-              for r in results if r["mode"] == args.calibrate_with and r["efficiency"] is not None]
+    keys = ("preset", "micro_batch", "flops_per_micro_batch", "step_s", "efficiency")
+    points = [{k: r[k] for k in keys} for r in results
+              if r["mode"] == args.calibrate_with and r["efficiency"] is not None]
     Path(args.out).write_text(json.dumps({
         "gpu": gpu, "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"), "path": "deepspeed backend, one rank",
