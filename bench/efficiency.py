@@ -23,6 +23,7 @@ written either way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -41,7 +42,7 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
-from d2v2scale.profiling.roofline import OpCounter  # noqa: E402
+from d2v2scale.profiling.kernel_trace import kernel_ranges, step_kernels  # noqa: E402
 from d2v2scale.profiling.timers import StepTimer  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
@@ -81,21 +82,21 @@ def one_rank_ds(ds: dict, bf16: bool | None = None) -> dict:
     return out
 
 
-def device_kernels(tr, step: int, device: torch.device, compiled: bool) -> int | None:
-    """Kernels of one step: device-side profiler events on CUDA; the dispatch count on CPU (eager only:
-    compiled regions run generated code no dispatch mode sees)."""
+def device_kernels(tr, step: int, device: torch.device) -> int:
+    """Kernels of one step: the device-side events of a profiled step on CUDA; on the CPU the
+    trace count (``profiling/kernel_trace``: generated kernels and aten kernels, the loader's host
+    work left out)."""
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             train_step(tr, step)
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    if compiled:
-        return None
-    counter = OpCounter()
-    with counter:
+
+    def run(marks):
+        tr.timer, tr.model.phase = marks, marks.phase
         train_step(tr, step)
-    return sum(g.calls for g in counter.groups.values())
+    return sum(n for (phase, _), n in step_kernels(run).items() if phase != "data")
 
 
 def time_run(cfg, ds: dict, dims, device, steps: int, warmup: int) -> dict:
@@ -105,7 +106,7 @@ def time_run(cfg, ds: dict, dims, device, steps: int, warmup: int) -> dict:
     step = 0
     for step in range(warmup):  # compiles (and, audio, recompiles dynamic once); allocator settles
         train_step(tr, step)
-    kernels = device_kernels(tr, warmup, device, cfg.model.compile)
+    kernels = device_kernels(tr, warmup, device)
     timer = StepTimer(device, enabled=True)
     tr.timer, tr.model.phase = timer, timer.phase
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -178,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  budget of {args.budget_s:.0f} s spent: {preset} {mode} micro {micro} not run", flush=True)
                     continue
                 cfg = one_rank_config(preset, micro, MODES[mode], args.overrides)
+                ranges = kernel_ranges() if device.type == "cpu" else contextlib.nullcontext()  # CPU: trace kernels
                 try:
-                    row = time_run(cfg, one_rank_ds(shipped[preset]), dims, device, args.steps,
-                                   args.warmup + (1 if MODES[mode] else 0))
+                    with ranges:
+                        row = time_run(cfg, one_rank_ds(shipped[preset]), dims, device, args.steps,
+                                       args.warmup + (1 if MODES[mode] else 0))
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"| {preset} | {micro} | {mode} | out of memory | | | |", flush=True)

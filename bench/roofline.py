@@ -7,11 +7,14 @@ with its FLOPs and bytes, predicted on ``--device`` as max(FLOPs/peak, bytes/ban
 Full-size models are counted at depth 1 and 2 and extrapolated to the preset's depth (every cost
 of the step is affine in the depth), so ``vit_h`` fits a laptop. A bf16 JSON is run in fp32 on
 the CPU (CPU bf16 matmuls are ~50× slower than fp32) and predicted as bf16: fp32 bytes count half,
-except the optimizer's and the EMA's (fp32 masters and moments stay fp32) - an estimate, said so. Prints kernels, predicted time and the
-MFU bound per phase, the ten most expensive op groups and what bounds them, and the host syncs.
+except the optimizer's and the EMA's (fp32 masters and moments stay fp32) - an estimate, said so.
+Prints kernels, predicted time and the MFU bound per phase, the ten most expensive op groups and
+what bounds them, the host syncs, and with ``--compiled`` the kernels per phase of the
+``model.compile=true`` step (``profiling/kernel_trace``: what inductor leaves separate; the eager
+step traced the same way, which agrees with the dispatch count).
 
-    python bench/roofline.py --preset vit_h --micro 8 [--device h100|a100-40gb|h200] [--json out.json] [overrides]
-    python bench/roofline.py --preset tiny_image --micro 8 --ds_config ds_configs/cpu_tiny.json --depths 0
+    python bench/roofline.py --preset vit_h --micro 8 [--device h100-80gb|a100-40gb|h200] [--json out.json] [overrides]
+    python bench/roofline.py --preset tiny_image --micro 8 --ds_config ds_configs/cpu_tiny.json --depths 0 --compiled
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import copy
 import json
 import os
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -33,6 +37,8 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.profiling.flops import StepShape, step_flops  # noqa: E402
+from d2v2scale.profiling.kernel_trace import kernel_ranges, step_kernels  # noqa: E402
 from d2v2scale.profiling.roofline import (  # noqa: E402
     DEVICES, SYNC, ZERO, OpCounter, Prediction, bf16_scale, predict)
 from d2v2scale.profiling.timers import PHASES  # noqa: E402
@@ -42,18 +48,54 @@ ORDER = (*PHASES[1:], "other")
 HOST = PHASES[0]  # "data": the loader and the masks, made on the host ahead of the step (never GPU kernels)
 
 
-def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict]:
-    """The second step of a fresh trainer, counted; and its shape."""
+def trainer(cfg, ds: dict, dims, device, warmup: int):
+    """A fresh trainer after ``warmup`` steps (first-step work - optimizer state, lazy buffers,
+    compilation - is not a step's)."""
     plan = plan_batch(ds, cfg, 1)
     tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
     tr.model.train()
-    train_step(tr, 0)  # first-step work (optimizer state, lazy buffers) is not a step's
+    for step in range(warmup):
+        train_step(tr, step)
+    return tr
+
+
+def traced(tr, step: int) -> Counter:
+    """Kernels per (phase, op) of one step, from a CPU profiler trace."""
+    def run(marks):
+        tr.timer, tr.model.phase = marks, marks.phase
+        train_step(tr, step)
+    return step_kernels(run)
+
+
+def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict, Counter]:
+    """The second step of a fresh trainer, counted by the dispatch mode; its shape; the third, traced."""
+    tr = trainer(cfg, ds, dims, device, warmup=1)
     counter = OpCounter()
     tr.timer, tr.model.phase = counter, counter.phase
     with counter:
         train_step(tr, 1)
+    trace = traced(tr, 2)
     tr.loader.close()
-    return counter, dict(tr.last_shape)
+    return counter, dict(tr.last_shape), trace
+
+
+def compiled_kernels(cfg, ds: dict, dims, device) -> Counter:
+    """Kernels per (phase, op) of a ``model.compile=true`` step: what inductor leaves separate."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.compile = True
+    with kernel_ranges():
+        tr = trainer(cfg, ds, dims, device, warmup=3)  # compiles; audio recompiles dynamic once
+        trace = traced(tr, 3)
+    tr.loader.close()
+    return trace
+
+
+def per_phase(trace: Counter) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for (phase, _), n in trace.items():
+        if phase != HOST:
+            out[phase] += n
+    return out
 
 
 def predictions(counter: OpCounter, device, bf16: bool) -> dict[tuple[str, str], Prediction]:
@@ -61,16 +103,41 @@ def predictions(counter: OpCounter, device, bf16: bool) -> dict[tuple[str, str],
             for key, group in counter.groups.items() if key[0] != HOST}
 
 
+def extrapolated(counts: list[dict[str, int]], steps: int) -> dict[str, float]:
+    """Per-phase counts at the preset's depth: the one count, or the depth-1 count plus ``steps`` × the
+    per-block difference (counts are affine in the depth)."""
+    if len(counts) == 1:
+        return dict(counts[0])
+    lo, hi = counts
+    return {ph: lo.get(ph, 0) + steps * (hi.get(ph, 0) - lo.get(ph, 0)) for ph in set(lo) | set(hi)}
+
+
+def add_point(path: Path, gpu: str, point: dict) -> None:
+    """Add (or replace, same preset and micro-batch) a predicted point in a calibration file."""
+    data = json.loads(path.read_text()) if path.is_file() else {"gpu": gpu, "predicted": True, "points": []}
+    if data.get("gpu") != gpu or not data.get("predicted"):
+        raise SystemExit(f"roofline: {path} holds {'measured' if not data.get('predicted') else data.get('gpu')} "
+                         f"points; write predicted {gpu} points to another file")
+    same = (point["preset"], point["micro_batch"])
+    data["points"] = [q for q in data["points"] if (q["preset"], q["micro_batch"]) != same] + [point]
+    path.write_text(json.dumps(data, indent=1))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny_image")
     p.add_argument("--micro", type=int, default=8, help="items per micro-batch (audio: samples, data.max_tokens)")
     p.add_argument("--ds_config", default=None, help="default: the preset's shipped JSON")
-    p.add_argument("--device", default="h100", choices=sorted(DEVICES))
+    p.add_argument("--device", default="h100-80gb", choices=sorted(DEVICES), help="also the planner's GPU name")
     p.add_argument("--depths", default="auto", help="auto: count at depth 1 and 2 and extrapolate; 0: the preset's")
     p.add_argument("--host_us", type=float, default=20.0,
                    help="host time per dispatched op in eager mode (an assumption until calibrated on a GPU)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also count the kernels of the model.compile=true step (compiles on the CPU: minutes)")
     p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--calibration", default=None,
+                   help="add the predicted eager step to this calibration.json (for plan --calibration; marked "
+                        "predicted: the host's cost per op is --host_us)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     try:
@@ -92,7 +159,8 @@ def main() -> int:
         budget_key = modalities.get(cfg.model.modality).budget_key
         if budget_key and modalities.batch_budget(cfg) is not None:  # audio: the micro-batch in samples
             setattr(cfg.data, budget_key, args.micro)
-        runs.append(count_step(cfg, run_ds, dims, device))
+        runs.append((*count_step(cfg, run_ds, dims, device),
+                     compiled_kernels(cfg, run_ds, dims, device) if args.compiled else None))
     dev = DEVICES[args.device]
     bf16 = bool(ds.get("bf16", {}).get("enabled"))
     groups = predictions(runs[0][0], dev, bf16)
@@ -133,9 +201,26 @@ def main() -> int:
     where = {phase: g.calls for (phase, op), g in runs[-1][0].groups.items() if op == SYNC}
     print(f"  host syncs per step: {syncs} (each stalls the GPU's queue): "
           + ", ".join(f"{phase} {n}" for phase, n in where.items()))
+    traced_eager = extrapolated([per_phase(run[2]) for run in runs], target - depths[0])
+    compiled = extrapolated([per_phase(run[3]) for run in runs], target - depths[0]) if args.compiled else {}
+    if compiled:
+        n_compiled, n_eager = sum(compiled.values()), sum(traced_eager.values())
+        print(f"  compiled (model.compile=true; the kernels CPU inductor leaves separate): {n_compiled:.0f} kernels "
+              f"a step, {n_eager:.0f} eager (launches alone {n_compiled * dev.launch_s * 1e3:.1f} vs "
+              f"{n_eager * dev.launch_s * 1e3:.1f} ms):")
+        print("    " + ", ".join(f"{ph} {traced_eager.get(ph, 0):.0f} → {compiled.get(ph, 0):.0f}"
+                                 for ph in ORDER if traced_eager.get(ph) or compiled.get(ph)))
+    if args.calibration:
+        flops = step_flops(base, StepShape(shape["samples"], shape["positions"], shape["kept"]), shape["input_len"])
+        add_point(Path(args.calibration), args.device, {
+            "preset": base.preset, "micro_batch": args.micro, "flops_per_micro_batch": flops,
+            "step_s": max(total.time_s, host_s),  # eager: the GPU waits for the slower of its kernels and the host
+            "efficiency": flops / (max(total.time_s, host_s) * dev.peak_flops)})
     if args.json:
         rows = {name: {"kernels": pred.kernels, "flops": pred.flops, "bytes": pred.bytes, "time_s": pred.time_s,
-                       "mfu_bound": pred.mfu(dev), "bound": pred.bound} for name, pred in phases.items()}
+                       "mfu_bound": pred.mfu(dev), "bound": pred.bound, "traced_kernels": traced_eager.get(name, 0),
+                       **({"compiled_kernels": compiled.get(name, 0)} if compiled else {})}
+                for name, pred in phases.items()}
         Path(args.json).write_text(json.dumps({"preset": base.preset, "device": args.device, "shape": shape,
                                                "depths": depths, "phases": rows, "total_s": total.time_s,
                                                "host_ops": host_ops, "syncs": syncs}, indent=1))

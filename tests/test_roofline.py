@@ -1,6 +1,7 @@
 """The roofline counter (d2v2scale.profiling.roofline) and bench/roofline.py in CI-sized form:
-FLOPs per phase against the analytic model (profiling/flops), kernels of an unfused variant,
-and the prediction rule on hand-computed kernels."""
+FLOPs per phase against the analytic model (profiling/flops), kernels of an unfused variant, the
+prediction rule on hand-computed kernels, the trace count that also sees compiled code; and
+bench/efficiency.py, the GPU measurement's command, run on the CPU."""
 import json
 import os
 import subprocess
@@ -167,3 +168,24 @@ def test_the_efficiency_bench_times_the_deepspeed_step_and_fits_the_fixed_cost(t
     bad = subprocess.run([sys.executable, "bench/gpu_check.py", "--efficiency", "--runs", "vit_h:eight"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--runs" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_trace_counts_what_the_dispatch_counter_does_and_fewer_kernels_compiled(tmp_path):
+    """bench/roofline.py --compiled on tiny_image: the profiler-trace count (kernel_trace) equals the
+    dispatch-mode count phase by phase on the eager step - two counters that share no code - and the
+    compiled step leaves fewer kernels where inductor compiles (blocks, decoder, tensor math), the
+    same where it does not (optimizer, EMA update)."""
+    out = tmp_path / "roofline.json"
+    proc = subprocess.run([sys.executable, "bench/roofline.py", "--preset", "tiny_image", "--micro", "4", "--depths",
+                           "0", "--compiled", "--ds_config", "ds_configs/cpu_tiny.json", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = json.loads(out.read_text())["phases"]
+    for name, row in phases.items():
+        assert row["traced_kernels"] == row["kernels"], name
+    for name in ("teacher", "student", "decoder_loss", "backward"):
+        assert phases[name]["compiled_kernels"] < phases[name]["kernels"], name
+    for name in ("optimizer", "ema"):
+        assert phases[name]["compiled_kernels"] == phases[name]["kernels"], name
+    assert "compiled (model.compile=true" in proc.stdout

@@ -1,5 +1,6 @@
 """Targets against a hand computation; the teacher sees the unmasked input and gets no gradient;
 the EMA after k updates equals the closed form; sharded EMA equals unsharded."""
+import functools
 import threading
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
+from d2v2scale.model.data2vec2 import Targets
 from d2v2scale.train.teacher import EMASchedule, FlatGroup, FlatGroupEMA, build_teacher
 
 
@@ -320,3 +322,47 @@ def test_a_bound_ema_update_lerps_views_and_allocates_nothing():
     expected = [t.clone().lerp_(s, 1 - teacher.decay(1)) for t, s in zip(targets, sources)]
     teacher.update(1)
     assert all(torch.equal(t, e) for t, e in zip(teacher.pairs()[0], expected))
+
+
+def _per_layer_teacher(model, cfg):
+    """fairseq's loop, one layer at a time (F.instance_norm / F.layer_norm per layer, a running sum,
+    a division; moments as plain sums per layer): the formulation the stacked one replaced."""
+    m = cfg.model
+
+    def output(teacher, source, local, valid, lengths):
+        layers = [y.float() for y in model.teacher_layers(teacher, source, local, valid, lengths)][-m.average_top_k_layers:]
+        acc = 0
+        for y in layers:
+            if m.instance_norm_target_layer:
+                y = torch.nn.functional.instance_norm(y.transpose(1, 2), eps=1e-5).transpose(1, 2)
+            elif m.layer_norm_target_layer:
+                y = torch.nn.functional.layer_norm(y, y.shape[-1:], eps=1e-5)
+            acc = acc + y
+        y = acc / len(layers)
+        if m.layer_norm_targets:
+            y = torch.nn.functional.layer_norm(y, y.shape[-1:], eps=1e-5)
+        if m.instance_norm_targets:
+            y = torch.nn.functional.instance_norm(y.transpose(1, 2), eps=1e-5).transpose(1, 2)
+        moments = torch.stack([torch.stack([torch.full((z.shape[-1],), z[..., 0].numel(), dtype=torch.float64),
+                                            z.double().sum((0, 1)), (z.double() ** 2).sum((0, 1))]) for z in layers])
+        return Targets(y, moments)
+    return output
+
+
+@pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
+def test_the_stacked_targets_give_the_per_layer_step(preset):
+    """The teacher's K layers normalised and averaged as one (K, B, T, D) tensor: the step's losses
+    and layer moments equal those of the per-layer loop (fp32; 1e-5, summation order only)."""
+    cfg, model, teacher = _model(preset)
+    model.train()
+    source = synthetic_batch(cfg, 3, torch.Generator().manual_seed(2))
+    mask = model.make_mask(0, 0, torch.arange(3), source)
+    with torch.no_grad():
+        torch.manual_seed(3)  # the same decoder-input noise for both
+        ours = model(source, model.teacher_fn(teacher.module), mask)
+        torch.manual_seed(3)
+        theirs = model(source, functools.partial(_per_layer_teacher(model, cfg), teacher.module), mask)
+    assert ours.loss_reg.item() == pytest.approx(theirs.loss_reg.item(), rel=1e-5)
+    assert normalize_loss(ours).item() == pytest.approx(normalize_loss(theirs).item(), rel=1e-5)
+    torch.testing.assert_close(ours.layer_moments, theirs.layer_moments, rtol=1e-5, atol=1e-3)
+    assert ours.layer_moments.shape == (cfg.model.average_top_k_layers, 3, cfg.model.embed_dim)

@@ -34,7 +34,7 @@ from .. import modality as modalities
 from ..config import ModelSpec
 from .blocks import checkpointed, make_blocks, run_block
 from .masking import MaskGenerator, MaskInfo
-from .targets import make_targets
+from .targets import make_targets, stack_top
 
 _STREAM_LAYERDROP = 3
 _NOOP = nullcontext()
@@ -58,13 +58,13 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.
 
 
 def spread_moments(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(3, D) float64 sums ``[Σw, Σw·y, Σw·y²]`` over the weighted rows of ``y`` (N, D). Moments of
+    """(..., 3, D) float64 sums ``[Σw, Σw·y, Σw·y²]`` over the weighted rows of ``y`` (..., N, D). Moments of
     disjoint rows add up, so the spread of a whole step (or log interval) is the same however its
     rows were split over micro-batches and ranks; float64 sums make the total order-independent."""
     w = weight.to(y.dtype).unsqueeze(-1)
     yw = y * w
-    count = weight.sum(dtype=torch.float64).expand(y.shape[-1])
-    return torch.stack([count, yw.sum(0, dtype=torch.float64), (yw * y).sum(0, dtype=torch.float64)])
+    count = weight.sum(dtype=torch.float64).expand(*y.shape[:-2], y.shape[-1])
+    return torch.stack([count, yw.sum(-2, dtype=torch.float64), (yw * y).sum(-2, dtype=torch.float64)], dim=-2)
 
 
 def spread(moments: torch.Tensor) -> torch.Tensor:
@@ -216,11 +216,11 @@ class Data2Vec2(nn.Module):
             layers.append(ffn[:, self.num_extra :])
         return layers
 
-    def targets_from(self, layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
+    def targets_from(self, top: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Targets from the stacked top-K layers (:func:`~.targets.stack_top`)."""
         m = self.cfg.model
         return make_targets(
-            layers,
-            m.average_top_k_layers,
+            top,
             instance_norm_target_layer=m.instance_norm_target_layer,
             layer_norm_target_layer=m.layer_norm_target_layer,
             layer_norm_targets=m.layer_norm_targets,
@@ -234,7 +234,8 @@ class Data2Vec2(nn.Module):
         lengths: torch.Tensor | None,
     ) -> torch.Tensor:
         """(B, T, D) fp32 targets from the teacher on the full, unmasked input."""
-        return self.targets_from(self.teacher_layers(teacher, source, local, valid, lengths), valid)
+        layers = self.teacher_layers(teacher, source, local, valid, lengths)
+        return self.targets_from(stack_top(layers, self.cfg.model.average_top_k_layers), valid)
 
     def teacher_fn(self, teacher: nn.Module) -> TeacherFn:
         """The targets of ``teacher`` (this model's :meth:`teacher_copy`, EMA-updated) as the
@@ -244,9 +245,8 @@ class Data2Vec2(nn.Module):
     @torch.no_grad()
     def _teacher_output(self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor,
                         valid: torch.Tensor | None, lengths: torch.Tensor | None) -> Targets:
-        layers = self.teacher_layers(teacher, source, local, valid, lengths)
-        moments = self.layer_moments(layers[-self.cfg.model.average_top_k_layers :], valid)
-        return Targets(self.targets_from(layers, valid), moments)
+        top = stack_top(self.teacher_layers(teacher, source, local, valid, lengths), self.cfg.model.average_top_k_layers)
+        return Targets(self.targets_from(top, valid), self.layer_moments(top, valid))
 
     # -------------------------------------------------------------------------------- student
     def make_mask(
@@ -306,16 +306,13 @@ class Data2Vec2(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def layer_moments(layers: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
-        """(K, 3, D) :func:`spread_moments` of the raw teacher FFN outputs per target layer: their
-        spread is the first thing to shrink when representations collapse, long before normalised
-        targets show it."""
-        moments = []
-        for layer in layers:
-            y = layer.float().reshape(-1, layer.shape[-1])
-            w = valid.reshape(-1) if valid is not None else torch.ones(y.shape[0], device=y.device)
-            moments.append(spread_moments(y, w))
-        return torch.stack(moments)
+    def layer_moments(top: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """(K, 3, D) :func:`spread_moments` of the raw teacher FFN outputs per target layer (``top``:
+        (K, B, T, D)): their spread is the first thing to shrink when representations collapse, long
+        before normalised targets show it."""
+        y = top.reshape(top.shape[0], -1, top.shape[-1])
+        w = valid.reshape(-1) if valid is not None else torch.ones(y.shape[1], device=y.device)
+        return spread_moments(y, w)
 
     def losses(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, targets: torch.Tensor,
                mask: MaskInfo) -> StepOutput:

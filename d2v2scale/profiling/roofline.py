@@ -43,12 +43,14 @@ class Device:
 
 DEVICES = {
     "a100-40gb": Device("A100-SXM4-40GB", PEAK_FLOPS["a100-40gb"], 1.555e12),
-    "h100": Device("H100-SXM5-80GB", PEAK_FLOPS["h100"], 3.35e12),
+    "h100-80gb": Device("H100-SXM5-80GB", PEAK_FLOPS["h100-80gb"], 3.35e12),
     "h200": Device("H200-SXM-141GB", PEAK_FLOPS["h200"], 4.8e12),
 }
 SYNC = "host sync"  # the op group of device→host copies of a scalar
-_NO_KERNEL = {"detach", "alias", "_unsafe_view", "lift_fresh", "empty", "empty_strided", "empty_like", "set_",
-              "resize_", "_reshape_alias", "sym_size", "sym_stride", "sym_numel", "is_same_size", "record_stream"}
+SYNC_OP = "_local_scalar_dense"  # the aten op of one (``.item()``, a tensor's bool)
+NO_KERNEL = {"detach", "alias", "_unsafe_view", "lift_fresh", "empty", "empty_strided", "empty_like", "set_",
+              "resize_", "_reshape_alias", "sym_size", "sym_stride", "sym_numel", "is_same_size", "record_stream",
+              "detach_", "_record_function_enter_new", "_record_function_exit"}
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -134,10 +136,10 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
         self.host_ops[self.current] += 1
-        if name == "_local_scalar_dense":
+        if name == SYNC_OP:
             self.syncs += 1
             self._add(SYNC, 0.0, 0, 0)
-        elif not (func.is_view or name in _NO_KERNEL or func.namespace in ("c10d", "_c10d_functional")):
+        elif not (func.is_view or name in NO_KERNEL or func.namespace in ("c10d", "_c10d_functional")):
             (read, read32), (written, written32) = _bytes((args, kwargs)), _bytes(out)
             self._add(name, op_flops(func, args, kwargs, out), read + written, read32 + written32)
         return out
