@@ -330,7 +330,8 @@ def _per_layer_teacher(model, cfg):
     m = cfg.model
 
     def output(teacher, source, local, valid, lengths):
-        layers = [y.float() for y in model.teacher_layers(teacher, source, local, valid, lengths)][-m.average_top_k_layers:]
+        layers = model.teacher_layers(teacher, source, local, valid, lengths)
+        layers = [y.float() for y in layers[-m.average_top_k_layers:]]
         acc = 0
         for y in layers:
             if m.instance_norm_target_layer:

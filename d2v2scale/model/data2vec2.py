@@ -245,7 +245,8 @@ class Data2Vec2(nn.Module):
     @torch.no_grad()
     def _teacher_output(self, teacher: nn.Module, source: torch.Tensor, local: torch.Tensor,
                         valid: torch.Tensor | None, lengths: torch.Tensor | None) -> Targets:
-        top = stack_top(self.teacher_layers(teacher, source, local, valid, lengths), self.cfg.model.average_top_k_layers)
+        layers = self.teacher_layers(teacher, source, local, valid, lengths)
+        top = stack_top(layers, self.cfg.model.average_top_k_layers)
         return Targets(self.targets_from(top, valid), self.layer_moments(top, valid))
 
     # -------------------------------------------------------------------------------- student
