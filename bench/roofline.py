@@ -123,12 +123,26 @@ def add_point(path: Path, gpu: str, point: dict) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+def predict_step(runs: list, dev, bf16: bool, steps: int) -> tuple[dict, dict, Prediction]:
+    """Op groups, phases and the total on ``dev``, extrapolated ``steps`` blocks past the first count."""
+    groups = predictions(runs[0][0], dev, bf16)
+    if len(runs) == 2:
+        deeper = predictions(runs[1][0], dev, bf16)
+        groups = {k: groups.get(k, ZERO).extrapolate(deeper.get(k, ZERO), steps) for k in set(groups) | set(deeper)}
+    phases = {ph: ZERO for ph in ORDER}
+    for (phase, _), pred in groups.items():
+        phases[phase] = phases.get(phase, ZERO) + pred
+    return groups, phases, sum(phases.values(), ZERO)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny_image")
     p.add_argument("--micro", type=int, default=8, help="items per micro-batch (audio: samples, data.max_tokens)")
     p.add_argument("--ds_config", default=None, help="default: the preset's shipped JSON")
-    p.add_argument("--device", default="h100-80gb", choices=sorted(DEVICES), help="also the planner's GPU name")
+    p.add_argument("--device", default="h100-80gb",
+                   help=f"one of {', '.join(sorted(DEVICES))} (also the planner's GPU names), or several, comma-"
+                        "separated: the first in full, the others in a line each")
     p.add_argument("--depths", default="auto", help="auto: count at depth 1 and 2 and extrapolate; 0: the preset's")
     p.add_argument("--host_us", type=float, default=20.0,
                    help="host time per dispatched op in eager mode (an assumption until calibrated on a GPU)")
@@ -141,6 +155,9 @@ def main() -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     try:
+        unknown = [d for d in args.device.split(",") if d not in DEVICES]
+        if unknown:
+            raise ConfigError(f"--device {','.join(unknown)}: expected one of {', '.join(sorted(DEVICES))}")
         base = load_config(args.preset, ["data.kind=synthetic", "data.prefetch_steps=0", *args.overrides])
         ds = load_ds_config(args.ds_config or str(ROOT / "ds_configs" / f"{base.preset}.json"))
     except ConfigError as e:
@@ -161,17 +178,10 @@ def main() -> int:
             setattr(cfg.data, budget_key, args.micro)
         runs.append((*count_step(cfg, run_ds, dims, device),
                      compiled_kernels(cfg, run_ds, dims, device) if args.compiled else None))
-    dev = DEVICES[args.device]
+    devices = [DEVICES[name] for name in args.device.split(",")]
+    dev = devices[0]
     bf16 = bool(ds.get("bf16", {}).get("enabled"))
-    groups = predictions(runs[0][0], dev, bf16)
-    if len(runs) == 2:
-        deeper = predictions(runs[1][0], dev, bf16)
-        groups = {k: groups.get(k, ZERO).extrapolate(deeper.get(k, ZERO), target - depths[0])
-                  for k in set(groups) | set(deeper)}
-    phases = {ph: ZERO for ph in ORDER}
-    for (phase, _), pred in groups.items():
-        phases[phase] = phases.get(phase, ZERO) + pred
-    total = sum(phases.values(), ZERO)
+    groups, phases, total = predict_step(runs, dev, bf16, target - depths[0])
     shape = runs[0][1]
     dtype = "bf16 (run in fp32, bytes scaled)" if bf16 else "fp32"
     how = f"counted at depth {depths[0]} and {depths[1]}, extrapolated to {target}" if len(runs) == 2 else \
@@ -197,6 +207,12 @@ def main() -> int:
     print(f"  host: {host_ops:.0f} ops dispatched per step (views included); at {args.host_us:g} µs each "
           f"{host_s * 1e3:.1f} ms, {'above' if host_s > total.time_s else 'below'} the kernels' "
           f"{total.time_s * 1e3:.1f} ms: the eager step is {'host' if host_s > total.time_s else 'GPU'}-bound")
+    flops = step_flops(base, StepShape(shape["samples"], shape["positions"], shape["kept"]), shape["input_len"])
+    for other in devices:
+        kernels_s = total.time_s if other is dev else predict_step(runs, other, bf16, target - depths[0])[2].time_s
+        print(f"  {other.name}: kernels {kernels_s * 1e3:.1f} ms (MFU ≤ {flops / (kernels_s * other.peak_flops):.1%} "
+              f"of the step's {flops / 1e12:.2f} model TFLOP); eager with the host at {args.host_us:g} µs/op "
+              f"{max(kernels_s, host_s) * 1e3:.1f} ms, MFU {flops / (max(kernels_s, host_s) * other.peak_flops):.1%}")
     syncs = runs[-1][0].syncs
     where = {phase: g.calls for (phase, op), g in runs[-1][0].groups.items() if op == SYNC}
     print(f"  host syncs per step: {syncs} (each stalls the GPU's queue): "
@@ -211,8 +227,7 @@ def main() -> int:
         print("    " + ", ".join(f"{ph} {traced_eager.get(ph, 0):.0f} → {compiled.get(ph, 0):.0f}"
                                  for ph in ORDER if traced_eager.get(ph) or compiled.get(ph)))
     if args.calibration:
-        flops = step_flops(base, StepShape(shape["samples"], shape["positions"], shape["kept"]), shape["input_len"])
-        add_point(Path(args.calibration), args.device, {
+        add_point(Path(args.calibration), args.device.split(",")[0], {
             "preset": base.preset, "micro_batch": args.micro, "flops_per_micro_batch": flops,
             "step_s": max(total.time_s, host_s),  # eager: the GPU waits for the slower of its kernels and the host
             "efficiency": flops / (max(total.time_s, host_s) * dev.peak_flops)})
