@@ -12,7 +12,7 @@ samples: launches, optimizer, EMA, host work). Writes ``calibration.json`` (the 
 the eager or compiled run of each shape, whichever ``--calibrate_with`` says; every run is kept
 under ``runs``).
 
-    python bench/gpu_check.py --efficiency                       # vit_h 1/2/4/8, vit_l 8, audio_large
+    python bench/gpu_check.py --efficiency                       # vit_h 8/4/2/1, vit_l 8, audio_large
     python bench/efficiency.py --runs vit_b:8/16 --modes compiled --out calibration.json
     python bench/efficiency.py --device cpu --runs tiny_image:1/2/4 --ds_config ds_configs/cpu_tiny.json
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import sys
@@ -46,7 +47,7 @@ from d2v2scale.profiling.kernel_trace import kernel_ranges, step_kernels  # noqa
 from d2v2scale.profiling.timers import StepTimer  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
-DEFAULT_RUNS = "vit_h:1/2/4/8,vit_l:8,audio_large:0"
+DEFAULT_RUNS = "vit_h:8/4/2/1,vit_l:8,audio_large:0"  # the goal's run first: a short loan still gets it
 MODES = {"eager": False, "compiled": True}
 
 
@@ -141,7 +142,7 @@ def fixed_cost(runs: list[dict]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="preset:micro/micro,... (0: the preset's micro-batch)")
-    p.add_argument("--modes", default="eager,compiled")
+    p.add_argument("--modes", default="compiled,eager")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--ds_config", default=None, help="default: each preset's shipped JSON")
     p.add_argument("--steps", type=int, default=5)
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     print("| preset | micro | mode | step ms | MFU | kernels | phases ms |\n|---|---|---|---|---|---|---|", flush=True)
     for preset, micros in runs:
+        torch._dynamo.reset()  # one preset's graphs are no use to the next
         for mode in modes:
             for micro in micros:
                 if time.perf_counter() - start > args.budget_s:
@@ -184,9 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                     with ranges:
                         row = time_run(cfg, one_rank_ds(shipped[preset]), dims, device, args.steps,
                                        args.warmup + (1 if MODES[mode] else 0))
-                except torch.OutOfMemoryError:
+                except Exception as e:  # noqa: BLE001 - one failed run must not cost a short GPU loan the others
+                    row, why = None, "out of memory" if isinstance(e, torch.OutOfMemoryError) else \
+                        f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                gc.collect()  # the trainer's memory, before the next one is built
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
-                    print(f"| {preset} | {micro} | {mode} | out of memory | | | |", flush=True)
+                if row is None:
+                    print(f"| {preset} | {micro} | {mode} | {why} | | | |", flush=True)
                     continue
                 row = {"preset": preset, "micro_batch": cfg.train.global_batch, "mode": mode, **row}
                 results.append(row)
