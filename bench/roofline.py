@@ -150,8 +150,10 @@ def main() -> int:
                    help="also count the kernels of the model.compile=true step (compiles on the CPU: minutes)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.add_argument("--calibration", default=None,
-                   help="add the predicted eager step to this calibration.json (for plan --calibration; marked "
+                   help="add the predicted step to this calibration.json (for plan --calibration; marked "
                         "predicted: the host's cost per op is --host_us)")
+    p.add_argument("--calibrate_as", default="eager", choices=("eager", "kernels"),
+                   help="eager: the slower of the kernels and the host; kernels: the kernels alone (no host cost)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     try:
@@ -227,10 +229,11 @@ def main() -> int:
         print("    " + ", ".join(f"{ph} {traced_eager.get(ph, 0):.0f} → {compiled.get(ph, 0):.0f}"
                                  for ph in ORDER if traced_eager.get(ph) or compiled.get(ph)))
     if args.calibration:
+        # eager: the GPU waits for the slower of its kernels and the host
+        step_s = max(total.time_s, host_s) if args.calibrate_as == "eager" else total.time_s
         add_point(Path(args.calibration), args.device.split(",")[0], {
-            "preset": base.preset, "micro_batch": args.micro, "flops_per_micro_batch": flops,
-            "step_s": max(total.time_s, host_s),  # eager: the GPU waits for the slower of its kernels and the host
-            "efficiency": flops / (max(total.time_s, host_s) * dev.peak_flops)})
+            "preset": base.preset, "micro_batch": args.micro, "flops_per_micro_batch": flops, "step_s": step_s,
+            "efficiency": flops / (step_s * dev.peak_flops), "predicted_as": args.calibrate_as})
     if args.json:
         rows = {name: {"kernels": pred.kernels, "flops": pred.flops, "bytes": pred.bytes, "time_s": pred.time_s,
                        "mfu_bound": pred.mfu(dev), "bound": pred.bound, "traced_kernels": traced_eager.get(name, 0),

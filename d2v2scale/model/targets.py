@@ -6,7 +6,7 @@ Unlike the reference, padded time steps are excluded from instance-norm statisti
 unpadded batches the result is ``F.instance_norm``'s.
 
 The K layers arrive stacked, (K, B, T, D): each step below is one kernel for all of them, where
-fairseq's loop launches ~6 per layer (21 kernels a teacher block at ViT-H's K = 24 → 12).
+fairseq's loop launches ~10 per layer (ViT-H's eager teacher: 680 → 339 kernels a step).
 """
 from __future__ import annotations
 

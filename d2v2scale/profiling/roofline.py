@@ -49,8 +49,8 @@ DEVICES = {
 SYNC = "host sync"  # the op group of device→host copies of a scalar
 SYNC_OP = "_local_scalar_dense"  # the aten op of one (``.item()``, a tensor's bool)
 NO_KERNEL = {"detach", "alias", "_unsafe_view", "lift_fresh", "empty", "empty_strided", "empty_like", "set_",
-              "resize_", "_reshape_alias", "sym_size", "sym_stride", "sym_numel", "is_same_size", "record_stream",
-              "detach_", "_record_function_enter_new", "_record_function_exit"}
+             "resize_", "_reshape_alias", "sym_size", "sym_stride", "sym_numel", "is_same_size", "record_stream",
+             "detach_", "_record_function_enter_new", "_record_function_exit"}  # metadata, allocation, annotation
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
