@@ -76,6 +76,7 @@ def one_rank_config(preset: str, micro: int, compiled: bool, overrides: list[str
 
 
 def one_rank_ds(ds: dict, bf16: bool | None = None) -> dict:
+    """The JSON for one rank running one micro-batch a step; ``bf16`` overrides the JSON's choice."""
     out = {**copy.deepcopy(ds), "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
            "gradient_accumulation_steps": 1}
     if bf16 is not None:
@@ -101,10 +102,10 @@ def device_kernels(tr, step: int, device: torch.device) -> int:
 
 
 def time_run(cfg, ds: dict, dims, device, steps: int, warmup: int) -> dict:
+    """One fresh trainer: ``warmup`` steps, one step counting kernels, ``steps`` timed steps."""
     plan = plan_batch(ds, cfg, 1)
     tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
     tr.model.train()
-    step = 0
     for step in range(warmup):  # compiles (and, audio, recompiles dynamic once); allocator settles
         train_step(tr, step)
     kernels = device_kernels(tr, warmup, device)

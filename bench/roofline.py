@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from d2v2scale import modality as modalities  # noqa: E402
 from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
@@ -43,6 +42,7 @@ from d2v2scale.profiling.roofline import (  # noqa: E402
     DEVICES, SYNC, ZERO, OpCounter, Prediction, bf16_scale, predict)
 from d2v2scale.profiling.timers import PHASES  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
+from efficiency import one_rank_config, one_rank_ds  # noqa: E402  (bench/, this script's folder)
 
 ORDER = (*PHASES[1:], "other")
 HOST = PHASES[0]  # "data": the loader and the masks, made on the host ahead of the step (never GPU kernels)
@@ -170,14 +170,10 @@ def main() -> int:
     depths = [target] if args.depths == "0" or target <= 2 else [1, 2]
     runs = []
     for depth in depths:
-        cfg = copy.deepcopy(base)
-        cfg.model.depth, cfg.model.average_top_k_layers = depth, min(base.model.average_top_k_layers, depth)
-        cfg.train.global_batch = args.micro
-        run_ds = {**copy.deepcopy(ds), "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
-                  "bf16": {"enabled": False}}  # see the module docstring: bf16 is predicted, not run
-        budget_key = modalities.get(cfg.model.modality).budget_key
-        if budget_key and modalities.batch_budget(cfg) is not None:  # audio: the micro-batch in samples
-            setattr(cfg.data, budget_key, args.micro)
+        cfg = one_rank_config(args.preset, args.micro, False, [
+            "data.prefetch_steps=0", *args.overrides, f"model.depth={depth}",
+            f"model.average_top_k_layers={min(base.model.average_top_k_layers, depth)}"])
+        run_ds = one_rank_ds(ds, bf16=False)  # see the module docstring: bf16 is predicted, not run
         runs.append((*count_step(cfg, run_ds, dims, device),
                      compiled_kernels(cfg, run_ds, dims, device) if args.compiled else None))
     devices = [DEVICES[name] for name in args.device.split(",")]
