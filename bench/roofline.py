@@ -112,12 +112,23 @@ def extrapolated(counts: list[dict[str, int]], steps: int) -> dict[str, float]:
     return {ph: lo.get(ph, 0) + steps * (hi.get(ph, 0) - lo.get(ph, 0)) for ph in set(lo) | set(hi)}
 
 
+def calibration_file(path: Path, gpu: str) -> dict:
+    """The predicted calibration of ``gpu`` in ``path`` (new if absent); checked before any counting."""
+    if not path.is_file():
+        return {"gpu": gpu, "predicted": True, "points": []}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--calibration {path} is not valid JSON: {e.msg}") from None
+    if data.get("gpu") != gpu or not data.get("predicted"):
+        raise ConfigError(f"--calibration {path} holds {'measured' if not data.get('predicted') else data.get('gpu')} "
+                          f"points; write predicted {gpu} points to another file")
+    return data
+
+
 def add_point(path: Path, gpu: str, point: dict) -> None:
     """Add (or replace, same preset and micro-batch) a predicted point in a calibration file."""
-    data = json.loads(path.read_text()) if path.is_file() else {"gpu": gpu, "predicted": True, "points": []}
-    if data.get("gpu") != gpu or not data.get("predicted"):
-        raise SystemExit(f"roofline: {path} holds {'measured' if not data.get('predicted') else data.get('gpu')} "
-                         f"points; write predicted {gpu} points to another file")
+    data = calibration_file(path, gpu)
     same = (point["preset"], point["micro_batch"])
     data["points"] = [q for q in data["points"] if (q["preset"], q["micro_batch"]) != same] + [point]
     path.write_text(json.dumps(data, indent=1))
@@ -162,6 +173,8 @@ def main() -> int:
             raise ConfigError(f"--device {','.join(unknown)}: expected one of {', '.join(sorted(DEVICES))}")
         base = load_config(args.preset, ["data.kind=synthetic", "data.prefetch_steps=0", *args.overrides])
         ds = load_ds_config(args.ds_config or str(ROOT / "ds_configs" / f"{base.preset}.json"))
+        if args.calibration:
+            calibration_file(Path(args.calibration), args.device.split(",")[0])
     except ConfigError as e:
         return fail("roofline", e)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
