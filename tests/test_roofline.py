@@ -170,7 +170,8 @@ def test_the_efficiency_bench_times_the_deepspeed_step_and_fits_the_fixed_cost(t
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--runs" in bad.stderr
     measured = tmp_path / "measured.json"  # the roofline refuses to mix predicted points into a measured file
     measured.write_text(json.dumps({"gpu": "a100-40gb", "points": []}))
-    bad = subprocess.run([sys.executable, "bench/roofline.py", "--device", "a100-40gb", "--calibration", str(measured)],
+    bad = subprocess.run([sys.executable, "bench/roofline.py", "--ds_config", "ds_configs/cpu_tiny.json", "--device",
+                          "a100-40gb", "--calibration", str(measured)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "measured" in bad.stderr
 
