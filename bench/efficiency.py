@@ -4,8 +4,8 @@ JSON, one rank, bf16 as the JSON says, eager and ``model.compile=true``.
 Per run: the step time (mean of ``--steps`` after warm-up; wall clock around a device sync), MFU
 (the analytic model FLOPs of the step, ``profiling/flops``, over time × the device's dense peak),
 the phase split (the engine's own phase timers: CUDA events on a GPU), and the kernels of one step
-(on CUDA the device-side events of a ``torch.profiler`` step; on CPU the dispatch-level count of
-``profiling/roofline.OpCounter``, eager only). Per preset and mode with two or more micro-batch
+(on CUDA the device-side events of a ``torch.profiler`` step; on the CPU the trace count of
+``profiling/kernel_trace``, compiled kernels included). Per preset and mode with two or more micro-batch
 sizes, the fixed cost per micro-batch: the intercept of a least-squares line of step time against
 the micro-batch size (one micro-batch a step, so the intercept is what a step costs with no
 samples: launches, optimizer, EMA, host work). Writes ``calibration.json`` (the planner's points:
@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,12 @@ from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.profiling.kernel_trace import kernel_ranges, step_kernels  # noqa: E402
-from d2v2scale.profiling.timers import StepTimer  # noqa: E402
+from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 DEFAULT_RUNS = "vit_h:8/4/2/1,vit_l:8,audio_large:0"  # the goal's run first: a short loan still gets it
 MODES = {"eager": False, "compiled": True}
+HOST = PHASES[0]  # "data": the loader's work, host-side in a GPU run
 
 
 def parse_runs(text: str) -> list[tuple[str, list[int]]]:
@@ -84,6 +86,25 @@ def one_rank_ds(ds: dict, bf16: bool | None = None) -> dict:
     return out
 
 
+def warm_trainer(cfg, ds: dict, dims, device, warmup: int):
+    """A fresh one-rank trainer after ``warmup`` steps (first-step work - optimizer state, lazy
+    buffers, compilation, audio's one dynamic recompile - is not a step's)."""
+    plan = plan_batch(ds, cfg, 1)
+    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    tr.model.train()
+    for step in range(warmup):
+        train_step(tr, step)
+    return tr
+
+
+def traced(tr, step: int) -> Counter:
+    """Kernels per (phase, op) of one step, from a CPU profiler trace (``profiling/kernel_trace``)."""
+    def run(marks):
+        tr.timer, tr.model.phase = marks, marks.phase
+        train_step(tr, step)
+    return step_kernels(run)
+
+
 def device_kernels(tr, step: int, device: torch.device) -> int:
     """Kernels of one step: the device-side events of a profiled step on CUDA; on the CPU the
     trace count (``profiling/kernel_trace``: generated kernels and aten kernels, the loader's host
@@ -94,20 +115,12 @@ def device_kernels(tr, step: int, device: torch.device) -> int:
             train_step(tr, step)
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-    def run(marks):
-        tr.timer, tr.model.phase = marks, marks.phase
-        train_step(tr, step)
-    return sum(n for (phase, _), n in step_kernels(run).items() if phase != "data")
+    return sum(n for (phase, _), n in traced(tr, step).items() if phase != HOST)
 
 
 def time_run(cfg, ds: dict, dims, device, steps: int, warmup: int) -> dict:
     """One fresh trainer: ``warmup`` steps, one step counting kernels, ``steps`` timed steps."""
-    plan = plan_batch(ds, cfg, 1)
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
-    tr.model.train()
-    for step in range(warmup):  # compiles (and, audio, recompiles dynamic once); allocator settles
-        train_step(tr, step)
+    tr = warm_trainer(cfg, ds, dims, device, warmup)
     kernels = device_kernels(tr, warmup, device)
     timer = StepTimer(device, enabled=True)
     tr.timer, tr.model.phase = timer, timer.phase

@@ -35,41 +35,21 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.ds_config import load_ds_config  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, step_flops  # noqa: E402
-from d2v2scale.profiling.kernel_trace import kernel_ranges, step_kernels  # noqa: E402
+from d2v2scale.profiling.kernel_trace import kernel_ranges  # noqa: E402
 from d2v2scale.profiling.roofline import (  # noqa: E402
     DEVICES, SYNC, ZERO, OpCounter, Prediction, bf16_scale, predict)
 from d2v2scale.profiling.timers import PHASES  # noqa: E402
-from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
-from efficiency import one_rank_config, one_rank_ds  # noqa: E402  (bench/, this script's folder)
+from d2v2scale.train.engine import train_step  # noqa: E402
+from efficiency import HOST, one_rank_config, one_rank_ds, traced, warm_trainer  # noqa: E402  (bench/)
 
 ORDER = (*PHASES[1:], "other")
-HOST = PHASES[0]  # "data": the loader and the masks, made on the host ahead of the step (never GPU kernels)
-
-
-def trainer(cfg, ds: dict, dims, device, warmup: int):
-    """A fresh trainer after ``warmup`` steps (first-step work - optimizer state, lazy buffers,
-    compilation - is not a step's)."""
-    plan = plan_batch(ds, cfg, 1)
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
-    tr.model.train()
-    for step in range(warmup):
-        train_step(tr, step)
-    return tr
-
-
-def traced(tr, step: int) -> Counter:
-    """Kernels per (phase, op) of one step, from a CPU profiler trace."""
-    def run(marks):
-        tr.timer, tr.model.phase = marks, marks.phase
-        train_step(tr, step)
-    return step_kernels(run)
 
 
 def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict, Counter]:
     """The second step of a fresh trainer, counted by the dispatch mode; its shape; the third, traced."""
-    tr = trainer(cfg, ds, dims, device, warmup=1)
+    tr = warm_trainer(cfg, ds, dims, device, warmup=1)
     counter = OpCounter()
     tr.timer, tr.model.phase = counter, counter.phase
     with counter:
@@ -84,7 +64,7 @@ def compiled_kernels(cfg, ds: dict, dims, device) -> Counter:
     cfg = copy.deepcopy(cfg)
     cfg.model.compile = True
     with kernel_ranges():
-        tr = trainer(cfg, ds, dims, device, warmup=3)  # compiles; audio recompiles dynamic once
+        tr = warm_trainer(cfg, ds, dims, device, warmup=3)  # compiles; audio recompiles dynamic once
         trace = traced(tr, 3)
     tr.loader.close()
     return trace
