@@ -154,6 +154,33 @@ def test_vectorised_bucketing_is_the_greedy_rule():
         assert got == _greedy_buckets(lengths.tolist(), max(max_tokens, max_size), max_size), (n, max_size)
 
 
+def test_synthetic_audio_under_a_sample_budget_counts_samples_not_items():
+    """``data.max_tokens`` is a budget of samples: a synthetic micro-batch holds floor(budget / item
+    length) items, as the real audio source does - not ``max_tokens`` items (a 10^6-sample budget
+    used to ask for 10^6 items of 4000 samples: 16 GB), keyed by micro-batch id like the real one."""
+    import torch
+
+    from d2v2scale.config import load_config
+    from d2v2scale.data.loader import StepLoader
+    from d2v2scale.data.schedule import RankSchedule
+    from d2v2scale.data.synthetic import SyntheticSource
+
+    for budget in (4_000, 1_002_000, 1_000_000):  # the small one first: the old rule fails it cheaply
+        cfg = load_config("tiny_audio", [f"data.max_tokens={budget}", "data.kind=synthetic"])
+        items = budget // cfg.data.sample_length  # 1, 250, 250
+        schedule = RankSchedule(global_batch=2 * budget, micro_batch=budget, grad_accum=1, dp_rank=1, dp_size=2)
+        loader = StepLoader(cfg, schedule, torch.device("cpu"), torch.float32)
+        try:
+            (mb,) = loader.step(3)
+        finally:
+            loader.close()
+        first = (3 * 2 + 1) * items  # micro-batch id 7 of a 2-rank step
+        assert mb.source.shape == (items, cfg.data.sample_length), budget
+        assert torch.equal(mb.sample_ids, torch.arange(first, first + items))
+        reference, _ = SyntheticSource(load_config("tiny_audio")).batch(torch.arange(first, first + items))
+        assert torch.equal(mb.source, reference)  # the same items the position-keyed source draws
+
+
 def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
     for argv, needle in [(["images", str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"),
                          (["images", str(tmp_path), str(tmp_path)], "is a folder"),
