@@ -163,7 +163,7 @@ def main() -> int:
     depths = [target] if args.depths == "0" or target <= 2 else [1, 2]
     runs = []
     for depth in depths:
-        cfg = one_rank_config(args.preset, args.micro, False, [
+        cfg = one_rank_config(args.preset, args.micro, [
             "data.prefetch_steps=0", *args.overrides, f"model.depth={depth}",
             f"model.average_top_k_layers={min(base.model.average_top_k_layers, depth)}"])
         run_ds = one_rank_ds(ds, bf16=False)  # see the module docstring: bf16 is predicted, not run

@@ -82,6 +82,7 @@ class ModelConfig(_OpenSection):
     clone_batch: int = 1  # M: masked views per sample
     activation_checkpointing: int = 0  # student blocks: 0 off, 1 every block, k every k-th block
     compile: bool = False  # regional torch.compile: blocks, decoder, tensor math (d2v2scale.train.compile)
+    cuda_graphs: bool = False  # compiled regions replayed as CUDA graphs (torch.compile mode="reduce-overhead")
     kernels: str = "auto"  # auto: apex's fused LayerNorm where apex is installed on a GPU | torch (d2v2scale.train.kernels)
     average_top_k_layers: int = 12
     instance_norm_target_layer: bool = True
@@ -121,6 +122,8 @@ class ModelConfig(_OpenSection):
         _check(self.mask_noise_std >= 0,
                f"model.mask_noise_std={self.mask_noise_std} is not allowed; allowed values: >= 0")
         _one_of("model.kernels", self.kernels, KERNELS)
+        _check(self.compile or not self.cuda_graphs,
+               "model.cuda_graphs=true replays the compiled regions as CUDA graphs: it needs model.compile=true")
         ref = self.cls_loss_reference_micro_batch
         _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed "
                                         "values: null (the global batch) or integers >= 1")
@@ -229,7 +232,7 @@ class TrainConfig:
 KERNELS = ("auto", "torch")  # model.kernels, chosen in d2v2scale/train/kernels.py
 # model keys that change how the same parameters compute, not what they are: a resume may change
 # them, and the planner counts parameters once for all their values
-HOW_THE_MODEL_RUNS = ("compile", "activation_checkpointing", "kernels")
+HOW_THE_MODEL_RUNS = ("compile", "cuda_graphs", "activation_checkpointing", "kernels")
 BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/<name>.py; the first is the default
 
 

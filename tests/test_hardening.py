@@ -183,6 +183,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (audio + rd + ["data.kind=images", f"data.path={corrupt}"], "data.kind=images is not data for model.modality=audio"),
         (text + rd + ["data.kind=digits"], "data.kind=digits is not data for model.modality=text"),
         (audio + rd + ["data.kind=audio", "data.max_tokens=8000", "data.max_sample_size=9000"], "exceeds data.max_tokens"),
+        (audio + rd + ["model.cuda_graphs=true"], "needs model.compile=true"),
+        (audio + rd + ["model.compile=true", "model.cuda_graphs=true", "data.kind=audio", "data.max_tokens=8000"],
+         "vary in length"),
     ] + [
         (audio + rd + ["data.kind=audio", "data.max_tokens=8000", f"data.path={tmp / f'{name}.tsv'}"],
          "first line must be" if name == "noroot" else "expected 'relative/path<TAB>num_samples'")

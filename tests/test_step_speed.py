@@ -1,4 +1,5 @@
-"""What makes the step fast must not change what it computes: regional torch.compile and the fused
+"""What makes the step fast must not change what it computes: regional torch.compile (also in the
+CUDA-graph mode, ``model.cuda_graphs``: on the CPU the same regions without graphs) and the fused
 AdamW against the eager, unfused step (same process, same data, masks and initialisation).
 
 Tolerances: fp32. Inductor fuses and reorders elementwise work (different rounding, ~1e-7 relative
@@ -25,7 +26,7 @@ def _rel(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
 def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
-    runs = "1,1+compile,1+fused" if preset == "tiny_image" else "1,1+compile"
+    runs = "1,1+compile,1+compile+graphs" + (",1+fused" if preset == "tiny_image" else "")
     _launch([sys.executable], "tests/dist/zero_stages.py", str(tmp_path / "out.json"), preset, "auto", "auto", runs, "1",
             "train.max_updates=5", "model.mask_noise_std=0", timeout=600)
     out = json.loads((tmp_path / "out.json").read_text())
@@ -34,7 +35,8 @@ def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
     decoder = "Decoder2d" if preset == "tiny_image" else "Decoder1d"
     assert out["1+compile"]["compiled"] == sorted(["Block.forward", f"{decoder}.forward", "Data2Vec2.targets_from",
                                                   "Data2Vec2.losses"])
-    for run, tol in (("1+compile", 1e-5), ("1+fused", 1e-6)):
+    assert out["1+compile"]["compile_modes"] == [None] and out["1+compile+graphs"]["compile_modes"] == ["reduce-overhead"]
+    for run, tol in (("1+compile", 1e-5), ("1+compile+graphs", 1e-5), ("1+fused", 1e-6)):
         if run not in out:
             continue
         for got, want in zip(out[run]["losses"], eager["losses"], strict=True):

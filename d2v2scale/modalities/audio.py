@@ -277,6 +277,9 @@ class Audio(Modality):
         _check(not cfg.teacher.ema_local_encoder,
                "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); "
                "allowed values: false")
+        _check(not m.cuda_graphs or d.kind != "audio",
+               "model.cuda_graphs=true needs fixed shapes, and data.kind=audio micro-batches vary in length (a graph "
+               "recorded per length); allowed: model.cuda_graphs=false, or fixed-length synthetic data")
         _check(d.kind != "audio" or d.max_tokens is not None,
                "data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
         rf = receptive_field(m.conv_feature_layers)

@@ -127,6 +127,8 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     reg, cls, spreads = zero.clone(), zero.clone(), None
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
+        if cfg.model.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's graph outputs are read: replay over them
         out = backend.forward(mb.source, tr.teacher_fn, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
         loss = normalize_loss(out, global_masked, tr.cls_weight) * scale * poison
         with phase("backward"):
@@ -164,8 +166,8 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
     torch.manual_seed(int(combine(cfg.seed, dims.dp_rank, 2)))
     teacher_module = model.teacher_copy()  # before the backend: ZeRO-3 and FSDP2 replace the parameters
     if cfg.model.compile:
-        apply_compile(model)
-        apply_compile(teacher_module)
+        apply_compile(model, cfg.model.cuda_graphs)
+        apply_compile(teacher_module, cfg.model.cuda_graphs)
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     params = {n: (tuple(p.shape), tp_slice(p, dims)) for n, p in model.named_parameters()}
     backend = build_backend(cfg.parallel.backend, model, teacher_module, without_sinks(ds_config), dims,

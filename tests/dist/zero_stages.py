@@ -4,7 +4,8 @@ per-step losses, the teacher checksum and the sharded-teacher check (rank 0) to 
     python|torchrun zero_stages.py OUT.json PRESET MICRO GAS RUNS TP [overrides...] [--bf16]
 
 RUNS: comma-separated DeepSpeed ZeRO stages (0-3) and/or ``fsdp2`` (the FSDP2 backend, resharding
-after forward), each optionally with ``+fused`` (fused AdamW) and/or ``+compile`` (model.compile).
+after forward), each optionally with ``+fused`` (fused AdamW), ``+compile`` (model.compile) and/or ``+graphs``
+(model.cuda_graphs, with compile).
 MICRO/GAS may be ``auto`` (audio presets size micro-batches by max_tokens). The ZeRO options
 other than the stage are cpu_tiny.json's (the step users run on CPU; reshard.py and
 ds_internals.py run DeepSpeed's defaults).
@@ -47,6 +48,18 @@ def full_fp32(tr) -> dict:
     return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in tr.model.named_parameters() if n in tracked}
 
 
+COMPILE_MODES: list = []  # the ``mode`` of every torch.compile call (model.cuda_graphs: "reduce-overhead")
+_compile = torch.compile
+
+
+def _recording_compile(*args, **kwargs):
+    COMPILE_MODES.append(kwargs.get("mode"))
+    return _compile(*args, **kwargs)
+
+
+torch.compile = _recording_compile  # nn.Module.compile calls it too
+
+
 def compiled_functions(model) -> list[str]:
     """Which of the regions ``model.compile`` compiles have dynamo cache entries, i.e. ran compiled
     (cumulative over the runs of this process). ``layer_spread`` is left out: its ``no_grad``
@@ -72,6 +85,7 @@ def main():
         layout, *options = run.split("+")
         cfg.parallel.backend = "fsdp2" if layout == "fsdp2" else "deepspeed"
         cfg.model.compile = "compile" in options
+        cfg.model.cuda_graphs = "graphs" in options
         stage = 3 if layout == "fsdp2" else int(layout)
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
         ds["optimizer"]["params"]["fused"] = "fused" in options
@@ -79,6 +93,7 @@ def main():
         ds["gradient_accumulation_steps"] = "auto" if gas == "auto" else int(gas)
         ds["zero_optimization"], ds["bf16"] = {**ds["zero_optimization"], "stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
+        COMPILE_MODES.clear()
         tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
         reference = full_fp32(tr)
         losses, dtypes = [], {}
@@ -111,7 +126,7 @@ def main():
         results[run] = {"losses": losses, "teacher_sum": checksum.item(), "ema_vs_unsharded": max(diffs),
                         "teacher_bytes_per_rank": bytes_, "teacher_resident_bytes": resident, "dtypes": dtypes,
                         "teacher_norms": {n: p.double().norm().item() for n, p in params.items()},
-                        "compiled": compiled_functions(tr.model),
+                        "compiled": compiled_functions(tr.model), "compile_modes": sorted(set(COMPILE_MODES), key=str),
                         "teacher_full_bytes": sum(p.numel() * p.element_size() for p in params.values())}
     if dims.rank == 0:
         Path(out).write_text(json.dumps(results))
