@@ -128,7 +128,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
         if cfg.model.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's graph outputs are read: replay over them
+            torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's graph outputs are read: reuse them
         out = backend.forward(mb.source, tr.teacher_fn, mask, lengths=mb.lengths, layerdrop_key=layerdrop_key)
         loss = normalize_loss(out, global_masked, tr.cls_weight) * scale * poison
         with phase("backward"):
