@@ -44,7 +44,7 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
-from d2v2scale.profiling.kernel_trace import kernel_ranges, step_kernels  # noqa: E402
+from d2v2scale.profiling.kernel_trace import HostWork, kernel_ranges, step_kernels  # noqa: E402
 from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
@@ -98,8 +98,9 @@ def warm_trainer(cfg, ds: dict, dims, device, warmup: int):
     return tr
 
 
-def traced(tr, step: int) -> Counter:
-    """Kernels per (phase, op) of one step, from a CPU profiler trace (``profiling/kernel_trace``)."""
+def traced(tr, step: int) -> tuple[Counter, HostWork]:
+    """Kernels per (phase, op) of one step and the host's work in it, from a CPU profiler trace
+    (``profiling/kernel_trace``)."""
     def run(marks):
         tr.timer, tr.model.phase = marks, marks.phase
         train_step(tr, step)
@@ -116,7 +117,7 @@ def device_kernels(tr, step: int, device: torch.device) -> int:
             train_step(tr, step)
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(n for (phase, _), n in traced(tr, step).items() if phase != HOST)
+    return sum(n for (phase, _), n in traced(tr, step)[0].items() if phase != HOST)
 
 
 def time_run(cfg, ds: dict, dims, device, steps: int, warmup: int) -> dict:

@@ -11,7 +11,9 @@ except the optimizer's and the EMA's (fp32 masters and moments stay fp32) - an e
 Prints kernels, predicted time and the MFU bound per phase, the ten most expensive op groups and
 what bounds them, the host syncs, and with ``--compiled`` the kernels per phase of the
 ``model.compile=true`` step (``profiling/kernel_trace``: what inductor leaves separate; the eager
-step traced the same way, which agrees with the dispatch count).
+step traced the same way, which agrees with the dispatch count) and the host's time in the compiled
+step and with its regions replayed as CUDA graphs (``model.cuda_graphs=true``): the ops it still
+dispatches outside the regions, the region calls and, without graphs, the kernel launches from them.
 
     python bench/roofline.py --preset vit_h --micro 8 [--device h100-80gb|a100-40gb|h200] [--json out.json] [overrides]
     python bench/roofline.py --preset tiny_image --micro 8 --ds_config ds_configs/cpu_tiny.json --depths 0 --compiled
@@ -37,7 +39,7 @@ from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, step_flops  # noqa: E402
-from d2v2scale.profiling.kernel_trace import kernel_ranges  # noqa: E402
+from d2v2scale.profiling.kernel_trace import HostWork, kernel_ranges  # noqa: E402
 from d2v2scale.profiling.roofline import (  # noqa: E402
     DEVICES, SYNC, ZERO, OpCounter, Prediction, bf16_scale, predict)
 from d2v2scale.profiling.timers import PHASES  # noqa: E402
@@ -47,7 +49,7 @@ from efficiency import HOST, one_rank_config, one_rank_ds, traced, warm_trainer 
 ORDER = (*PHASES[1:], "other")
 
 
-def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict, Counter]:
+def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict, tuple[Counter, HostWork]]:
     """The second step of a fresh trainer, counted by the dispatch mode; its shape; the third, traced."""
     tr = warm_trainer(cfg, ds, dims, device, warmup=1)
     counter = OpCounter()
@@ -59,8 +61,9 @@ def count_step(cfg, ds: dict, dims, device) -> tuple[OpCounter, dict, Counter]:
     return counter, dict(tr.last_shape), trace
 
 
-def compiled_kernels(cfg, ds: dict, dims, device) -> Counter:
-    """Kernels per (phase, op) of a ``model.compile=true`` step: what inductor leaves separate."""
+def compiled_kernels(cfg, ds: dict, dims, device) -> tuple[Counter, HostWork]:
+    """Kernels per (phase, op) of a ``model.compile=true`` step - what inductor leaves separate - and
+    the host's work in it."""
     cfg = copy.deepcopy(cfg)
     cfg.model.compile = True
     with kernel_ranges():
@@ -76,6 +79,18 @@ def per_phase(trace: Counter) -> dict[str, int]:
         if phase != HOST:
             out[phase] += n
     return out
+
+
+def host_times(runs: list, host_ops: float, args, steps: int) -> dict[str, float]:
+    """The host's time per step, eager, compiled and with CUDA graphs. The ops the compiled step still
+    dispatches outside its regions are the dispatch count scaled by what the trace sees of them
+    (the trace counts calls, the dispatch mode the ops they become: the ratio is the same)."""
+    work = {key: extrapolated([{f: getattr(run[i][1], f) for f in ("eager_ops", "region_calls", "region_kernels")}
+                               for run in runs], steps) for key, i in (("eager", 2), ("compiled", 3))}
+    outside = host_ops * work["compiled"]["eager_ops"] / work["eager"]["eager_ops"]
+    graphs = outside * args.host_us * 1e-6 + work["compiled"]["region_calls"] * args.region_us * 1e-6
+    return {"eager": host_ops * args.host_us * 1e-6, "graphs": graphs, "outside_ops": outside,
+            "compiled": graphs + work["compiled"]["region_kernels"] * args.launch_host_us * 1e-6, **work["compiled"]}
 
 
 def predictions(counter: OpCounter, device, bf16: bool) -> dict[tuple[str, str], Prediction]:
@@ -138,16 +153,24 @@ def main() -> int:
     p.add_argument("--host_us", type=float, default=20.0,
                    help="host time per dispatched op in eager mode (an assumption until calibrated on a GPU)")
     p.add_argument("--compiled", action="store_true",
-                   help="also count the kernels of the model.compile=true step (compiles on the CPU: minutes)")
+                   help="also count the kernels and the host's work of the model.compile=true step (compiles on the "
+                        "CPU: minutes), and predict it with and without CUDA graphs")
+    p.add_argument("--region_us", type=float, default=40.0,
+                   help="host time per compiled-region call: guards, the runtime wrapper, a graph replay (assumed)")
+    p.add_argument("--launch_host_us", type=float, default=5.0,
+                   help="host time per kernel launched from compiled code without CUDA graphs (assumed)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.add_argument("--calibration", default=None,
                    help="add the predicted step to this calibration.json (for plan --calibration; marked "
                         "predicted: the host's cost per op is --host_us)")
-    p.add_argument("--calibrate_as", default="eager", choices=("eager", "kernels"),
-                   help="eager: the slower of the kernels and the host; kernels: the kernels alone (no host cost)")
+    p.add_argument("--calibrate_as", default="eager", choices=("eager", "compiled", "graphs", "kernels"),
+                   help="eager, compiled, graphs (these two need --compiled): the slower of the kernels and the "
+                        "host in that mode; kernels: the kernels alone (no host cost)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     try:
+        if args.calibrate_as in ("compiled", "graphs") and not args.compiled:
+            raise ConfigError(f"--calibrate_as {args.calibrate_as} predicts the compiled step: add --compiled")
         unknown = [d for d in args.device.split(",") if d not in DEVICES]
         if unknown:
             raise ConfigError(f"--device {','.join(unknown)}: expected one of {', '.join(sorted(DEVICES))}")
@@ -208,8 +231,10 @@ def main() -> int:
     where = {phase: g.calls for (phase, op), g in runs[-1][0].groups.items() if op == SYNC}
     print(f"  host syncs per step: {syncs} (each stalls the GPU's queue): "
           + ", ".join(f"{phase} {n}" for phase, n in where.items()))
-    traced_eager = extrapolated([per_phase(run[2]) for run in runs], target - depths[0])
-    compiled = extrapolated([per_phase(run[3]) for run in runs], target - depths[0]) if args.compiled else {}
+    traced_eager = extrapolated([per_phase(run[2][0]) for run in runs], target - depths[0])
+    compiled = extrapolated([per_phase(run[3][0]) for run in runs], target - depths[0]) if args.compiled else {}
+    steps_s = {"eager": max(total.time_s, host_s), "kernels": total.time_s}  # a step waits for the slower
+    host = {}
     if compiled:
         n_compiled, n_eager = sum(compiled.values()), sum(traced_eager.values())
         print(f"  compiled (model.compile=true; the kernels CPU inductor leaves separate): {n_compiled:.0f} kernels "
@@ -217,9 +242,24 @@ def main() -> int:
               f"{n_eager * dev.launch_s * 1e3:.1f} ms):")
         print("    " + ", ".join(f"{ph} {traced_eager.get(ph, 0):.0f} → {compiled.get(ph, 0):.0f}"
                                  for ph in ORDER if traced_eager.get(ph) or compiled.get(ph)))
+        host = host_times(runs, host_ops, args, target - depths[0])
+        print(f"  host, compiled: {host['outside_ops']:.0f} ops still dispatched outside the regions, "
+              f"{host['region_calls']:.0f} region calls, {host['region_kernels']:.0f} kernels launched from them "
+              f"(at {args.host_us:g} / {args.region_us:g} / {args.launch_host_us:g} µs each): {host['compiled'] * 1e3:.1f}"
+              f" ms; replayed as CUDA graphs (no launches from the host): {host['graphs'] * 1e3:.1f} ms")
+        for other in devices:  # fused kernels: the eager kernel time less the launches fusion removed
+            kernels_s = (total.time_s if other is dev else predict_step(runs, other, bf16, target - depths[0])[2].time_s
+                         ) - (n_eager - n_compiled) * other.launch_s
+            line = []
+            for mode in ("compiled", "graphs"):
+                step_s = max(kernels_s, host[mode])
+                line.append(f"{mode} {step_s * 1e3:.1f} ms ({'host' if host[mode] > kernels_s else 'GPU'}-bound, "
+                            f"MFU {flops / (step_s * other.peak_flops):.1%})")
+                if other is dev:
+                    steps_s[mode] = step_s
+            print(f"  {other.name}: kernels {kernels_s * 1e3:.1f} ms; " + ", ".join(line))
     if args.calibration:
-        # eager: the GPU waits for the slower of its kernels and the host
-        step_s = max(total.time_s, host_s) if args.calibrate_as == "eager" else total.time_s
+        step_s = steps_s[args.calibrate_as]
         add_point(Path(args.calibration), args.device.split(",")[0], {
             "preset": base.preset, "micro_batch": args.micro, "flops_per_micro_batch": flops, "step_s": step_s,
             "efficiency": flops / (step_s * dev.peak_flops), "predicted_as": args.calibrate_as})
@@ -230,7 +270,8 @@ def main() -> int:
                 for name, pred in phases.items()}
         Path(args.json).write_text(json.dumps({"preset": base.preset, "device": args.device, "shape": shape,
                                                "depths": depths, "phases": rows, "total_s": total.time_s,
-                                               "host_ops": host_ops, "syncs": syncs}, indent=1))
+                                               "host_ops": host_ops, "syncs": syncs, "step_s": steps_s,
+                                               "host_compiled": host}, indent=1))
     return 0
 
 

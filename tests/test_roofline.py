@@ -195,3 +195,14 @@ def test_the_trace_counts_what_the_dispatch_counter_does_and_fewer_kernels_compi
     for name in ("optimizer", "ema"):
         assert phases[name]["compiled_kernels"] == phases[name]["kernels"], name
     assert "compiled (model.compile=true" in proc.stdout
+    # The host's work in the compiled step, counted by hand: forward, the teacher's and the student's
+    # blocks, the decoder and the three tensor-math methods; backward, the student's blocks, the
+    # decoder and the losses (the targets need no gradient).
+    report = json.loads(out.read_text())
+    host, cfg = report["host_compiled"], load_config("tiny_image")
+    blocks = cfg.model.depth + cfg.model.prenet_depth
+    assert host["region_calls"] == (2 * blocks + 1 + 3) + (blocks + 2)
+    assert 0 < host["outside_ops"] < report["host_ops"]  # the regions took some of the dispatching
+    assert host["region_kernels"] < sum(row["compiled_kernels"] for row in phases.values())  # the optimizer's are not
+    assert host["graphs"] == pytest.approx((host["outside_ops"] * 20 + host["region_calls"] * 40) * 1e-6)
+    assert host["compiled"] == pytest.approx(host["graphs"] + host["region_kernels"] * 5e-6)

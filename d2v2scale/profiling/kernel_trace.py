@@ -13,10 +13,16 @@ eager step the two counts agree phase by phase (``tests/test_roofline.py``).
 
 CPU inductor's fusion is the count, which is close to, not equal to, what Triton would launch on
 a GPU (the same scheduler decides what fuses; the code generators split some reductions differently).
+
+The same trace says what the host still does in a compiled step (:func:`host_work`): the aten ops
+it dispatches outside the compiled regions (the optimizer, the backend's hooks, the autograd
+engine's eager nodes, masking and gathers) and the calls of compiled regions - the host's work
+once CUDA graphs replay the regions' kernels.
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
@@ -33,11 +39,53 @@ def kernel_ranges():
     return torch._inductor.config.patch({"cpp.enable_kernel_profile": True})
 
 
-def step_kernels(run_step) -> Counter:
-    """(phase, op) → kernels of ``run_step(marks)``, which runs one step timing its phases with ``marks``."""
+REGION = "Torch-Compiled Region"  # a compiled forward region's call (guards, then its graph)
+REGION_BACKWARD = "CompiledFunctionBackward"  # a compiled region's backward graph, called by autograd
+
+
+@dataclass(frozen=True)
+class HostWork:
+    """What the host does in one step, besides the kernels' launches inside compiled regions."""
+
+    eager_ops: int  # aten ops called outside compiled regions and outside any other aten op
+    region_calls: int  # compiled regions entered, forward and backward
+    region_kernels: int  # kernels launched from inside compiled regions
+
+
+def step_kernels(run_step) -> tuple[Counter, HostWork]:
+    """(phase, op) → kernels of ``run_step(marks)``, which runs one step timing its phases with
+    ``marks``; and the host's work in it."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run_step(PhaseMarks())
-    return traced_kernels(prof.events())
+    events = prof.events()
+    return traced_kernels(events), host_work(events)
+
+
+def _in_region(event) -> bool:
+    return _any_parent(event, lambda name: name.startswith(REGION) or name == REGION_BACKWARD)
+
+
+def _any_parent(event, test) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if test(parent.name):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def host_work(events: Iterable) -> HostWork:
+    """Counts of a CPU profiler's ``events()``: see :class:`HostWork`. On an eager step
+    ``eager_ops`` is every op the step's code calls (composites once, not their parts)."""
+    eager = calls = kernels = 0
+    for event in events:
+        if event.name.startswith(REGION) or event.name == REGION_BACKWARD:
+            calls += 1
+        elif _in_region(event):
+            kernels += _is_fused(event.name) or (launches_kernel(event.name) and not _inside_a_kernel(event))
+        elif event.name.startswith("aten::") and not _any_parent(event, lambda name: name.startswith("aten::")):
+            eager += 1
+    return HostWork(eager, calls, kernels)
 
 
 class PhaseMarks:
@@ -86,12 +134,7 @@ def _phase(event) -> str:
 
 
 def _inside_a_kernel(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if launches_kernel(parent.name) or _is_fused(parent.name):
-            return True
-        parent = parent.cpu_parent
-    return False
+    return _any_parent(event, lambda name: launches_kernel(name) or _is_fused(name))
 
 
 def traced_kernels(events: Iterable) -> Counter:
