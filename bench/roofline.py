@@ -245,8 +245,9 @@ def main() -> int:
         host = host_times(runs, host_ops, args, target - depths[0])
         print(f"  host, compiled: {host['outside_ops']:.0f} ops still dispatched outside the regions, "
               f"{host['region_calls']:.0f} region calls, {host['region_kernels']:.0f} kernels launched from them "
-              f"(at {args.host_us:g} / {args.region_us:g} / {args.launch_host_us:g} µs each): {host['compiled'] * 1e3:.1f}"
-              f" ms; replayed as CUDA graphs (no launches from the host): {host['graphs'] * 1e3:.1f} ms")
+              f"(at {args.host_us:g} / {args.region_us:g} / {args.launch_host_us:g} µs each): "
+              f"{host['compiled'] * 1e3:.1f} ms; replayed as CUDA graphs (no launches from the host): "
+              f"{host['graphs'] * 1e3:.1f} ms")
         for other in devices:  # fused kernels: the eager kernel time less the launches fusion removed
             kernels_s = (total.time_s if other is dev else predict_step(runs, other, bf16, target - depths[0])[2].time_s
                          ) - (n_eager - n_compiled) * other.launch_s
