@@ -26,9 +26,10 @@ $(STAMP): setup.py Makefile
 	$(PIP) install --no-deps -e .
 	touch $@
 
-# pytest exits 5 when it collected no tests: treat that as a failure, loudly.
+# pytest exits 5 when it collected no tests: treat that as a failure, loudly. --durations: the 25
+# slowest tests in the log, to keep the suite's time in check.
 test: venv
-	@rc=0; OMP_NUM_THREADS=1 $(PY) -m pytest -q tests || rc=$$?; \
+	@rc=0; OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)" >&2; exit 1; fi; \
 	exit $$rc
 
