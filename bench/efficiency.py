@@ -1,5 +1,6 @@
 """Full-depth step efficiency on the path users run: the DeepSpeed backend built from the preset's
-JSON, one rank, bf16 as the JSON says, eager and ``model.compile=true``.
+JSON, one rank, bf16 as the JSON says; compiled (``model.compile=true``), compiled and replayed as
+CUDA graphs (``model.cuda_graphs=true``: ``graphs``) and eager.
 
 Per run: the step time (mean of ``--steps`` after warm-up; wall clock around a device sync), MFU
 (the analytic model FLOPs of the step, ``profiling/flops``, over time × the device's dense peak),
@@ -17,8 +18,8 @@ under ``runs``).
     python bench/efficiency.py --device cpu --runs tiny_image:1/2/4 --ds_config ds_configs/cpu_tiny.json
 
 ``--runs`` is ``preset:micro/micro,...``; a micro-batch of 0 is the preset's own (audio: one
-``data.max_tokens`` budget of samples). Runs go in order until ``--budget_s`` is spent; what ran is
-written either way.
+``data.max_tokens`` budget of samples). Runs go in order - each micro-batch in every mode, then the
+next - until ``--budget_s`` is spent; what ran is written either way.
 """
 from __future__ import annotations
 
