@@ -27,7 +27,7 @@ class SyntheticSource:
         budget = modalities.batch_budget(cfg)
         self.by_batch = budget is not None
         if self.by_batch:
-            length = synthetic_batch(cfg, 1).shape[-1]
+            length = synthetic_batch(cfg, 1, torch.Generator()).shape[-1]  # a private generator: no global draw
             self.per_batch = max(1, budget // length)
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

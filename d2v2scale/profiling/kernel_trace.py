@@ -45,7 +45,7 @@ REGION_BACKWARD = "CompiledFunctionBackward"  # a compiled region's backward gra
 
 @dataclass(frozen=True)
 class HostWork:
-    """What the host does in one step, besides the kernels' launches inside compiled regions."""
+    """What the host does in one step of compiled code: eager ops, region calls, launches from regions."""
 
     eager_ops: int  # aten ops called outside compiled regions and outside any other aten op
     region_calls: int  # compiled regions entered, forward and backward
