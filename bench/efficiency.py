@@ -1,6 +1,7 @@
 """Full-depth step efficiency on the path users run: the DeepSpeed backend built from the preset's
 JSON, one rank, bf16 as the JSON says; compiled (``model.compile=true``), compiled and replayed as
-CUDA graphs (``model.cuda_graphs=true``: ``graphs``) and eager.
+CUDA graphs (``model.cuda_graphs=true``: ``graphs``), compiled on the FSDP2 backend from the same JSON
+(``fsdp2``: the roofline predicts it dispatches about half of DeepSpeed's host ops) and eager.
 
 Per run: the step time (mean of ``--steps`` after warm-up; wall clock around a device sync), MFU
 (the analytic model FLOPs of the step, ``profiling/flops``, over time × the device's dense peak),
@@ -51,7 +52,8 @@ from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 DEFAULT_RUNS = "vit_h:8/4/2/1,vit_l:8,audio_large:0"  # the goal's run first: a short loan still gets it
 MODES = {"eager": (), "compiled": ("model.compile=true",),  # mode → its config overrides
-         "graphs": ("model.compile=true", "model.cuda_graphs=true")}
+         "graphs": ("model.compile=true", "model.cuda_graphs=true"),
+         "fsdp2": ("model.compile=true", "parallel.backend=fsdp2")}  # the roofline's fewer-host-ops path
 HOST = PHASES[0]  # "data": the loader's work, host-side in a GPU run
 
 
@@ -159,8 +161,9 @@ def fixed_cost(runs: list[dict]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="preset:micro/micro,... (0: the preset's micro-batch)")
-    p.add_argument("--modes", default="compiled,graphs,eager",
-                   help="eager; compiled: model.compile=true; graphs: also model.cuda_graphs=true")
+    p.add_argument("--modes", default="compiled,graphs,fsdp2,eager",
+                   help="eager; compiled: model.compile=true; graphs: also model.cuda_graphs=true; fsdp2: compiled "
+                        "on the FSDP2 backend (the same JSON)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--ds_config", default=None, help="default: each preset's shipped JSON")
     p.add_argument("--steps", type=int, default=5)
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.gpu or (gpu_name() if device.type == "cuda" else "cpu")
     start, results = time.perf_counter(), []
     print(f"efficiency on {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'} ({gpu}), torch "
-          f"{torch.__version__}; the DeepSpeed backend, one rank, mean of {args.steps} steps after {args.warmup}",
-          flush=True)
+          f"{torch.__version__}; the preset's JSON on the DeepSpeed backend (mode fsdp2: FSDP2), one rank, "
+          f"mean of {args.steps} steps after {args.warmup}", flush=True)
     print("| preset | micro | mode | step ms | MFU | kernels | phases ms |\n|---|---|---|---|---|---|---|", flush=True)
     for preset, micros in runs:
         for micro in micros:  # the first micro-batch in every mode first: a short loan gets the goal's row
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 if row is None:
                     print(f"| {preset} | {micro} | {mode} | {why} | | | |", flush=True)
                     continue
-                row = {"preset": preset, "micro_batch": cfg.train.global_batch, "mode": mode, **row}
+                row = {"preset": preset, "micro_batch": cfg.train.global_batch, "mode": mode,
+                       "backend": cfg.parallel.backend, **row}
                 results.append(row)
                 split = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["phases_s"].items())
                 mfu = f"{row['efficiency']:.1%}" if row["efficiency"] is not None else "n/a"
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               if r["mode"] == args.calibrate_with and r["efficiency"] is not None]
     Path(args.out).write_text(json.dumps({
         "gpu": gpu, "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"), "path": "deepspeed backend, one rank",
+        "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"), "path": "the preset's JSON, one rank",
         "points": points, "fixed_cost": fixed, "runs": results}, indent=1))
     print(f"wrote {args.out} ({len(points)} {args.calibrate_with} points): "
           f"python -m d2v2scale.plan --calibration {args.out} ...")

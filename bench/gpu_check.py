@@ -17,8 +17,8 @@
 
 ``--efficiency`` instead runs ``bench/efficiency.py`` (its flags follow): the full-depth step of
 ``vit_h`` (micro-batch 1, 2, 4, 8), ``vit_l`` (8) and ``audio_large`` on the DeepSpeed path with the
-preset's JSON, bf16, compiled, compiled and replayed as CUDA graphs, and eager: step time, MFU, phase
-split, kernels, the fixed cost per micro-batch, and ``calibration.json`` from those runs.
+preset's JSON, bf16, compiled, compiled and replayed as CUDA graphs, compiled on FSDP2, and eager: step
+time, MFU, phase split, kernels, the fixed cost per micro-batch, and ``calibration.json`` from those runs.
 
 Without CUDA it prints one line and exits 0. Exit 1 when a ``gpu`` test fails.
 """

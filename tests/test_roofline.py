@@ -145,7 +145,8 @@ def test_the_efficiency_bench_times_the_deepspeed_step_and_fits_the_fixed_cost(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = report["runs"]
-    assert [r["micro_batch"] for r in runs] == [1, 2, 4] and all(r["mode"] == "eager" for r in runs)
+    assert [r["micro_batch"] for r in runs] == [1, 2, 4]
+    assert all(r["mode"] == "eager" and r["backend"] == "deepspeed" for r in runs)
     cfg = load_config("tiny_image")
     for r in runs:
         s = r["shape"]
