@@ -222,8 +222,10 @@ def main() -> int:
           f"{host_s * 1e3:.1f} ms, {'above' if host_s > total.time_s else 'below'} the kernels' "
           f"{total.time_s * 1e3:.1f} ms: the eager step is {'host' if host_s > total.time_s else 'GPU'}-bound")
     flops = step_flops(base, StepShape(shape["samples"], shape["positions"], shape["kept"]), shape["input_len"])
+    kernels_on = {other.name: total.time_s if other is dev else  # each device's eager kernels, predicted once
+                  predict_step(runs, other, bf16, target - depths[0])[2].time_s for other in devices}
     for other in devices:
-        kernels_s = total.time_s if other is dev else predict_step(runs, other, bf16, target - depths[0])[2].time_s
+        kernels_s = kernels_on[other.name]
         print(f"  {other.name}: kernels {kernels_s * 1e3:.1f} ms (MFU ≤ {flops / (kernels_s * other.peak_flops):.1%} "
               f"of the step's {flops / 1e12:.2f} model TFLOP); eager with the host at {args.host_us:g} µs/op "
               f"{max(kernels_s, host_s) * 1e3:.1f} ms, MFU {flops / (max(kernels_s, host_s) * other.peak_flops):.1%}")
@@ -249,8 +251,7 @@ def main() -> int:
               f"{host['compiled'] * 1e3:.1f} ms; replayed as CUDA graphs (no launches from the host): "
               f"{host['graphs'] * 1e3:.1f} ms")
         for other in devices:  # fused kernels: the eager kernel time less the launches fusion removed
-            kernels_s = (total.time_s if other is dev else predict_step(runs, other, bf16, target - depths[0])[2].time_s
-                         ) - (n_eager - n_compiled) * other.launch_s
+            kernels_s = kernels_on[other.name] - (n_eager - n_compiled) * other.launch_s
             line = []
             for mode in ("compiled", "graphs"):
                 step_s = max(kernels_s, host[mode])

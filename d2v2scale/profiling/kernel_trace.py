@@ -61,8 +61,8 @@ def step_kernels(run_step) -> tuple[Counter, HostWork]:
     return traced_kernels(events), host_work(events)
 
 
-def _in_region(event) -> bool:
-    return _any_parent(event, lambda name: name.startswith(REGION) or name == REGION_BACKWARD)
+def _is_region(name: str) -> bool:
+    return name.startswith(REGION) or name == REGION_BACKWARD
 
 
 def _any_parent(event, test) -> bool:
@@ -79,9 +79,9 @@ def host_work(events: Iterable) -> HostWork:
     ``eager_ops`` is every op the step's code calls (composites once, not their parts)."""
     eager = calls = kernels = 0
     for event in events:
-        if event.name.startswith(REGION) or event.name == REGION_BACKWARD:
+        if _is_region(event.name):
             calls += 1
-        elif _in_region(event):
+        elif _any_parent(event, _is_region):
             kernels += _is_fused(event.name) or (launches_kernel(event.name) and not _inside_a_kernel(event))
         elif event.name.startswith("aten::") and not _any_parent(event, lambda name: name.startswith("aten::")):
             eager += 1
