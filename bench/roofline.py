@@ -273,6 +273,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"preset": base.preset, "device": args.device, "shape": shape,
                                                "depths": depths, "phases": rows, "total_s": total.time_s,
                                                "host_ops": host_ops, "syncs": syncs, "step_s": steps_s,
+                                               "host_ops_counted": [dict(run[0].host_ops) for run in runs],
                                                "host_compiled": host}, indent=1))
     return 0
 

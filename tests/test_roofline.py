@@ -17,6 +17,7 @@ from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
 from d2v2scale.planning.timing import load_calibration
 from d2v2scale.profiling.flops import StepShape, forward_flops, step_flops
+from d2v2scale.profiling.kernel_trace import HostWork, PhaseMarks, host_work
 from d2v2scale.profiling.roofline import Device, OpCounter, by_phase, predict
 from d2v2scale.profiling.timers import PHASES
 from d2v2scale.train.teacher import build_teacher
@@ -108,13 +109,31 @@ def test_a_kernel_takes_its_bound_plus_the_launch():
     assert counter.host_ops["other"] == sum(g.calls for g in counter.groups.values()) + 1
 
 
+def test_the_host_work_of_a_step_leaves_the_loader_out():
+    """kernel_trace.host_work on a hand-made trace: each top-level aten call of the step is one host
+    op (linear once, not its transpose and matmul), inside a phase or not; the loader's phase is the
+    read-ahead thread's work in a GPU run, off the step's path, and is not counted."""
+    a, w = torch.ones(4), torch.ones(3, 4)
+    marks = PhaseMarks()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with marks.phase(PHASES[0]):
+            (a + 1) * 2
+        with marks.phase("optimizer"):
+            a.add_(1)
+            torch.nn.functional.linear(a, w)
+        a.mul(3)
+    assert host_work(prof.events()) == HostWork(eager_ops=3, region_calls=0, region_kernels=0)
+
+
 @pytest.mark.slow
 def test_the_bench_counts_the_real_step_and_extrapolates_the_depth(tmp_path):
-    """bench/roofline.py on tiny_audio (depth 3, counted at 1 and 2): per-phase FLOPs of the
-    extrapolated step within 5 % of the analytic model at depth 3; every phase of the step present."""
+    """bench/roofline.py on tiny_audio (depth 3, counted at 1 and 2), FSDP2 backend: per-phase FLOPs
+    of the extrapolated step within 5 % of the analytic model at depth 3; every phase of the step
+    present; the optimizer step and the EMA update dispatch as many host ops at depth 2 as at depth 1
+    (foreach and fused kernels over every parameter, no per-parameter views or casts)."""
     out = tmp_path / "roofline.json"
     proc = subprocess.run([sys.executable, "bench/roofline.py", "--preset", "tiny_audio", "--micro", "4",
-                           "--ds_config", "ds_configs/cpu_tiny.json", "--json", str(out)],
+                           "--ds_config", "ds_configs/cpu_tiny.json", "--json", str(out), "parallel.backend=fsdp2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -129,6 +148,9 @@ def test_the_bench_counts_the_real_step_and_extrapolates_the_depth(tmp_path):
     assert phases["backward"]["flops"] == pytest.approx(2 * trained, rel=0.05)
     assert all(phases[p]["kernels"] > 0 for p in ("optimizer", "ema", "backward"))
     assert report["host_ops"] > sum(row["kernels"] for row in phases.values())  # views cost the host too
+    shallow, deep = report["host_ops_counted"]
+    assert deep["backward"] > shallow["backward"]  # a block's backward is the host's work
+    assert (deep["optimizer"], deep["ema"]) == (shallow["optimizer"], shallow["ema"]) != (0, 0)
 
 
 def test_the_efficiency_bench_times_the_deepspeed_step_and_fits_the_fixed_cost(tmp_path):

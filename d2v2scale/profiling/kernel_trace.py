@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 
 from .roofline import NO_KERNEL, SYNC_OP
+from .timers import PHASES
 
 MARK = "d2v2scale.phase:"
 FUSED = "inductor fused"  # the op group of every kernel inductor generated
@@ -39,6 +40,7 @@ def kernel_ranges():
     return torch._inductor.config.patch({"cpp.enable_kernel_profile": True})
 
 
+LOADER = PHASES[0]  # "data": host-side work of the loader, not of the step's dispatching
 REGION = "Torch-Compiled Region"  # a compiled forward region's call (guards, then its graph)
 REGION_BACKWARD = "CompiledFunctionBackward"  # a compiled region's backward graph, called by autograd
 
@@ -47,7 +49,7 @@ REGION_BACKWARD = "CompiledFunctionBackward"  # a compiled region's backward gra
 class HostWork:
     """What the host does in one step of compiled code: eager ops, region calls, launches from regions."""
 
-    eager_ops: int  # aten ops called outside compiled regions and outside any other aten op
+    eager_ops: int  # aten ops called outside compiled regions and any other aten op, not by the loader
     region_calls: int  # compiled regions entered, forward and backward
     region_kernels: int  # kernels launched from inside compiled regions
 
@@ -76,14 +78,16 @@ def _any_parent(event, test) -> bool:
 
 def host_work(events: Iterable) -> HostWork:
     """Counts of a CPU profiler's ``events()``: see :class:`HostWork`. On an eager step
-    ``eager_ops`` is every op the step's code calls (composites once, not their parts)."""
+    ``eager_ops`` is every op the step's code calls (composites once, not their parts), less the
+    loader's: a GPU run makes its batches and masks in the read-ahead thread, off the step's path."""
     eager = calls = kernels = 0
     for event in events:
         if _is_region(event.name):
             calls += 1
         elif _any_parent(event, _is_region):
             kernels += _is_fused(event.name) or (launches_kernel(event.name) and not _inside_a_kernel(event))
-        elif event.name.startswith("aten::") and not _any_parent(event, lambda name: name.startswith("aten::")):
+        elif (event.name.startswith("aten::") and not _any_parent(event, lambda name: name.startswith("aten::"))
+              and _phase(event) != LOADER):
             eager += 1
     return HostWork(eager, calls, kernels)
 

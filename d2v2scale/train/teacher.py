@@ -112,7 +112,7 @@ class EMACore:
 
     def pairs(self, student=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(EMA tensors, the fp32 student values they move towards), element for element."""
-        return self.masters, [v.float() for v in self.student_values(student)]
+        return self.masters, [v if v.dtype == torch.float32 else v.float() for v in self.student_values(student)]
 
     def publish(self) -> None:
         """Make ``module`` compute with the masters' current values (nothing to do when they are its own)."""

@@ -122,7 +122,12 @@ class FSDP2Backend:
         names = [n for n, p in teacher_module.named_parameters() if n in tracked]
         ranges = [(n, *_row_range(p, dims), p.to_local().view(-1)) for n, p in teacher_module.named_parameters() if n in tracked]
         self.teacher = ShardedModuleEMA(teacher_module, schedule, ranges)
-        self.teacher.bind_sources(lambda: [student[n].to_local().view(-1) for n in names])
+        # Views taken once: FSDP2 keeps a sharded parameter's local storage for the run (it re-registers
+        # one only on Module._apply or load_state_dict; checkpoints load in place), and deriving them
+        # each update cost three host ops a parameter.
+        with torch.no_grad():
+            sources = [student[n].to_local().view(-1) for n in names]
+        self.teacher.bind_sources(lambda: sources)
 
         opt = ds_config.get("optimizer", {}).get("params", {})
         wd = opt.get("weight_decay", 0.0)
@@ -154,13 +159,18 @@ class FSDP2Backend:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()  # FSDP2's reduce-scatter averages over dp
 
-    def _global_grad_norm(self) -> torch.Tensor:
-        """fp32 L2 norm of the whole model's gradient: shards summed over dp, TP-sharded weights over tp
-        too, TP-replicated ones counted once. One foreach norm per kind, not a kernel per tensor."""
-        local: tuple[list, list] = ([], [])  # [replicated over tp, sharded over tp]
+    def _local_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's gradient shards: (replicated over tp, sharded over tp). Under no_grad
+        ``to_local`` is the DTensor's own tensor, so this dispatches nothing."""
+        local: tuple[list, list] = ([], [])
         for name, p in self.model.named_parameters():
             if p.grad is not None:
                 local[name in self.tp_sharded].append(p.grad.to_local())
+        return local
+
+    def _global_grad_norm(self, local: tuple[list, list]) -> torch.Tensor:
+        """fp32 L2 norm of the whole model's gradient: shards summed over dp, TP-sharded weights over tp
+        too, TP-replicated ones counted once. One foreach norm per kind, not a kernel per tensor."""
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         sums = torch.stack([torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else zero
                             for grads in local])
@@ -169,15 +179,17 @@ class FSDP2Backend:
             all_reduce(sums[1:], self.dims.tp_group)
         return sums.sum().sqrt()
 
+    @torch.no_grad()
     def step(self) -> None:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return
         self.global_steps += 1
-        norm = self._norm = self._global_grad_norm()
+        local = self._local_grads()
+        norm = self._norm = self._global_grad_norm(local)
         finite = torch.isfinite(norm)
         self._skipped += ~finite
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = local[0] + local[1]  # clipped in place through the shards: no DTensor dispatch per tensor
         if self.sync_free:
             if self.clip > 0:
                 torch._foreach_mul_(grads, (self.clip / (norm + 1e-6)).clamp(max=1.0))
