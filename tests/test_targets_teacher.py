@@ -131,6 +131,21 @@ def test_ema_closed_form_and_freeze():
     assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
 
 
+@pytest.mark.parametrize("flag", ["host", "device"])
+def test_a_skipped_step_leaves_the_ema_and_an_applied_one_moves_it(flag):
+    """The optimizer's "applied" as a host bool (lerp) or a device bool (device-scalar multiplies:
+    no read back): the closed form e·d + s·(1 - d) when applied, the EMA unchanged when skipped.
+    fp32, one update of O(1) values: 1e-6."""
+    torch.manual_seed(0)
+    student, teacher_net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = FlatGroupEMA(teacher_net, EMASchedule(0.75, 0.75, 0))
+    e0 = [p.detach().clone() for p in ema.module.parameters()]
+    for k, applied in ((1, False), (2, True)):
+        ema.update(k, student, applied=torch.tensor(applied) if flag == "device" else applied)
+        for p, e, s in zip(ema.module.parameters(), e0, student.parameters()):
+            torch.testing.assert_close(p, e * 0.75 + s.detach() * 0.25 if applied else e, atol=1e-6, rtol=0)
+
+
 def test_sharded_ema_equals_unsharded():
     """Two shards (odd numel, so the flat vector is padded) with a local all_gather equal one full EMA."""
     torch.manual_seed(0)

@@ -139,9 +139,10 @@ def train_step(tr: Trainer, step: int) -> StepStats:
         moments = out.moments() * poison
         spreads = moments if spreads is None else spreads + moments
 
-    applied = torch.as_tensor(backend.step_applied(), device=tr.device)  # a device bool, or a host one sent over
+    applied = backend.step_applied()  # a device bool (nothing read back), or a host one
     with phase("ema"):
         tr.teacher.update(step + 1, applied=applied)  # a skipped step leaves the teacher as it was
+    applied = torch.as_tensor(applied, device=tr.device)
     tr.timer.end_step()
     kept = sum(float(m.keep_idx.numel()) for m in masks)
     flops = sum(step_flops(cfg, StepShape(mb.source.shape[0], m.mask.shape[1], m.num_kept), mb.source.shape[-1])

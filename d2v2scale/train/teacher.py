@@ -92,21 +92,27 @@ class EMACore:
 
     @torch.no_grad()
     def update(self, num_updates: int, student: nn.Module | dict[str, torch.Tensor] | None = None,
-               applied: torch.Tensor | None = None) -> float:
+               applied: torch.Tensor | bool = True) -> float:
         """EMA step after optimizer step ``num_updates``: ``ema ← d·ema + (1-d)·student`` with
-        ``d = schedule(num_updates)``. Nothing changes once ``d`` reaches 1 (the teacher is frozen)
-        or when the counter did not advance. ``applied``: a device bool saying whether the optimizer
-        step was applied (a skipped one leaves the EMA as it was, decided on the device without a
-        host read). Returns the decay used."""
+        ``d = schedule(num_updates)``. Nothing changes once ``d`` reaches 1 (the teacher is frozen),
+        when the counter did not advance, or when the optimizer step was not ``applied`` (a host
+        bool, or a device bool decided without a host read). Returns the decay used."""
         decay = self.schedule.decay(num_updates)
         if num_updates <= self.num_updates:
             return decay
         self.num_updates = num_updates
-        if decay >= 1.0:
+        on_device = isinstance(applied, torch.Tensor)
+        if decay >= 1.0 or not (on_device or applied):
             return decay
         targets, sources = self.pairs(student)
-        weight = 1.0 - decay if applied is None else applied.to(targets[0].dtype) * (1.0 - decay)
-        torch._foreach_lerp_(targets, sources, weight)
+        if on_device:
+            # lerp takes its weight as a host number: a device flag would be read back, a sync every
+            # step. The same update with device-scalar multiplies: ema·(1 - w) + student·w.
+            weight = applied.to(targets[0].dtype) * (1.0 - decay)
+            torch._foreach_mul_(targets, 1.0 - weight)
+            torch._foreach_add_(targets, torch._foreach_mul(sources, weight))
+        else:
+            torch._foreach_lerp_(targets, sources, 1.0 - decay)
         self.publish()
         return decay
 

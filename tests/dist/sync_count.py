@@ -5,8 +5,11 @@
 ``Tensor.item``, ``__bool__``, ``__int__``, ``__float__``, ``tolist``, ``cpu`` and ``numpy`` are
 wrapped to count their calls on the training thread (the data loader's read-ahead thread works on
 host tensors by design), attributed to the step in progress through the loop's profiler hooks.
+A dispatch mode on the training thread also counts ``aten::_local_scalar_dense`` called outside any
+other op: the reads no Python method shows, such as a device tensor passed where an op takes a host
+number (a CPU kernel's own reads, inside its op, are not a GPU's and are not seen).
 The run: tiny_image on the FSDP2 backend with the fused AdamW of ds_configs/cpu_tiny.json.
-Rank 0 writes ``{"log_every": k, "steps": n, "per_step": {step: calls}}``.
+Rank 0 writes ``{"log_every": k, "steps": n, "per_step": {step: calls}, "dispatched": {step: reads}}``.
 """
 import json
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -38,6 +42,18 @@ def _counting(name, fn):
         return fn(self, *args, **kwargs)
 
     return wrapped
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts device-to-host scalar reads dispatched on this thread (modes are per thread), per step.
+    Inside a mode's handler the mode is off, so reads made inside another op are not seen."""
+
+    reads: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and CURRENT[0] is not None:
+            self.reads[CURRENT[0]] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class StepHooks:
@@ -70,9 +86,11 @@ def main():
     for name in READS:
         setattr(torch.Tensor, name, _counting(name, getattr(torch.Tensor, name)))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    train(tr, Path(run_dir), 0, {"layout": {}}, StepHooks(device))
+    with ScalarReads():
+        train(tr, Path(run_dir), 0, {"layout": {}}, StepHooks(device))
     if dims.rank == 0:
-        Path(out).write_text(json.dumps({"log_every": 3, "steps": 6, "per_step": dict(CALLS)}))
+        Path(out).write_text(json.dumps({"log_every": 3, "steps": 6, "per_step": dict(CALLS),
+                                         "dispatched": dict(ScalarReads.reads)}))
     dist.barrier()
     dist.destroy_process_group()
 
