@@ -46,15 +46,15 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
-from d2v2scale.profiling.kernel_trace import HostWork, kernel_ranges, step_kernels  # noqa: E402
-from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
+from d2v2scale.profiling.kernel_trace import LOADER, HostWork, kernel_ranges, step_kernels  # noqa: E402
+from d2v2scale.profiling.timers import StepTimer  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 DEFAULT_RUNS = "vit_h:8/4/2/1,vit_l:8,audio_large:0"  # the goal's run first: a short loan still gets it
 MODES = {"eager": (), "compiled": ("model.compile=true",),  # mode → its config overrides
          "graphs": ("model.compile=true", "model.cuda_graphs=true"),
          "fsdp2": ("model.compile=true", "parallel.backend=fsdp2")}  # the roofline's fewer-host-ops path
-HOST = PHASES[0]  # "data": the loader's work, host-side in a GPU run
+HOST = LOADER  # "data": the loader's work, host-side in a GPU run
 
 
 def parse_runs(text: str) -> list[tuple[str, list[int]]]:

@@ -142,14 +142,14 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     applied = backend.step_applied()  # a device bool (nothing read back), or a host one
     with phase("ema"):
         tr.teacher.update(step + 1, applied=applied)  # a skipped step leaves the teacher as it was
-    applied = torch.as_tensor(applied, device=tr.device)
     tr.timer.end_step()
     kept = sum(float(m.keep_idx.numel()) for m in masks)
     flops = sum(step_flops(cfg, StepShape(mb.source.shape[0], m.mask.shape[1], m.num_kept), mb.source.shape[-1])
                 for mb, m in zip(batches, masks))
     tr.last_shape = {"samples": batches[0].source.shape[0], "positions": masks[0].mask.shape[1],
                      "kept": masks[0].num_kept, "input_len": batches[0].source.shape[-1]}
-    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), spreads, data_time, ~applied, flops)
+    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), spreads, data_time,
+                     ~torch.as_tensor(applied, device=tr.device), flops)
 
 
 def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
