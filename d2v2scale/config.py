@@ -221,12 +221,21 @@ class TrainConfig:
     batch_scaling: str = "none"  # none | linear: grow global batch + LR when the GPUs cannot split it
     allow_long_warmup: bool = False  # permit an LR warm-up as long as (or longer than) the run
     checkpoint_format: str = "layout_free"  # layout_free (resumes on any layout/backend) | native (the backend's own, same layout)
+    # hang watchdog (d2v2scale/resilience/watchdog.py): seconds a step may take before every rank's stacks are
+    # written and the attempt restarts; None: 10 x the slowest step measured, at least 300 s
+    hang_timeout_s: float | None = None
+    setup_timeout_s: float = 1800.0  # the same for start-up, the first step and checkpoint writes
 
     def validate(self) -> None:
         _one_of("train.batch_scaling", self.batch_scaling, ("none", "linear"))
         _one_of("train.checkpoint_format", self.checkpoint_format, ("layout_free", "native"))
         for key in ("global_batch", "max_updates", "log_every", "save_every", "keep_last", "max_consecutive_skips"):
             _at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("hang_timeout_s", "setup_timeout_s"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"train.{key}={value}: allowed values: a number of seconds > 0"
+                                  + (" or null (automatic)" if key == "hang_timeout_s" else ""))
 
 
 KERNELS = ("auto", "torch")  # model.kernels, chosen in d2v2scale/train/kernels.py

@@ -16,6 +16,11 @@ METRICS = "metrics.jsonl"
 DIAGNOSTICS = "diagnostics.jsonl"
 CHECKPOINTS = "checkpoints"
 REPORT_DIR = "report"  # profile.json (the run's raw measurements), report.json, report.md, plots
+EVENTS = "events.jsonl"  # attempts, checkpoints, failures and what was done (d2v2scale.resilience.events)
+HEARTBEAT = "heartbeat"  # rank 0: "<last finished step> <unix time>", rewritten in place each step
+INCIDENTS = "incidents"  # incidents/<attempt>/rank_<r>.txt: every thread's stack when the hang watchdog fired
+PREEMPTED = "PREEMPTED"  # rank 0 stopped on a signal after checkpointing (the supervisor requeues)
+JOB = "job.id"  # the Slurm job training this directory now (one at a time)
 
 METRIC_NAMES = (
     "step", "loss", "loss_reg", "loss_cls", "lr", "ema_decay", "grad_norm", "target_var", "pred_var",

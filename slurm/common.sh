@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Shared body of the d2v2scale sbatch scripts: rank set-up, NCCL knobs, optional data staging,
-# pre-emption (checkpoint + requeue), resume, and a dry-run mode. Sourced, not run.
+# Shared body of the d2v2scale sbatch scripts: rank set-up, NCCL knobs, optional data staging, and a
+# dry-run mode; then it hands the job to the supervisor (python -m d2v2scale.resilience.supervisor),
+# which runs the training step, restarts it after a crash or a hang, requeues on the time limit and
+# stops on a cancel or bad input. Sourced, not run.
 #
 # Layout: one Slurm task per GPU (srun --ntasks-per-node = GPUs per node). Each task is one
 # training rank; d2v2scale reads SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS itself. This keeps
@@ -10,7 +12,7 @@
 # Knobs (environment variables; sbatch options such as --nodes and --time are the usual flags):
 #   PRESET, DS_CONFIG        what to train (set by the calling script, may be overridden)
 #   DATA_PATH                dataset folder / manifest / token prefix (data.path)
-#   RUN_DIR                  run directory (default runs/<job name>-<job id>; survives requeue)
+#   RUN_DIR                  run directory (default runs/<job name>: the same command continues the same run)
 #   TP                       tensor-parallel degree; unset: the planner chooses the layout (below)
 #   SCALE_BATCH              none | linear: grow global batch and LR when the GPUs cannot split it
 #   AUTO_PLAN                1 (default when TP is unset): `python -m d2v2scale.plan --search` picks TP,
@@ -23,6 +25,10 @@
 #   PYTHON                   interpreter (default: .venv/bin/python if present, else python3)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_DEBUG   passed through when set
 #   DRY_RUN                  1: print the batch math, the memory plan and the exact command; launch nothing
+#   MAX_RESTARTS             restarts of a crashed or hung training step per job (default 3)
+#   RESTART_BACKOFF_S        wait before the first restart, doubled for each next one (default 30)
+#   SIGNAL_LEAD_S            ask for a checkpoint this long before the time limit (default 600; a short
+#                            limit gets a fifth of itself)
 #   NODES, GPUS_PER_NODE     with DRY_RUN outside a job: the sizes to plan for (default 32 and 8)
 set -euo pipefail
 
@@ -42,8 +48,7 @@ fi
 NODES="${SLURM_JOB_NUM_NODES:-${NODES:-32}}"
 GPUS_PER_NODE="${SLURM_NTASKS_PER_NODE:-${GPUS_PER_NODE:-8}}"
 GPUS_PER_NODE="${GPUS_PER_NODE%%(*}"  # Slurm may report "8(x32)"
-JOB_ID="${SLURM_JOB_ID:-dryrun}"
-RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-$PRESET}-${JOB_ID}}"
+RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-d2v2-${PRESET}}}"
 
 read -r -a extra_overrides <<< "$EXTRA"
 if [[ "$AUTO_PLAN" == "1" ]]; then
@@ -68,7 +73,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
     echo "# memory, communication and step time of this layout:"
     "$PYTHON" -m d2v2scale.plan --preset "$PRESET" --ds_config "$DS_CONFIG" --nodes "$NODES" \
         --gpus_per_node "$GPUS_PER_NODE" --tp "$TP" "${overrides[@]}"
-    echo "# command:"
+    echo "# command (under $PYTHON -m d2v2scale.resilience.supervisor --run_dir $RUN_DIR --):"
     echo "srun --kill-on-bad-exit=1 --ntasks-per-node=${GPUS_PER_NODE} $PYTHON launchers/pretrain.py" \
          "--ds_config $DS_CONFIG --preset $PRESET --run_dir $RUN_DIR --resume auto ${overrides[*]}"
     exit 0
@@ -81,6 +86,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 # Surface NCCL failures as errors instead of hangs; everything else NCCL (NCCL_SOCKET_IFNAME,
 # NCCL_IB_HCA, NCCL_IB_GID_INDEX, ...) comes from the caller's environment, never hard-coded here.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+# The flight recorder keeps each rank's last collectives; the hang watchdog dumps them beside its stacks.
+export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 if [[ "$STAGE_DATA" == "1" && -n "${DATA_PATH:-}" ]]; then
@@ -92,31 +99,8 @@ fi
 mkdir -p "$RUN_DIR"
 echo "[slurm] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${NODES} nodes, master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
 
-srun_pid=""
-# shellcheck disable=SC2317  # invoked by the traps below
-forward_signal() {
-    echo "[slurm] received $1: asking the ranks to checkpoint"
-    if [[ -n "$srun_pid" ]]; then kill "-$1" "$srun_pid" 2>/dev/null || true; fi
-}
-trap 'forward_signal USR1' USR1
-trap 'forward_signal TERM' TERM
-
-srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" "$PYTHON" launchers/pretrain.py \
-    --ds_config "$DS_CONFIG" --preset "$PRESET" --run_dir "$RUN_DIR" --resume auto "${overrides[@]}" &
-srun_pid=$!
-rc=0
-while true; do
-    wait "$srun_pid" && rc=0 || rc=$?
-    # wait returns 128+signal when a trap interrupted it; the step is still running then
-    if kill -0 "$srun_pid" 2>/dev/null; then continue; fi
-    break
-done
-
-if [[ "$rc" == "3" || -f "$RUN_DIR/PREEMPTED" ]]; then
-    rm -f "$RUN_DIR/PREEMPTED"
-    echo "[slurm] checkpoint written; requeueing job ${SLURM_JOB_ID}"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-fi
-echo "[slurm] training step exited with ${rc}"
-exit "$rc"
+# The supervisor becomes the batch shell (exec): Slurm's signals reach it, and it decides what a finished,
+# failed, hung or signalled training step means for the job (see d2v2scale/resilience/supervisor.py).
+exec "$PYTHON" -m d2v2scale.resilience.supervisor --run_dir "$RUN_DIR" -- \
+    srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" "$PYTHON" launchers/pretrain.py \
+    --ds_config "$DS_CONFIG" --preset "$PRESET" --run_dir "$RUN_DIR" --resume auto "${overrides[@]}"

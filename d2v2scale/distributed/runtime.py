@@ -1,6 +1,7 @@
 """Start torch.distributed on GPU (NCCL) or CPU (gloo); a backend may wrap the group afterwards."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -23,8 +24,9 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
-    """Initialise the default process group and the TP/DP groups; a plain process becomes rank 0 of 1."""
+def init_distributed(tp: int, timeout_s: float | None = None) -> tuple[ParallelDims, torch.device]:
+    """Initialise the default process group and the TP/DP groups; a plain process becomes rank 0 of 1.
+    ``timeout_s`` bounds every collective (and the rendezvous); None keeps torch's default."""
     env = LaunchEnv.detect()
     if env.world_size > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT", "0") != "0"):
         raise RuntimeError("a multi-process launch needs MASTER_ADDR and MASTER_PORT (torchrun and DeepSpeed's "
@@ -32,7 +34,9 @@ def init_distributed(tp: int) -> tuple[ParallelDims, torch.device]:
     env.export(master_port=int(os.environ.get("MASTER_PORT", 0)) or free_port())
     device = pick_device(env.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
     dims = ParallelDims(tp=tp, world_size=env.world_size, rank=env.rank)
     dims.build_groups()
     return dims, device

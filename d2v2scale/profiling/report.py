@@ -15,6 +15,9 @@ import yaml
 
 from .. import runfiles
 from ..config import config_from_dict
+from ..resilience.events import read_events
+from ..resilience.goodput import Goodput, account
+from ..resilience.goodput import render as render_goodput
 from ..runfiles import as_json, as_number, read_metrics
 from .flops import StepShape, forward_flops
 from .timers import PHASES
@@ -60,6 +63,7 @@ def build_report(run_dir: str | Path) -> dict:
     raw_path = out / "profile.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else None
     steady = rows[1:] or rows  # the first logged interval includes start-up
+    goodput = account(read_events(run_dir))
     report = {
         "run_dir": str(run_dir),
         "preset": cfg.preset,
@@ -80,6 +84,7 @@ def build_report(run_dir: str | Path) -> dict:
         "gpu": raw["gpu_per_rank"] if raw else None,
         "memory": raw["memory"] if raw else None,
         "flops_per_step": _flops_breakdown(cfg, raw["step_shape"]) if raw and raw.get("step_shape") else None,
+        "goodput": goodput.as_dict() if goodput else None,
         "config": cfg_dict,
         "ds_config": ds_config,
     }
@@ -182,6 +187,8 @@ def render_markdown(r: dict) -> str:
         lines += ["", "![breakdown](breakdown.png)"]
     else:
         lines += ["(not measured: run with `--profile`)"]
+    if r["goodput"]:
+        lines += [""] + render_goodput(Goodput(**{k: v for k, v in r["goodput"].items() if k != "goodput"}))
     lines += ["", "## Memory", "", f"Peak memory of rank 0 over the run: {r['memory_peak_gb']:.3g} GB "
               f"({'CUDA allocated' if (r['memory'] or {}).get('kind') == 'cuda' else 'host RSS'})."]
     if r["memory"]:

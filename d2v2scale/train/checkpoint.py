@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distributed.runtime import all_reduce, barrier, gather_objects
+from ..distributed.runtime import all_reduce, barrier, broadcast_object, gather_objects
 from .shards import Piece, ShardReader, has_shards, write_shards
-from .verify import RUN_FILE, CheckpointError, checksum_file, problem, read_run_info, safe_load, save_checked, scan
+from .verify import (RUN_FILE, CheckpointError, check_size, checksum_file, find_problem, problem, read_run_info,
+                     safe_load, save_checked, scan)
 
 LATEST = "latest"
 
@@ -67,16 +68,38 @@ def damage(tag_dir: Path) -> str | None:
     return found
 
 
-def newest_intact(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest intact checkpoint at or before the one ``latest`` names (all tags when it names
-    none: DeepSpeed's convention, and a user may point it back), and a line for each newer damaged
-    one passed over; None when there is no checkpoint at all. Damaged ones only: CheckpointError."""
+def _in_reach(ckpt_dir: Path) -> list[Path]:
+    """The tags a resume may start from, newest first: those at or before the one ``latest`` names
+    (all tags when it names none: DeepSpeed's convention, and a user may point it back)."""
     candidates = tags(ckpt_dir)
     latest = read_latest(ckpt_dir)
     if latest is not None and (ckpt_dir / latest).is_dir() and latest.startswith("step_") and latest[5:].isdigit():
         candidates = [t for t in candidates if step_of(t.name) <= step_of(latest)]
+    return candidates
+
+
+def resume_candidates(ckpt_dir: Path) -> list[Path]:
+    """The tags a resume may start from (as :func:`newest_intact` picks them), newest first, whose
+    ``run.json`` reads: one small read per tag, no checksum, no unpickling, no collective, so every
+    rank can call it before the process group exists. Which of them is intact is
+    :func:`newest_verified`'s to say, once the ranks can share the reading."""
+    out = []
+    for tag in _in_reach(ckpt_dir):
+        try:
+            read_run_info(tag)
+        except CheckpointError:
+            continue
+        out.append(tag)
+    return out
+
+
+def newest_intact(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint at or before the one ``latest`` names, and a line for each newer
+    damaged one passed over; None when there is no checkpoint at all. Damaged ones only:
+    CheckpointError. Single-process: reads every file (:func:`newest_verified` reads each once
+    over all ranks)."""
     passed: list[str] = []
-    for tag in candidates:
+    for tag in _in_reach(ckpt_dir):
         found = damage(tag)
         if found is None:
             return tag, [f"warning: checkpoint {p}; resuming from {tag.name}" for p in passed]
@@ -84,6 +107,36 @@ def newest_intact(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
     if passed:
         raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(passed)}")
     return None, []
+
+
+def newest_verified(ckpt_dir: Path, rank: int, world_size: int) -> tuple[Path | None, list[str]]:
+    """:func:`newest_intact`, collectively (every rank calls it, after the process group starts):
+    each tag is verified by all ranks together (:func:`~d2v2scale.train.verify.find_problem`, each
+    file read once in all), newest first, until one is intact. The same answer, warnings and
+    CheckpointError on every rank: the tags tried are rank 0's listing (a shared file system may
+    show a new tag to some nodes first), and every verdict is agreed. A tag holding pickled code
+    is refused (CheckpointError), not passed over."""
+    passed: list[str] = []
+    for tag in (ckpt_dir / name for name in broadcast_object([t.name for t in _in_reach(ckpt_dir)])):
+        found = find_problem(tag, rank, world_size)
+        if found is None:
+            return tag, [f"warning: checkpoint {p}; resuming from {tag.name}" for p in passed]
+        if found.refused:
+            raise CheckpointError(found.message)
+        passed.append(f"{tag.name} is damaged ({found.message})")
+    if passed:
+        raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(passed)}")
+    return None, []
+
+
+def verify_tag(tag_dir: Path, rank: int, world_size: int) -> None:
+    """Refuse a tag named explicitly (CheckpointError, the same on every rank) unless it is intact;
+    collective, as :func:`newest_verified`."""
+    found = find_problem(tag_dir, rank, world_size)
+    if found is not None and found.refused:
+        raise CheckpointError(found.message)
+    if found is not None:
+        raise CheckpointError(f"checkpoint {tag_dir.name} is damaged ({found.message})")
 
 
 def step_of(tag: str) -> int:
@@ -333,8 +386,9 @@ def load_checkpoint(tr, tag_dir: Path, layout: dict | None = None) -> int:
     A layout-free checkpoint is read into whatever layout ``tr`` runs; a native DeepSpeed one
     only into the layout that wrote it (checked before the launch, :func:`d2v2scale.train.run.check_resume`)."""
     info = read_run_info(tag_dir)
+    files = info.get("files", {})  # verified at the start; each file's size is checked again before it is opened
     if has_shards(tag_dir):
-        reader = ShardReader(tag_dir)
+        reader = ShardReader(tag_dir, files)
 
         def read(kind: str, name: str, start: int, stop: int) -> torch.Tensor:
             return reader.read(f"{kind}/{name}", tr.params[name][1], start, stop).to(tr.device)
@@ -343,10 +397,14 @@ def load_checkpoint(tr, tag_dir: Path, layout: dict | None = None) -> int:
         tr.teacher.load_ranges(lambda name, start, stop: read("teacher", name, start, stop), info["state"]["teacher_updates"])
         step = int(info["step"])
     else:
-        scan(sorted(tag_dir.rglob("*.pt")))  # DeepSpeed unpickles its files without checking them
+        native_files = sorted(tag_dir.rglob("*.pt"))
+        for path in native_files:
+            check_size(tag_dir, path.relative_to(tag_dir).as_posix(), files)
+        scan(native_files)  # DeepSpeed unpickles its files without checking them
         step = tr.backend.load_native(tag_dir)
     rank_path = tag_dir / rank_file(tr.dims.tp_rank, tr.dims.dp_rank)
     if not has_shards(tag_dir) or layout is None or same_layout(info, layout):
+        check_size(tag_dir, rank_path.name, files)
         state = safe_load(rank_path)
         if "teacher" in state:
             tr.teacher.load_state_dict(state["teacher"])

@@ -21,6 +21,7 @@ The loop (:func:`train`) adds logging, checkpoints, pre-emption and the non-fini
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from ..model import Data2Vec2, cls_share, normalize_loss
 from ..model.parallelize import parallelize
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
+from ..resilience.events import write_event
+from ..resilience.watchdog import Watchdog
 from ..runfiles import MetricsWriter
 from . import checkpoint
 from .backend import Backend, build_backend
@@ -54,6 +57,7 @@ from .faults import (
     Preempted,
     StopFlag,
     all_finite,
+    injected_failure,
     injected_nan_steps,
     poisoned,
     tensors_finite,
@@ -190,14 +194,25 @@ def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
     if not all_finite(torch.tensor([0.0 if finite else float("nan")], device=tr.device), None):
         raise NonFiniteTraining(f"weights are not finite at step {step}; not saving a checkpoint. "
                                 f"Last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}")
-    checkpoint.save_checkpoint(tr, run_dir / "checkpoints", step, tr.cfg.train.keep_last,
-                               {**run_info, "counters": dict(tr.counters)})
+    t0 = time.perf_counter()
+    tag = checkpoint.save_checkpoint(tr, run_dir / "checkpoints", step, tr.cfg.train.keep_last,
+                                     {**run_info, "counters": dict(tr.counters)})
+    if tr.dims.rank == 0:
+        files = checkpoint.read_run_info(tag).get("files", {})
+        write_event(run_dir, "checkpoint", step=step, seconds=round(time.perf_counter() - t0, 3),
+                    bytes=sum(size for size, _crc in files.values()))
 
 
-def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None = None, profiler=None) -> list[dict]:
+def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None = None, profiler=None,
+          watchdog: Watchdog | None = None) -> list[dict]:
     """Steps ``start_step .. max_updates-1``: log every ``log_every``, checkpoint every ``save_every``
-    and at the end; on SIGTERM/SIGUSR1 checkpoint and raise :class:`Preempted`."""
+    and at the end; on SIGTERM/SIGUSR1 checkpoint and raise :class:`Preempted`. ``watchdog`` hears
+    of every finished step and of every checkpoint write."""
     cfg, rank0 = tr.cfg, tr.dims.rank == 0
+
+    def saving() -> contextlib.AbstractContextManager:
+        return watchdog.section("checkpoint") if watchdog is not None else contextlib.nullcontext()
+
     run_info = run_info or {}
     metrics = MetricsWriter(run_dir / runfiles.METRICS, enabled=rank0)
     sinks = MetricSinks(tr.ds_config, run_dir, enabled=rank0)
@@ -218,14 +233,19 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
         tr.timer = profiler.timer
         tr.model.phase = tr.timer.phase  # the model's own phases, timed from outside
         profiler.start()
+    if rank0:
+        write_event(run_dir, "train_start", step=start_step)
     try:
         for step in bar:
             if profiler is not None:
                 profiler.step_begin(step)
+            injected_failure(tr.dims.rank, step + 1, start_step)
             stats = train_step(tr, step)
             if profiler is not None:
                 profiler.step_end(step)
                 profiler.shape = profiler.shape or tr.last_shape
+            if watchdog is not None:
+                watchdog.beat(step + 1)
             pending.add(stats)
             skip = stats.skipped.long()
             in_a_row = (in_a_row + 1) * skip
@@ -256,11 +276,15 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                                            elapsed, eta))
                 pending, t_last = Interval(), time.perf_counter()
             if save:
-                _save(tr, run_dir, step + 1, run_info)
+                with saving():
+                    _save(tr, run_dir, step + 1, run_info)
             if preempted:
                 raise Preempted(f"stop signal {stop.received or 'on another rank'}: checkpoint at step {step + 1} written")
         if profiler is not None:
-            profiler.finish(tr)
+            with saving():
+                profiler.finish(tr)
+        if rank0:
+            write_event(run_dir, "finished", step=cfg.train.max_updates)
     finally:
         stop.uninstall()
         sinks.close()

@@ -106,5 +106,18 @@ def injected_nan_steps() -> set[tuple[int, int | None]]:
     return out
 
 
+def injected_failure(rank: int, step: int, start_step: int) -> None:
+    """Test hook: ``D2V2SCALE_TEST_FAIL=<rank>:<step>`` makes that rank raise when it reaches
+    ``step`` (every attempt: a deterministic failure); ``<rank>:+<n>`` after ``n`` steps of each
+    attempt (a failure at a new step each time)."""
+    spec = os.environ.get("D2V2SCALE_TEST_FAIL", "")
+    if not spec:
+        return
+    who, _, when = spec.partition(":")
+    at = start_step + int(when[1:]) if when.startswith("+") else int(when)
+    if int(who) == rank and step == at:
+        raise RuntimeError(f"injected failure at step {step} (D2V2SCALE_TEST_FAIL={spec})")
+
+
 def poisoned(nan_steps: set, step: int, micro: int) -> bool:
     return (step, None) in nan_steps or (step, micro) in nan_steps

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,20 +26,20 @@ from ..ds_config import (
 )
 from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
 from ..logs import LOG
+from ..resilience.events import write_event
+from ..resilience.watchdog import Watchdog, collective_timeout_s, read_heartbeat
 from . import checkpoint
 from .backend import check_ds_config
 from .shards import has_shards
 from .sinks import check_sinks
 from .verify import CheckpointError
 
-PREEMPTED_MARKER = "PREEMPTED"
-
 # Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
 # resumed run is only the continuation of the original if the model, data and optimisation agree).
 RESUMABLE = (
     "preset", "train.max_updates", "train.allow_long_warmup", "train.log_every", "train.save_every", "train.keep_last",
     "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
-    "train.batch_scaling",
+    "train.batch_scaling", "train.hang_timeout_s", "train.setup_timeout_s",
     "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache",
     "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
     "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
@@ -60,6 +61,7 @@ class Setup:
     layout: dict
     profile: bool = False
     notes: list = field(default_factory=list)  # printed at start (e.g. the batch-scaling rule applied)
+    started: float = field(default_factory=time.time)  # for the run's events: start-up begins here
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -245,6 +247,9 @@ def prepare(args) -> Setup:
     layout = {"backend": backend, "tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
     resume_from, passed_over = resolve_resume(args.resume, run_dir)
     notes += passed_over
+    if args.resume == "auto" and resume_from is None:
+        notes += [f"starting at step 0: no checkpoint under {run_dir / runfiles.CHECKPOINTS}",
+                  *_sibling_runs(run_dir, cfg.preset)]
     if resume_from is not None:
         reshard = check_resume(resume_from, cfg, resolved, layout)
         notes += [reshard] if reshard else []
@@ -286,6 +291,59 @@ def _write_run_files(setup: Setup) -> None:
     (setup.run_dir / runfiles.DS_CONFIG).write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
 
+def _start_watchdog(setup: Setup, rank: int) -> Watchdog:
+    """The hang watchdog of this rank; the attempt's name (its incident folder) is the supervisor's,
+    or rank 0's clock, the same on every rank."""
+    from ..distributed.runtime import broadcast_object
+
+    attempt = os.environ.get("D2V2SCALE_ATTEMPT") or broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    t = setup.cfg.train
+    watchdog = Watchdog(setup.run_dir, rank, attempt, t.hang_timeout_s, t.setup_timeout_s, heartbeat=rank == 0)
+    watchdog.start()
+    return watchdog
+
+
+def _record_attempt(setup: Setup, start: int, reached: tuple[int, float] | None, world_size: int) -> None:
+    """Rank 0's events at the start of an attempt: who runs it, and what a resume redoes."""
+    write_event(setup.run_dir, "attempt", job=os.environ.get("SLURM_JOB_ID"), attempt=os.environ.get("D2V2SCALE_ATTEMPT"),
+                world_size=world_size, started=setup.started, start_step=start)
+    if setup.resume_from is not None:
+        furthest = max(start, reached[0] if reached else start)
+        write_event(setup.run_dir, "resume", from_step=start, reached_step=furthest, recomputed=furthest - start)
+
+
+def _error_event(setup: Setup, rank: int, watchdog: Watchdog | None, error: BaseException) -> None:
+    cause = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    write_event(setup.run_dir, "error", rank=rank, step=watchdog.step if watchdog else None, cause=cause)
+
+
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "ProcessGroupNCCL's watchdog", "Socket Timeout")
+
+
+def _peer_lost(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_LOST)
+
+
+def _sibling_runs(run_dir: Path, preset: str) -> list[str]:
+    """Warnings for other run directories beside ``run_dir`` holding checkpoints of the same preset
+    (a run started under another name, e.g. one named after its job id)."""
+    found = []
+    parent = run_dir.parent
+    for other in sorted(parent.iterdir()) if parent.is_dir() else []:
+        latest = checkpoint.read_latest(other / "checkpoints") if other != run_dir and other.is_dir() else None
+        if latest is None or not (other / runfiles.CONFIG).is_file():
+            continue
+        try:
+            saved = yaml.safe_load((other / runfiles.CONFIG).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if saved.get("preset") == preset:
+            found.append(f"warning: {other} holds a {preset} run with checkpoints up to {latest}; to continue it "
+                         f"instead, pass --run_dir {other} (RUN_DIR={other} for the sbatch scripts)")
+    return found
+
+
 def run(setup: Setup) -> int:
     """Start the process group, build the engine, resume if asked, train. Returns the exit code."""
     from ..data.files import DataError
@@ -293,15 +351,18 @@ def run(setup: Setup) -> int:
     from .engine import build_trainer, train
     from .faults import NonFiniteTraining, Preempted
 
-    rank = 0
+    rank, watchdog = 0, None
+    t = setup.cfg.train
     try:
-        dims, device = init_distributed(setup.cfg.parallel.tp)
+        dims, device = init_distributed(setup.cfg.parallel.tp, collective_timeout_s(t.hang_timeout_s, t.setup_timeout_s))
         rank = dims.rank
         if rank == 0:
             _write_run_files(setup)
             for note in setup.notes:
                 LOG.info(note)
             LOG.info(f"{setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}")
+        reached = read_heartbeat(setup.run_dir) if rank == 0 else None  # how far the attempt before got
+        watchdog = _start_watchdog(setup, rank)
         tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
         start = 0
         if setup.resume_from is not None:
@@ -310,6 +371,7 @@ def run(setup: Setup) -> int:
             if rank == 0:
                 LOG.info(f"resumed from {setup.resume_from} at step {start}")
         if rank == 0:
+            _record_attempt(setup, start, reached, dims.world_size)
             for name in (runfiles.METRICS, runfiles.DIAGNOSTICS):
                 dropped = drop_rows_after(setup.run_dir / name, start)
                 if dropped:
@@ -321,21 +383,22 @@ def run(setup: Setup) -> int:
             from ..profiling.profiler import Profiler
 
             profiler = Profiler(setup.run_dir, setup.cfg, device, rank)
-        train(tr, setup.run_dir, start, run_info, profiler)
+        train(tr, setup.run_dir, start, run_info, profiler, watchdog)
         shutdown()
         return EXIT_OK
     except Preempted as e:
         if rank == 0:
             # A marker next to the checkpoints: under srun a task's exit code can be lost to a second
-            # SIGTERM (time limit), so the sbatch scripts requeue on this file as well as on exit code 3.
-            (setup.run_dir / PREEMPTED_MARKER).write_text(f"{e}\n")
+            # SIGTERM (time limit), so the supervisor requeues on this file as well as on exit code 3.
+            (setup.run_dir / runfiles.PREEMPTED).write_text(f"{e}\n")
             LOG.info(f"{e}; exiting with {EXIT_PREEMPTED} (requeue and resume with --resume auto)")
         shutdown()
         return EXIT_PREEMPTED
     except NonFiniteTraining as e:
         LOG.error(f"ERROR: {e}")
+        _error_event(setup, rank, watchdog, e)
         return EXIT_ERROR
-    except (DataError, CheckpointError) as e:  # the data set or a checkpoint, found after start-up
+    except (DataError, CheckpointError, ConfigError) as e:  # the data set or a checkpoint, found after start-up
         LOG.error(f"ERROR: {e}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -346,7 +409,16 @@ def run(setup: Setup) -> int:
     except checkpoint.CheckpointWriteError as e:
         if rank == 0:  # every rank raises together; rank 0's message has the numbers
             LOG.error(f"ERROR: {e}")
+            _error_event(setup, rank, watchdog, e)
         return EXIT_ERROR
-    except Exception:  # noqa: BLE001 - the launcher's contract is an exit code
-        traceback.print_exc(file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the launcher's contract is an exit code
+        if _peer_lost(e):  # the cause is another rank's: its own line (or srun's) says what happened
+            LOG.error(f"ERROR: lost contact with another rank during a collective (it died or hung): "
+                      f"{(str(e).splitlines() or [''])[0][:200]}")
+        else:
+            traceback.print_exc(file=sys.stderr)
+        _error_event(setup, rank, watchdog, e)
         return EXIT_ERROR
+    finally:
+        if watchdog is not None:
+            watchdog.stop()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..distributed.tensor_parallel import TPSlice
-from .verify import CheckpointError, safe_load, save_checked
+from .verify import CheckpointError, check_size, listed_files, safe_load, save_checked
 
 SHARD_DIR = "shards"
 
@@ -75,12 +75,17 @@ def _box(full: torch.Tensor, tp) -> torch.Tensor:
 class ShardReader:
     """Read any range of any key of a layout-free checkpoint, whatever layout wrote it."""
 
-    def __init__(self, tag_dir: Path):
+    def __init__(self, tag_dir: Path, listing: dict | None = None):
+        """``listing``: ``run.json``'s files (None: read it from the tag): each shard file's size is
+        checked against it before the file is opened (CheckpointError), since the tag was verified
+        once for all ranks, not by this one."""
         files = sorted((tag_dir / SHARD_DIR).glob("rank_*.pt"))
         if not files:
             raise ShardFormatError(f"{tag_dir / SHARD_DIR}: no shard files")
+        listing = listed_files(tag_dir) if listing is None else listing
         self.index: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
         for f in files:
+            check_size(tag_dir, f"{SHARD_DIR}/{f.name}", listing)
             try:
                 saved = safe_load(f, mmap=True)
             except CheckpointError as e:

@@ -12,17 +12,25 @@ Every checkpoint file is read with ``torch.load(weights_only=True)``: tensors an
 values only, plus a short allow-list of data classes (numpy's array reconstruction, for RNG states
 saved before they were stored as tensors; DeepSpeed's loss scaler, in its native files). A file
 that names anything else is refused in one line, before anything from it runs.
+
+A resume reads the checkpoint to verify it once per restart, not once per rank
+(:func:`find_problem`: each rank checks a share of the files, balanced by bytes, and the ranks
+agree on the result); afterwards each rank checks the size of every file it opens (one stat,
+:func:`check_size`), so a file changed since the verification is still refused by whoever reads it.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import pickle
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
+
+from ..distributed.runtime import gather_objects
 
 RUN_FILE = "run.json"
 _CHUNK = 1 << 24
@@ -80,27 +88,58 @@ def read_run_info(tag_dir: Path) -> dict:
     return info
 
 
+def size_problem(tag_dir: Path, rel: str, size: int) -> str | None:
+    """What is wrong with the size of a listed file (missing, truncated, grown), or None: one stat."""
+    path = tag_dir / rel
+    if not path.is_file():
+        return f"{rel} is missing"
+    actual = path.stat().st_size
+    if actual == size:
+        return None
+    return f"{rel} is truncated ({actual} of {size} bytes)" if actual < size else \
+        f"{rel} has {actual} bytes, {size} were written"
+
+
+def _mismatch(rel: str) -> str:
+    return f"{rel} does not match its checksum (damaged after it was written)"
+
+
 def problem(tag_dir: Path) -> str | None:
     """What is wrong with a checkpoint directory (the file and how), or None when every file its
     ``run.json`` lists is there with its size and checksum. Checkpoints from before checksums were
-    recorded have only their ``run.json`` checked."""
+    recorded have only their ``run.json`` checked.
+
+    The single-process check: the caller reads every file. A resume on many ranks verifies with
+    :func:`find_problem` instead, which reads each file once in all."""
     try:
         info = read_run_info(tag_dir)
     except CheckpointError as e:
         return str(e)
     files = info.get("files", {})
-    for rel, (size, crc) in sorted(files.items()):
-        path = tag_dir / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{rel} is truncated ({actual} of {size} bytes)" if actual < size else \
-                f"{rel} has {actual} bytes, {size} were written"
-    for rel, (size, crc) in sorted(files.items()):
+    for rel, (size, _) in sorted(files.items()):
+        if (why := size_problem(tag_dir, rel, size)) is not None:
+            return why
+    for rel, (_, crc) in sorted(files.items()):
         if checksum_file(tag_dir / rel)[1] != crc:
-            return f"{rel} does not match its checksum (damaged after it was written)"
+            return _mismatch(rel)
     return None
+
+
+def listed_files(tag_dir: Path) -> dict:
+    """``run.json``'s ``{file: [bytes, crc32]}``; {} for shards written outside a checkpoint (no
+    ``run.json``) and for a checkpoint from before checksums (nothing to check against)."""
+    return read_run_info(tag_dir).get("files", {}) if (tag_dir / RUN_FILE).is_file() else {}
+
+
+def check_size(tag_dir: Path, rel: str, files: dict) -> None:
+    """Refuse a checkpoint file about to be opened whose size is not what ``run.json`` lists (one
+    stat): the tag was verified once, by all ranks together, so a file changed since (or one the
+    listing does not name) must still be refused by the rank that reads it. ``files`` empty: no check."""
+    if not files:
+        return
+    why = f"{rel} is not listed in {RUN_FILE}" if rel not in files else size_problem(tag_dir, rel, files[rel][0])
+    if why is not None:
+        raise CheckpointError(f"checkpoint file {tag_dir / rel} does not match {RUN_FILE} ({why}); it is not loaded")
 
 
 def _allowed_globals() -> list:
@@ -136,3 +175,90 @@ def scan(paths: list[Path]) -> None:
     (DeepSpeed's native loader) reads them: the same bytes, checked with the safe unpickler."""
     for path in paths:
         safe_load(path, mmap=True)
+
+
+RUN_STAGE, SIZE_STAGE, CRC_STAGE, SCAN_STAGE = range(4)
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a tag. Problems order as :func:`problem` reports them (``run.json``,
+    then sizes, then checksums; files sorted), and a file that would unpickle code (or cannot be
+    unpickled) last: it is only looked for where nothing is damaged."""
+
+    stage: int
+    rel: str
+    message: str
+
+    @property
+    def refused(self) -> bool:
+        """A file that is as written but would unpickle code (or cannot be unpickled) was crafted,
+        not damaged: a resume stops rather than quietly taking an older tag (the single-process
+        :func:`~d2v2scale.train.checkpoint.damage` raises for it too)."""
+        return self.stage == SCAN_STAGE
+
+
+def share(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """This rank's files of a listing: largest first, each to the rank with the fewest bytes so
+    far (ties: the lowest rank). Every rank computes the same split from the same listing, and no
+    rank gets more than ``total / world_size`` + the largest file."""
+    loads = [(0, r) for r in range(world_size)]
+    mine = []
+    for rel, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        load, r = heapq.heappop(loads)
+        heapq.heappush(loads, (load + size, r))
+        if r == rank:
+            mine.append(rel)
+    return sorted(mine)
+
+
+def _file_problem(tag_dir: Path, rel: str, record: list | None) -> Problem | None:
+    """Size, CRC-32 (``record`` = [bytes, crc32]; None: a file the listing does not name), then
+    (``*.pt``) the safe unpickler over the same file; an I/O error is a problem, never a crash on
+    one rank while the others wait."""
+    try:
+        if record is not None:
+            if (why := size_problem(tag_dir, rel, record[0])) is not None:
+                return Problem(SIZE_STAGE, rel, why)
+            if checksum_file(tag_dir / rel)[1] != record[1]:
+                return Problem(CRC_STAGE, rel, _mismatch(rel))
+    except OSError as e:
+        return Problem(CRC_STAGE, rel, f"{rel} cannot be read ({e.strerror or e})")
+    if rel.endswith(".pt"):
+        try:
+            scan([tag_dir / rel])
+        except CheckpointError as e:
+            return Problem(SCAN_STAGE, rel, str(e))
+    return None
+
+
+def find_problem(tag_dir: Path, rank: int, world_size: int) -> Problem | None:
+    """The first :class:`Problem` of a tag, the same on every rank, or None when it is intact;
+    collective over the default process group (a plain process: ``world_size`` 1).
+
+    Each rank checks its :func:`share` of the files ``run.json`` lists (size, CRC-32, and the
+    safe unpickler over its ``*.pt`` files), so the checkpoint is read once in all, not once per
+    rank; the last rank also scans ``*.pt`` files the listing does not name (none in a checkpoint
+    this code wrote: only that rank walks the directory)."""
+    found: list[Problem | None] = []
+    try:
+        files = read_run_info(tag_dir).get("files", {})
+    except CheckpointError as e:
+        found.append(Problem(RUN_STAGE, RUN_FILE, str(e)))
+    else:
+        for rel in share({rel: record[0] for rel, record in files.items()}, rank, world_size):
+            found.append(_file_problem(tag_dir, rel, files[rel]))
+        if rank == world_size - 1:
+            unlisted = sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*.pt"))
+            found.extend(_file_problem(tag_dir, rel, None) for rel in unlisted if rel not in files)
+    everyone = gather_objects([p for p in found if p is not None])
+    if len(everyone) != world_size:
+        raise RuntimeError(f"find_problem on {world_size} ranks needs a process group of {world_size} "
+                           f"(found {len(everyone)})")
+    return min((Problem(*p) for part in everyone for p in part), default=None)
+
+
+def verify_collectively(tag_dir: Path, rank: int, world_size: int) -> str | None:
+    """What is wrong with a tag (the message of :func:`find_problem`), the same on every rank, or
+    None: collective, each file read by one rank only."""
+    found = find_problem(tag_dir, rank, world_size)
+    return None if found is None else found.message
