@@ -20,7 +20,8 @@
 #                            this node count, prints what it chose and why, and writes the tuned
 #                            DeepSpeed JSON to RUN_DIR/ds_config.plan.json; 0: use TP/DS_CONFIG as given
 #   EXTRA                    more section.key=value overrides, space separated
-#   STAGE_DATA               1: copy DATA_PATH to node-local $STAGE_DIR first (default 0)
+#   STAGE_DATA               1: copy the data set (a folder, or what a prepared index or manifest lists) to
+#                            node-local $STAGE_DIR once per node and train on the copy (default 0)
 #   STAGE_DIR                node-local scratch (default ${TMPDIR:-/tmp}/d2v2scale-$SLURM_JOB_ID)
 #   PYTHON                   interpreter (default: .venv/bin/python if present, else python3)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_DEBUG   passed through when set
@@ -91,9 +92,14 @@ export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 if [[ "$STAGE_DATA" == "1" && -n "${DATA_PATH:-}" ]]; then
+    # Once per node: what DATA_PATH consists of (a folder, or every file a prepared index or manifest lists),
+    # copied to node-local storage with an index that points at the copy; a refusal (no space, missing
+    # files) is one line and fails the job here, before training starts. A requeue reuses what is there.
     STAGE_DIR="${STAGE_DIR:-${TMPDIR:-/tmp}/d2v2scale-${SLURM_JOB_ID}}"
-    srun --ntasks-per-node=1 bash -c "mkdir -p '$STAGE_DIR' && cp -r '$DATA_PATH' '$STAGE_DIR/'"
-    overrides+=("data.path=${STAGE_DIR}/$(basename "$DATA_PATH")")
+    echo "[slurm] staging ${DATA_PATH} to ${STAGE_DIR} on every node"
+    staged="$(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m d2v2scale.data.stage "$DATA_PATH" "$STAGE_DIR")"
+    printf '%s\n' "$staged" | grep '^stage:' || true
+    overrides+=("data.path=$(printf '%s\n' "$staged" | tail -n 1)")
 fi
 
 mkdir -p "$RUN_DIR"

@@ -1,16 +1,26 @@
 """The sbatch scripts on a real single-node Slurm: tiny CPU runs complete; pre-emption checkpoints,
-requeues and resumes; DRY_RUN prints the plan; shellcheck is clean."""
+requeues and resumes; a killed rank and a hung rank each cost one restart in the allocation; a
+cancel stops and the same command continues; bad input, a deterministic failure and a spent budget
+stop with one line; DRY_RUN prints the plan; shellcheck is clean."""
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import missing_dependency
+from data_fixtures import make_jpegs
 
+from d2v2scale.data.index import load_index
+from d2v2scale.prepare import main as prepare_main
+from d2v2scale.resilience.events import read_events
+from d2v2scale.resilience.watchdog import collective_timeout_s
 from d2v2scale.runfiles import read_metrics
 
 from slurm_cluster import LocalSlurm, ensure_packages
@@ -49,11 +59,18 @@ def _log(path: Path) -> str:
                                            ("slurm/libri_light_large.sbatch", "tiny_audio")])
 def test_sbatch_tiny_run_completes(slurm, tmp_path, script, preset):
     """Submitted as a user would from a fresh clone: the scripts' own #SBATCH --output=logs/%x-%j.out
-    (no override), which needs logs/ to exist before the job starts (the repository ships it)."""
+    (no override), which needs logs/ to exist before the job starts (the repository ships it). The
+    image run trains on a prepared index with STAGE_DATA=1: the job trains on the node-local copy."""
     run_dir = tmp_path / "run"
-    job = slurm.submit(script, *TINY,
-                       env=_env(preset, run_dir, "train.max_updates=6 train.log_every=2 train.save_every=3 "
-                                                 "train.allow_long_warmup=true"), cwd=ROOT)
+    extra = "train.max_updates=6 train.log_every=2 train.save_every=3 train.allow_long_warmup=true"
+    more = {}
+    if preset == "tiny_image":
+        make_jpegs(tmp_path / "shared" / "imgs", 40)
+        index = tmp_path / "shared" / "imgs.d2v2index"
+        assert prepare_main(["images", str(tmp_path / "shared" / "imgs"), str(index)]) == 0
+        more = {"STAGE_DATA": "1", "STAGE_DIR": str(tmp_path / "node_local"), "DATA_PATH": str(index)}
+        extra += " data.kind=images"
+    job = slurm.submit(script, *TINY, env=_env(preset, run_dir, extra, **more), cwd=ROOT)
     name = next(line.split("=", 1)[1].strip() for line in (ROOT / script).read_text().splitlines()
                 if line.startswith("#SBATCH --job-name="))
     out = ROOT / "logs" / f"{name}-{job}.out"
@@ -63,6 +80,10 @@ def test_sbatch_tiny_run_completes(slurm, tmp_path, script, preset):
     assert rows[-1]["step"] == 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert "effective global batch" in _log(out) and "data-parallel 2" in _log(out)
+    if more:
+        staged = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"])
+        assert staged.parent == tmp_path / "node_local" and "stage: 40 files" in _log(out), _log(out)
+        assert Path(load_index(staged).root).parent == tmp_path / "node_local"  # the copy, not the shared folder
     out.unlink()
 
 
@@ -84,13 +105,166 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     log = _log(out)
     assert info["JobState"] == "COMPLETED", log
     assert int(info["Restarts"]) == 1, log
-    assert "requeueing job" in log and "resumed from" in log and "restart 1" in log
+    assert "requeued job" in log and "resumed from" in log and "restart 1" in log
     preempt_step = int(next(line for line in log.splitlines() if "checkpoint at step" in line)
                        .split("checkpoint at step ")[1].split()[0])
     rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r["step"] for r in rows]
     assert steps[-1] == 120 and sorted(set(steps)) == list(range(1, 121))  # no step lost
     assert steps.index(preempt_step + 1) == preempt_step  # the resumed run continued right after it
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+
+
+def _until(what: str, check, slurm, job: int, out: Path, timeout: float = 240, poll: float = 0.1):
+    """Poll ``check()`` until it returns something truthy; fail (with the job log) when the job ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), f"{what}: job {state}\n{_log(out)}"
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}\n{_log(out)}")
+
+
+def _reached(run_dir: Path, step: int):
+    return lambda: (rows := _rows(run_dir)) and rows[-1]["step"] >= step
+
+
+def _rank_pid(job: int, rank: int) -> int | None:
+    """The training process of ``rank`` in ``job`` (found by its environment)."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+            cmd = (entry / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if "launchers/pretrain.py" in cmd and env.get("SLURM_JOB_ID") == str(job) and \
+                env.get("SLURM_PROCID") == str(rank) and "srun" not in cmd.split("\0")[0]:
+            return int(entry.name)
+    return None
+
+
+def _events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_events(run_dir) if e["event"] == kind]
+
+
+def test_a_killed_rank_and_a_hung_rank_each_cost_one_restart(slurm, tmp_path):
+    """SIGKILL rank 1 mid-run (a lost GPU), then SIGSTOP it in the next attempt (a hung collective):
+    the job restarts twice in the allocation and finishes by itself; each failure is in events.jsonl
+    with its rank, step and signal; the hang leaves every rank's stacks; the report's goodput
+    accounts for the kill's downtime as measured from outside."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    save_every, hang_s, setup_s = 10, 10, 60
+    extra = (f"train.max_updates=60 train.log_every=1 train.save_every={save_every} train.hang_timeout_s={hang_s} "
+             f"train.setup_timeout_s={setup_s}")
+    job = slurm.submit("slurm/vit_h.sbatch", *TINY, f"--output={out}",
+                       env=_env("tiny_image", run_dir, extra, RESTART_BACKOFF_S="1"), cwd=ROOT)
+    _until("step 15", _reached(run_dir, 15), slurm, job, out)
+    pid = _rank_pid(job, 1)
+    t_kill = time.time()
+    os.kill(pid, signal.SIGKILL)
+    (resume,) = _until("the resume", lambda: _events(run_dir, "resume"), slurm, job, out)
+    first = resume["from_step"] + 1
+    _until(f"step {first} after the resume", lambda: (rows := _rows(run_dir)) and rows[-1]["step"] == first,
+           slurm, job, out, poll=0.02)
+    t_first = time.time()
+    _until("12 steps more", _reached(run_dir, first + 12), slurm, job, out)
+    t_stop = time.time()
+    os.kill(_rank_pid(job, 1), signal.SIGSTOP)
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 0, log  # restarted in the allocation
+    killed, hung = _events(run_dir, "failure")
+    assert (killed["kind"], killed["rank"], killed["signal"], killed["action"]) == ("killed", 1, "SIGKILL", "restart")
+    assert killed["step"] >= 16 and resume["recomputed"] <= save_every
+    assert (hung["kind"], hung["action"]) == ("hang", "restart")
+    assert hung["time"] - t_stop <= hang_s + collective_timeout_s(hang_s, setup_s)
+    assert "rank 1 on" in log and "killed by SIGKILL" in log and "hang:" in log
+    (folder,) = list((run_dir / "incidents").iterdir())
+    stacks = {p.name: p.read_text() for p in folder.glob("rank_*.txt")}
+    assert set(stacks) == {"rank_0.txt", "rank_1.txt"}, stacks.keys()
+    assert all("train/engine.py" in text and " in train" in text for text in stacks.values())  # the stuck frame
+    steps = [r["step"] for r in _rows(run_dir)]
+    assert steps == list(range(1, 61))  # nothing lost, nothing twice
+    proc = subprocess.run([sys.executable, "-m", "d2v2scale.report", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    goodput = json.loads((run_dir / "report" / "report.json").read_text())["goodput"]
+    assert 0 < goodput["goodput"] < 1 and goodput["attempts"] == 3
+    down = goodput["incidents"][0]["downtime_s"]
+    assert down == pytest.approx(t_first - t_kill, rel=0.1)  # the kill's cost, as the test saw it
+    assert goodput["lost_s"]["hang"] >= hang_s
+    assert "## Goodput" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_a_cancel_stops_and_the_same_command_continues(slurm, tmp_path):
+    """scancel mid-run: the ranks checkpoint, the job is not requeued; the same sbatch command (no
+    RUN_DIR: the default follows the job name) resumes from that checkpoint."""
+    name = f"d2v2-test-cancel-{os.getpid()}"
+    run_dir = ROOT / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = _env("tiny_image", run_dir, "train.max_updates=40 train.log_every=1 train.save_every=5")
+    del env["RUN_DIR"]
+    command = ["slurm/vit_h.sbatch", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+               "--time=00:05:00", f"--job-name={name}"]
+    try:
+        out = tmp_path / "first.out"
+        job = slurm.submit(*command, f"--output={out}", env=env, cwd=ROOT)
+        _until("step 12", _reached(run_dir, 12), slurm, job, out)
+        assert slurm.run("scancel", str(job)).returncode == 0
+        slurm.wait(job, ("CANCELLED",), timeout=60)
+        time.sleep(3)
+        info = slurm.job(job)
+        assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, _log(out)  # a cancel cancels
+        last_before = _rows(run_dir)[-1]["step"]
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert int(latest.split("_")[1]) >= last_before - 5, (latest, last_before)
+        assert "checkpoint 60 s before it" in _log(out) and "scaled to a fifth of the limit" in _log(out)  # 5 min / 5
+        out2 = tmp_path / "second.out"
+        job2 = slurm.submit(*command, f"--output={out2}", env=env, cwd=ROOT)
+        info = slurm.wait(job2, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+        log = _log(out2)
+        assert info["JobState"] == "COMPLETED", log
+        assert f"resumed from runs/{name}/checkpoints/{latest}" in log, log
+        assert _rows(run_dir)[-1]["step"] == 40
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", ["bad_input", "deterministic", "budget"])
+def test_failures_that_must_not_loop_stop_with_one_line(slurm, tmp_path, case):
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    extra = "train.max_updates=30 train.log_every=1 train.save_every=4"
+    more = {"RESTART_BACKOFF_S": "1"}
+    if case == "bad_input":
+        extra += " train.no_such_key=1"
+    elif case == "deterministic":
+        more["D2V2SCALE_TEST_FAIL"] = "1:6"  # rank 1 fails in step 6, every attempt
+    else:
+        more.update(D2V2SCALE_TEST_FAIL="1:+5", MAX_RESTARTS="1")  # a new step each attempt (past a checkpoint)
+    job = slurm.submit("slurm/vit_h.sbatch", *TINY, f"--output={out}", env=_env("tiny_image", run_dir, extra, **more),
+                       cwd=ROOT)
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    log = _log(out)
+    assert info["JobState"] == "FAILED" and int(info["Restarts"]) == 0, log
+    lines = [line for line in log.splitlines() if "[supervisor] training step exited" in line]
+    launches = _events(run_dir, "launch")
+    if case == "bad_input":
+        assert len(launches) == 1 and len(lines) == 1 and "never retried" in lines[0]
+        assert sum("train.no_such_key" in line for line in log.splitlines()) == 1, log  # one line, no traceback
+        assert "Traceback" not in log
+    elif case == "deterministic":
+        assert len(launches) == 2 and "deterministic failure: crash at step 6 again" in lines[-1], log
+        assert "injected failure at step 6" in lines[-1]
+    else:
+        failures = _events(run_dir, "failure")
+        assert len(launches) == 2 and [f["step"] for f in failures] == [5, 9], failures
+        assert "restart budget exhausted: 1 restarts in this job (MAX_RESTARTS=1)" in lines[-1], log
 
 
 @pytest.mark.parametrize("script", ["vit_h.sbatch", "libri_light_large.sbatch"])

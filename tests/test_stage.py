@@ -16,7 +16,7 @@ from d2v2scale.data import stage as stage_mod
 from d2v2scale.data.build_tokens import build, byte_tokenizer
 from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, walk
 from d2v2scale.data.index import SUFFIX, DataIndex, load_index, pack_names, save_index
-from d2v2scale.data.indexing import ensure_index, is_current
+from d2v2scale.data.indexing import IndexSpec, ensure_index, is_current, publish, read_ticket
 from d2v2scale.data.loader import build_source
 from d2v2scale.data.manifest import read_manifest
 from d2v2scale.data.precheck import check_data, index_spec
@@ -44,7 +44,7 @@ def data(tmp_path) -> Path:
     return root
 
 
-def run_stage(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
+def run_stage(capsys, *argv: object) -> tuple[int, list[str], list[str]]:
     """``main`` in this process: (exit code, stdout lines, stderr lines)."""
     code = stage_mod.main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -60,6 +60,7 @@ def staged(capsys, data_path: Path, stage_dir: Path) -> tuple[Path, str]:
 
 
 def copied(summary: str) -> int:
+    """The files a run copied, from its summary line."""
     return int(summary.split(" copied")[0].rsplit(" ", 1)[1])
 
 
@@ -100,7 +101,10 @@ def test_prepared_image_index_is_staged_with_a_local_root(data, tmp_path, capsys
     assert index.meta["built"] == original.meta["built"] and index.meta["kind"] == "images"
     assert is_current(index, Path(index.root), "images")  # its signature describes the local folder
     same_files(Path(original.root), Path(index.root), [original.name(i) for i in range(12)])
+    spec = IndexSpec(str(local), "images", IMAGE_SUFFIXES)
+    ticket = publish(ensure_index(spec), spec)
     assert copied(staged(capsys, data / "imgs.d2v2index", tmp_path / "stage")[1]) == 0
+    assert len(read_ticket(ticket, wait_s=0)) == 12  # another node's own copy at this path serves rank 0's ticket
     gone(data)
     cfg = load_config("tiny_image", ["data.kind=images", f"data.path={local}"])
     check_data(cfg, builder=True, verbose=False)
@@ -128,7 +132,7 @@ def test_audio_manifest_is_staged_with_its_segments_and_a_current_index(data, tm
     cfg = load_config("tiny_audio", [*AUDIO, f"data.path={local}"])
     check_data(cfg, builder=True, verbose=False)
     loaded = ensure_index(index_spec(cfg))
-    assert loaded.origin == "prepared" and loaded.offset.tolist() == offsets.tolist()
+    assert loaded.origin == "prepared" and loaded.offset.tolist() == offsets.tolist()  # the local index is current
     src = build_source(cfg, 0, torch.device("cpu"), verbose=False, index=loaded)
     for k in range(src.num_batches):
         x, lengths, _ = src.batch_by_id(k)
@@ -168,6 +172,13 @@ def test_a_rerun_replaces_a_damaged_copy_and_leaves_no_partial_files(data, tmp_p
     assert copied(summary) == 1 and not dead.exists()
     same_files(data / "imgs", tmp_path / "stage" / "imgs", [first])
     assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["imgs", "imgs.d2v2index"]
+
+
+def test_an_index_named_as_its_root_is_staged_beside_it(data, tmp_path, capsys):
+    (data / "idx").mkdir()
+    assert prepare_main(["images", str(data / "imgs"), str(data / "idx" / "imgs")]) == 0
+    local, _ = staged(capsys, data / "idx" / "imgs", tmp_path / "stage")
+    assert local == tmp_path / "stage" / f"imgs{SUFFIX}" and load_index(local).root == str(tmp_path / "stage" / "imgs")
 
 
 # -------------------------------------------------------------------------------- refusals

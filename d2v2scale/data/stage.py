@@ -59,10 +59,9 @@ _R = TypeVar("_R")
 
 @dataclass
 class Plan:
-    """What staging ``source`` means: the files ``names`` (relative to ``src_root``) copied under
+    """What staging a data path means: the files ``names`` (relative to ``src_root``) copied under
     ``dst_root``; ``finish()`` then writes whatever names the local copy and returns ``data.path``."""
 
-    source: Path
     src_root: Path
     dst_root: Path
     names: list[str]
@@ -89,10 +88,12 @@ def index_names(index: DataIndex) -> list[str]:
 
 
 def _parents(names: Iterable[str]) -> set[str]:
+    """The relative folders holding ``names`` (made before the copy threads start)."""
     return {name.rpartition("/")[0] for name in names}
 
 
 def _local_root(stage: Path, root: str, what: Path) -> Path:
+    """``stage/<name of root>``: the name says which data set a node-local folder holds."""
     name = Path(os.path.abspath(root)).name
     if not name:
         raise DataError(f"{what}: its data root '{root}' has no folder name to stage it under")
@@ -100,12 +101,14 @@ def _local_root(stage: Path, root: str, what: Path) -> Path:
 
 
 def _plan_folder(source: Path, stage: Path, threads: int) -> Plan:
+    """A folder is copied as training would list it (the indexers' suffixes, images and audio alike:
+    the folder does not say which kind will read it); training indexes the local copy."""
     names = walk(source, IMAGE_SUFFIXES + AUDIO_SUFFIXES, threads)[0]
     if not names:
         raise DataError(f"data.path '{source}' holds no image or audio files "
                         f"({', '.join(IMAGE_SUFFIXES + AUDIO_SUFFIXES)})")
     dst = _local_root(stage, str(source.absolute()), source)
-    return Plan(source, source, dst, names, lambda: dst)
+    return Plan(source, dst, names, lambda: dst)
 
 
 def _index_path(stage: Path, name: str, dst_root: Path) -> Path:
@@ -114,6 +117,9 @@ def _index_path(stage: Path, name: str, dst_root: Path) -> Path:
 
 
 def _plan_index(source: Path, stage: Path) -> Plan:
+    """A prepared index: its files, then the same index with the local root. Its signature is
+    rewritten to describe the local folder (every folder it knew is made, even an empty one), so
+    that it is current for the local folder as the original was for the shared one."""
     index = load_index(source)
     names = index_names(index)
     dst = _local_root(stage, index.root, source)
@@ -128,10 +134,13 @@ def _plan_index(source: Path, stage: Path) -> Plan:
         save_index(DataIndex(str(dst), index.names, index.ends, index.length, index.offset, index.file, meta), out)
         return out
 
-    return Plan(source, Path(index.root), dst, names, finish, source.stat().st_size, folders)
+    return Plan(Path(index.root), dst, names, finish, source.stat().st_size, folders)
 
 
 def _plan_manifest(source: Path, stage: Path, threads: int) -> Plan:
+    """A manifest: its audio files, then its rows verbatim under the local root line, and beside it
+    the index with a signature of the local manifest (current, so no rank parses the manifest).
+    The files come from the index beside it when that is current, else from the manifest itself."""
     beside = Path(str(source) + SUFFIX)
     index = load_index(beside) if is_index_file(beside) else None
     if index is None or not is_current(index, source, "audio"):
@@ -159,12 +168,13 @@ def _plan_manifest(source: Path, stage: Path, threads: int) -> Plan:
                    Path(str(out) + SUFFIX))
         return out
 
-    return Plan(source, Path(index.root), dst, names, finish, 2 * source.stat().st_size)
+    return Plan(Path(index.root), dst, names, finish, source.stat().st_size + index.nbytes() + 4096)
 
 
 def _plan_tokens(source: Path, stage: Path) -> Plan:
+    """A token prefix: its two files, straight into ``stage`` (the prefix keeps its name)."""
     bin_path, meta_path = token_files(source)
-    return Plan(source, bin_path.parent, stage, [bin_path.name, meta_path.name], lambda: stage / source.name)
+    return Plan(bin_path.parent, stage, [bin_path.name, meta_path.name], lambda: stage / source.name)
 
 
 def plan(source: Path, stage: Path, threads: int) -> Plan:
@@ -324,6 +334,7 @@ def _human(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); the exit code."""
     p = OneLineParser(prog="stage", description=__doc__.splitlines()[0],
                       epilog="example:\n  python -m d2v2scale.data.stage /shared/imagenet_train.d2v2index "
                              "/tmp/d2v2scale-$SLURM_JOB_ID")

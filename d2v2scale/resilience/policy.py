@@ -65,7 +65,7 @@ def classify(rc: int, srun_lines: list[str], last_step: int | None, errors: list
     signal (the others were ended because of it); the ranks' own ``error`` events give the cause."""
     step = None if last_step is None else last_step + 1
     reports = task_reports(srun_lines)
-    culprit = next((r for r in reports if _signal_name(r[2])), reports[0] if reports else None)
+    culprit = reports[0] if reports else None  # srun reports the task that failed first, then those it ended
     rank = node = sig = None
     if culprit:
         node, rank, what = culprit

@@ -62,6 +62,8 @@ class Setup:
     profile: bool = False
     notes: list = field(default_factory=list)  # printed at start (e.g. the batch-scaling rule applied)
     started: float = field(default_factory=time.time)  # for the run's events: start-up begins here
+    resume: str | None = None  # as given: auto, a tag or a path
+    resume_verified: bool = True  # False: every file of resume_from is checked after the process group starts
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -87,28 +89,57 @@ def _first_difference(saved: dict, now: dict, allowed: tuple) -> tuple[str, obje
     return None
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> tuple[Path | None, list[str]]:
+def resolve_resume(resume: str | None, run_dir: Path, verify: bool = True) -> tuple[Path | None, list[str]]:
     """(the checkpoint to resume, warnings). ``auto`` → the newest intact tag, each newer damaged one
     named in a warning (None when there is no checkpoint; ConfigError when none is intact); a tag
-    name or a path → that directory, refused when it is damaged."""
+    name or a path → that directory, refused when it is damaged. ``verify=False`` (several ranks:
+    :func:`verify_resume` checks every file once over all of them after the process group starts)
+    reads only each tag's ``run.json``."""
     ckpt_dir = run_dir / "checkpoints"
     if resume is None:
         return None, []
     try:
         if resume == "auto":
-            return checkpoint.newest_intact(ckpt_dir)
+            if verify:
+                return checkpoint.newest_intact(ckpt_dir)
+            candidates = checkpoint.resume_candidates(ckpt_dir)
+            if not candidates and checkpoint.tags(ckpt_dir):
+                return checkpoint.newest_intact(ckpt_dir)  # none has even a run.json: say which, and stop
+            return (candidates[0] if candidates else None), []
         path = Path(resume)
         path = path if path.is_dir() else ckpt_dir / resume
         if not path.is_dir():
             raise ConfigError(f"--resume {resume}: no checkpoint there; allowed values: auto, a tag under "
                               f"{ckpt_dir}, or a checkpoint directory")
-        found = checkpoint.damage(path)
+        found = checkpoint.damage(path) if verify else None
+        if not verify:
+            checkpoint.read_run_info(path)
     except CheckpointError as e:
         raise ConfigError(f"--resume {resume}: {e}") from None
     if found is not None:
         raise ConfigError(f"--resume {resume}: checkpoint {path.name} is damaged ({found}); name an intact one "
                           "or pass --resume auto (the newest intact)")
     return path, []
+
+
+def verify_resume(setup: Setup, rank: int, world_size: int) -> None:
+    """The checkpoint chosen before the launch, verified by every rank together (each file read once
+    in all, not once per rank); ``--resume auto`` falls back to an older intact tag, rechecked
+    against this run's configuration. Collective; CheckpointError/ConfigError alike on every rank."""
+    if setup.resume_from is None or setup.resume_verified:
+        return
+    if setup.resume != "auto":
+        checkpoint.verify_tag(setup.resume_from, rank, world_size)
+        return
+    tag, passed_over = checkpoint.newest_verified(setup.run_dir / "checkpoints", rank, world_size)
+    if rank == 0:
+        for line in passed_over:
+            LOG.info(line)
+    if tag != setup.resume_from:
+        note = None if tag is None else check_resume(tag, setup.cfg, setup.ds_config, setup.layout)
+        if rank == 0 and note:
+            LOG.info(note)
+        setup.resume_from = tag
 
 
 def _saved_config(info: dict) -> dict:
@@ -245,7 +276,8 @@ def prepare(args) -> Setup:
     moved = None if getattr(args, "print_config", False) else \
         check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
     layout = {"backend": backend, "tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
-    resume_from, passed_over = resolve_resume(args.resume, run_dir)
+    alone = env.world_size == 1  # one process verifies before anything starts; several share it afterwards
+    resume_from, passed_over = resolve_resume(args.resume, run_dir, verify=alone)
     notes += passed_over
     if args.resume == "auto" and resume_from is None:
         notes += [f"starting at step 0: no checkpoint under {run_dir / runfiles.CHECKPOINTS}",
@@ -259,7 +291,8 @@ def prepare(args) -> Setup:
                                   f"{cfg.train.max_updates}); nothing to do")
     notes = ([moved] if moved else []) + notes
     cfg.profiling.enabled = bool(args.profile or cfg.profiling.enabled)  # config.yaml says what ran
-    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=cfg.profiling.enabled, notes=notes)
+    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=cfg.profiling.enabled, notes=notes,
+                 resume=args.resume, resume_verified=alone)
 
 
 def _row_step(line: str) -> float:
@@ -363,6 +396,7 @@ def run(setup: Setup) -> int:
             LOG.info(f"{setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}")
         reached = read_heartbeat(setup.run_dir) if rank == 0 else None  # how far the attempt before got
         watchdog = _start_watchdog(setup, rank)
+        verify_resume(setup, rank, dims.world_size)
         tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
         start = 0
         if setup.resume_from is not None:
