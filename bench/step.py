@@ -8,7 +8,11 @@ process, interleaved round-robin so machine noise hits them alike:
   cost; the masked positions still carry their features — only the cost is of interest);
 - ``M=1_repeated_M_times``: M separate single-mask steps, each with its own teacher pass;
 - ``teacher_per_clone``: the local encoder and the teacher run once per masked view instead of once
-  per sample (the views are fed as separate samples).
+  per sample (the views are fed as separate samples);
+- ``ours+watchdog``: ``ours`` with the hang watchdog as training runs it (rank 0's heartbeat write
+  after the step, its thread polling once a second), the thread started and stopped around each
+  step so that it runs during this variant only: an upper bound, since training starts it once.
+  The cost of one ``beat`` is printed too.
 
     python bench/step.py [--preset tiny_image] [--batch 8] [--steps 10]
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.data.synthetic import synthetic_batch  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.model.masking import MaskInfo  # noqa: E402
+from d2v2scale.resilience.watchdog import Watchdog  # noqa: E402
 from d2v2scale.train.teacher import build_teacher  # noqa: E402
 
 
@@ -81,7 +87,18 @@ def main() -> None:
         cloned = source.repeat_interleave(m, 0)
         train_step(*per_clone, cloned, per_clone[0].make_mask(0, step, torch.arange(len(cloned)), cloned), step)
 
-    variants = {"ours": run_ours, "encode_all_tokens": run_all_tokens,
+    watched = make(cfg)
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-watchdog-"))
+
+    watchdog = Watchdog(run_dir, 0, "bench", None, 1800.0, heartbeat=True)
+
+    def run_watched(step):  # the thread runs during this variant only (starting it is charged to it)
+        watchdog.start()
+        train_step(*watched, source, watched[0].make_mask(0, step, ids, source), step)
+        watchdog.beat(step + 1)
+        watchdog.stop()
+
+    variants = {"ours": run_ours, "ours+watchdog": run_watched, "encode_all_tokens": run_all_tokens,
                 "M=1_repeated_M_times": run_repeated, "teacher_per_clone": run_per_clone}
     times = {k: [] for k in variants}
     for step in range(args.steps + 2):
@@ -90,11 +107,17 @@ def main() -> None:
             fn(step)
             if step >= 2:  # warm-up
                 times[name].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(10_000):
+        watchdog.beat(i)
+    beat_us = (time.perf_counter() - t0) / 10_000 * 1e6
+    watchdog.close()
     base = statistics.median(times["ours"])
     print(f"{args.preset}: batch {args.batch} × M={m}, median step time over {args.steps} steps (1 CPU thread)")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:<22} {med * 1e3:8.1f} ms   ×{med / base:5.2f} vs ours")
+    print(f"  one watchdog beat (heartbeat write included): {beat_us:.1f} µs")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_watchdog_bounds_follow_the_section_and_the_measured_steps(tmp_path):
         w.beat(2)
         assert read_heartbeat(tmp_path)[0] == 2
     finally:
-        w.stop()
+        w.close()
     assert Watchdog(tmp_path, 1, "a", 20.0, 60.0, heartbeat=False).bound() == 60.0
     assert collective_timeout_s(20.0, 60.0) > 60.0 and collective_timeout_s(None, 1800.0) > 1800.0
 
@@ -227,3 +227,31 @@ def test_a_cancel_during_the_backoff_stops_without_another_launch(tmp_path):
     assert proc.returncode == EXIT_OK and "stop signal during the backoff (TERM)" in out, out
     assert len(list(run.glob("launch_*"))) == 1
     assert [e["event"] for e in read_events(run)][-1] == "failure"  # nothing launched or requeued after it
+
+
+def test_a_run_directory_trained_by_another_running_job_is_refused(tmp_path):
+    """Two jobs must never train one run directory side by side: the second refuses in one line
+    (exit 2) while the first is running, and takes the directory over once it is not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    state = tmp_path / "state"
+    squeue.write_text(f"#!/bin/sh\ncat {state}\n")
+    squeue.chmod(0o755)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.id").write_text("41\n")
+    fake = tmp_path / "srun.py"
+    fake.write_text(FAKE_SRUN.format())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="42")
+    command = [sys.executable, "-m", "d2v2scale.resilience.supervisor", "--run_dir", str(run), "--", sys.executable,
+               str(fake), str(run), "[[0, 3]]"]
+    state.write_text("RUNNING\n")
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_BAD_INPUT and "is being trained by running job 41" in proc.stdout, proc.stdout
+    assert not list(run.glob("launch_*"))
+    state.write_text("")  # job 41 is gone
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert (run / "job.id").read_text().strip() == "42"

@@ -236,6 +236,27 @@ def test_a_cancel_stops_and_the_same_command_continues(slurm, tmp_path):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def test_a_node_slurm_reports_unhealthy_is_left_out_of_the_requeue(slurm, tmp_path):
+    """A rank dies while Slurm has the node draining (a node going bad): the job is requeued with
+    the node in its ExcNodeList instead of restarting on it."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = slurm.submit("slurm/vit_h.sbatch", *TINY, f"--output={out}",
+                       env=_env("tiny_image", run_dir, "train.max_updates=200 train.log_every=1 train.save_every=5"),
+                       cwd=ROOT)
+    try:
+        _until("step 6", _reached(run_dir, 6), slurm, job, out)
+        assert slurm.run("scontrol", "update", f"NodeName={slurm.host}", "State=DRAIN", "Reason=test").returncode == 0
+        os.kill(_rank_pid(job, 1), signal.SIGKILL)
+        info = slurm.wait(job, ("PENDING",), timeout=60)
+        assert info["ExcNodeList"] == slurm.host and int(info["Restarts"]) == 1, _log(out)
+        (failure,) = _events(run_dir, "failure")
+        assert failure["action"] == "requeue" and "unhealthy" in failure["why"]
+        assert f"requeued job {job} without {slurm.host}" in _log(out)
+    finally:
+        slurm.run("scancel", str(job))
+        slurm.run("scontrol", "update", f"NodeName={slurm.host}", "State=RESUME")
+
+
 @pytest.mark.parametrize("case", ["bad_input", "deterministic", "budget"])
 def test_failures_that_must_not_loop_stop_with_one_line(slurm, tmp_path, case):
     run_dir, out = tmp_path / "run", tmp_path / "job.out"

@@ -68,9 +68,12 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
         self.stop_requested: str | None = None  # "USR1" (checkpoint and requeue) or "TERM" (cancel)
         self.lines: list[str] = []
+        self.leaving = False
 
     # signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
+        if self.leaving:  # Slurm ending the job this supervisor has just requeued
+            return
         name = "USR1" if signum == signal.SIGUSR1 else "TERM"
         if self.stop_requested != "TERM":  # a cancel is not downgraded by a later USR1
             self.stop_requested = name
@@ -185,6 +188,7 @@ class Supervisor:
                 say(f"goodput {g.goodput:.1%} over {g.attempts} attempt(s) (python -m d2v2scale.report "
                     f"{self.run_dir} for the breakdown)")
         if decision.action == "requeue":
+            self.leaving = True
             if slurm.requeue(self.job, decision.exclude):
                 say(f"requeued job {self.job}" + (f" without {', '.join(decision.exclude)}" if decision.exclude else ""))
             else:

@@ -97,7 +97,7 @@ class Watchdog:
                  setup_timeout_s: float, heartbeat: bool, poll_s: float = 1.0):
         self.run_dir, self.rank, self.attempt = Path(run_dir), rank, attempt
         self.hang_timeout_s, self.setup_timeout_s = hang_timeout_s, setup_timeout_s
-        self.poll_s = min(poll_s, setup_timeout_s / 10, (hang_timeout_s or poll_s) / 10)
+        self.poll_s = min(poll_s, setup_timeout_s / 10, hang_timeout_s / 10 if hang_timeout_s else poll_s)
         self.step = 0
         self.slowest = 0.0
         self._section = "start-up"
@@ -135,17 +135,25 @@ class Watchdog:
         return min(self.setup_timeout_s, max(AUTO_FLOOR_S, AUTO_FACTOR * self.slowest))
 
     def start(self) -> None:
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="d2v2scale-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """End the checking thread (:meth:`start` may start it again)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop, and give back the signal dump and the heartbeat file."""
+        self.stop()
         if self._own_dump is not None:
             faulthandler.unregister(signal.SIGUSR2)
             self._dump_file.close()
             self._own_dump.unlink(missing_ok=True)
+            self._own_dump = None
         if self._heartbeat_fd is not None:
             os.close(self._heartbeat_fd)
             self._heartbeat_fd = None
@@ -190,7 +198,7 @@ class Watchdog:
         for pid in stopped_siblings():
             self._dump_sibling(pid, folder)
         LOG.error(f"[rank {self.rank}] hang: {what}; stacks in {folder}; exiting with {EXIT_HUNG}")
-        if self.rank == 0 or self._heartbeat_fd is not None:
+        if self._heartbeat_fd is not None:  # rank 0 speaks for the others, as in every other event
             write_event(self.run_dir, "hang", rank=self.rank, step=self.step, waited_s=round(waited, 1),
                         bound_s=self.bound(), incident=str(folder))
         os._exit(EXIT_HUNG)

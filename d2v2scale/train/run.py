@@ -455,4 +455,4 @@ def run(setup: Setup) -> int:
         return EXIT_ERROR
     finally:
         if watchdog is not None:
-            watchdog.stop()
+            watchdog.close()
