@@ -5,7 +5,8 @@
 
 Also runs under ``torchrun --nproc_per_node N``, ``srun`` and as a plain ``python`` process.
 Exit codes: 0 done, 2 bad configuration or arguments (one line, no traceback), 3 pre-empted
-(checkpoint written; requeue with ``--resume auto``), 1 anything else.
+(checkpoint written; requeue with ``--resume auto``), 4 hung (the watchdog wrote every rank's
+stacks to ``RUN/incidents/``), 1 anything else.
 """
 from __future__ import annotations
 

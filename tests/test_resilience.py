@@ -255,3 +255,23 @@ def test_a_run_directory_trained_by_another_running_job_is_refused(tmp_path):
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     assert (run / "job.id").read_text().strip() == "42"
+
+
+def test_a_fresh_start_says_so_and_names_older_run_directories_of_the_preset(tmp_path):
+    """``--resume auto`` without a checkpoint: one line saying the run starts at step 0, and a
+    warning for a sibling directory of the same preset that holds checkpoints (e.g. one named after
+    a job id, as run directories once were); one of another preset is not named."""
+    from test_hardening import _main
+
+    runs = tmp_path / "runs"
+    for name, preset in (("d2v2-tiny_image-1234", "tiny_image"), ("d2v2-tiny_audio-99", "tiny_audio")):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "latest").write_text("step_00000030\n")
+        (runs / name / "config.yaml").write_text(f"preset: {preset}\n")
+    code, out, err = _main("--ds_config", "ds_configs/cpu_tiny.json", "--preset", "tiny_image", "--run_dir",
+                           str(runs / "d2v2-tiny_image"), "--resume", "auto", "--dry_run")
+    assert code == 0, err
+    assert f"starting at step 0: no checkpoint under {runs / 'd2v2-tiny_image' / 'checkpoints'}" in out
+    warned = [line for line in out.splitlines() if "holds a tiny_image run" in line]
+    assert len(warned) == 1 and "d2v2-tiny_image-1234" in warned[0] and "step_00000030" in warned[0]
+    assert "d2v2-tiny_audio-99" not in out
