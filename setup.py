@@ -25,6 +25,7 @@ setup(
         "d2v2scale-convert = d2v2scale.convert:entry",
         "d2v2scale-features = d2v2scale.features:entry",
         "d2v2scale-prepare = d2v2scale.prepare:entry",
+        "d2v2scale-doctor = d2v2scale.doctor:entry",
     ]},
     include_package_data=True,
     python_requires=">=3.10",

@@ -74,6 +74,12 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
     echo "# memory, communication and step time of this layout:"
     "$PYTHON" -m d2v2scale.plan --preset "$PRESET" --ds_config "$DS_CONFIG" --nodes "$NODES" \
         --gpus_per_node "$GPUS_PER_NODE" --tp "$TP" "${overrides[@]}"
+    # Can this node start the job? A login node without GPUs reports blockers here that a GPU node would not
+    # have; every node of the job checks itself again before training.
+    echo "# this node (python -m d2v2scale.doctor; each node of the job runs it again before training):"
+    doctor_args=(--ds_config "$DS_CONFIG" --run_dir "$RUN_DIR" --preset "$PRESET")
+    if [[ -n "${DATA_PATH:-}" ]]; then doctor_args+=(--data_path "$DATA_PATH"); fi
+    "$PYTHON" -m d2v2scale.doctor "${doctor_args[@]}" "${overrides[@]}" || true
     echo "# command (under $PYTHON -m d2v2scale.resilience.supervisor --run_dir $RUN_DIR --):"
     echo "srun --kill-on-bad-exit=1 --ntasks-per-node=${GPUS_PER_NODE} $PYTHON launchers/pretrain.py" \
          "--ds_config $DS_CONFIG --preset $PRESET --run_dir $RUN_DIR --resume auto ${overrides[*]}"
@@ -90,6 +96,24 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 # The flight recorder keeps each rank's last collectives; the hang watchdog dumps them beside its stacks.
 export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+
+# Once per node, before anything starts: can this node run the job (python -m d2v2scale.doctor: GPUs, CUDA and
+# driver, DeepSpeed ops, DALI's CUDA flavour, InfiniBand, NCCL_*, the ds_config, the run directory's space, the
+# data set)? Every node answers, so one log names every node with a blocker; then the job fails here, exit 2,
+# with their FAIL lines. The first node's report is printed in full, the others' verdicts.
+echo "[slurm] checking every node (python -m d2v2scale.doctor)"
+doctor_args=(--ds_config "$DS_CONFIG" --run_dir "$RUN_DIR" --preset "$PRESET")
+if [[ -n "${DATA_PATH:-}" ]]; then doctor_args+=(--data_path "$DATA_PATH"); fi
+doctor_rc=0
+doctor="$(srun --ntasks-per-node=1 --kill-on-bad-exit=0 --label "$PYTHON" -m d2v2scale.doctor \
+    "${doctor_args[@]}" "${overrides[@]}" 2>&1)" || doctor_rc=$?
+printf '%s\n' "$doctor" | grep -E '^ *0: |verdict: ' || true
+if [[ "$doctor_rc" != 0 ]]; then
+    printf '%s\n' "$doctor" | grep -E '^ *[0-9]+: FAIL ' | grep -v 'FAIL verdict: ' >&2 \
+        || printf '%s\n' "$doctor" | tail -n 5 >&2
+    echo "[slurm] a node cannot start this job (python -m d2v2scale.doctor, above); nothing launched" >&2
+    exit 2
+fi
 
 if [[ "$STAGE_DATA" == "1" && -n "${DATA_PATH:-}" ]]; then
     # Once per node: what DATA_PATH consists of (a folder, or every file a prepared index or manifest lists),

@@ -6,8 +6,12 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "fairseq_d2v2_image_tiny.pt"
+# fairseq reference data, made with fairseq's own code and kept in the repository (README.md there says
+# what each file is; regenerate.py there remakes or checks them).
+FAIRSEQ_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fairseq"
+FIXTURE = FAIRSEQ_FIXTURES / "fairseq_d2v2_image_tiny.pt"
+REGENERATE = ("FAIRSEQ_SRC=/path/to/fairseq python tests/fixtures/fairseq/regenerate.py "
+              "(see tests/fixtures/fairseq/README.md)")
 
 
 @pytest.fixture(scope="session")
@@ -15,13 +19,13 @@ def fairseq_fixture():
     import torch
 
     if not FIXTURE.exists():
-        pytest.fail(f"fixture missing: {FIXTURE} (the repository expects ../shared beside the checkout)")
+        pytest.fail(f"fixture missing: {FIXTURE} (it is part of the repository; to remake it: {REGENERATE})")
     # The fixture is our own test data (a plain dict of tensors and floats), not a user checkpoint.
     return torch.load(FIXTURE, weights_only=False)
 
 
 def fixture_config():
-    """The configuration the fairseq fixture was made with (see shared/fixtures/README.md)."""
+    """The configuration the fairseq fixture was made with (see tests/fixtures/fairseq/README.md)."""
     from d2v2scale.config import load_config
 
     return load_config(

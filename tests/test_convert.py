@@ -1,4 +1,4 @@
-"""fairseq ⇄ d2v2scale conversion against fairseq's own layouts (shared/fixtures/fairseq_layouts):
+"""fairseq ⇄ d2v2scale conversion against fairseq's own layouts (tests/fixtures/fairseq/fairseq_layouts):
 every key, shape and config field of the official module tree, parity through the public
 converter, and one-line errors."""
 import json
@@ -16,14 +16,17 @@ from d2v2scale.model import Data2Vec2, normalize_loss
 from d2v2scale.model.masking import mask_from_bool
 from d2v2scale.train.teacher import build_teacher
 
-from conftest import FIXTURE, SHARED
+from conftest import FAIRSEQ_FIXTURES, FIXTURE, REGENERATE
 
-LAYOUTS = SHARED / "fixtures" / "fairseq_layouts"
+LAYOUTS = FAIRSEQ_FIXTURES / "fairseq_layouts"
 MODALITIES = ["image", "audio", "text"]
 
 
 def _layout(modality: str) -> dict:
-    return json.loads((LAYOUTS / f"{modality}.json").read_text())
+    path = LAYOUTS / f"{modality}.json"
+    if not path.is_file():
+        pytest.fail(f"fixture missing: {path} (it is part of the repository; to remake it: {REGENERATE})")
+    return json.loads(path.read_text())
 
 
 def _official_checkpoint(tmp_path, modality: str, with_cfg: bool = True):
