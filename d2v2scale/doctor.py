@@ -19,7 +19,7 @@ written but one temporary file in the run directory, removed at once.
 
 What "asks for a GPU" means for a DeepSpeed JSON (:func:`gpu_only_keys`) is decided by what d2v2scale
 runs on a CPU: bf16, ZeRO 0-3 and torch's fused AdamW (``torch_adam``/``fused``) all train there
-(README, Status; ``ds_configs/cpu_tiny.json``), so they are not GPU requests. A key whose only effect
+(the CPU tests train ``ds_configs/cpu_tiny.json``, bf16 and fused AdamW), so they are not GPU requests. A key whose only effect
 is a GPU's is: ``fp16`` (loss-scaled half precision for tensor cores; FSDP2 refuses it everywhere and
 DeepSpeed's CPU accelerator wherever oneDNN lacks fp16), ``amp`` (apex AMP, CUDA only),
 ``zero_optimization.overlap_comm`` (a second CUDA stream for the gradient reduction; the shipped

@@ -53,7 +53,7 @@ RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-d2v2-${PRESET}}}"
 
 read -r -a extra_overrides <<< "$EXTRA"
 if [[ "$AUTO_PLAN" == "1" ]]; then
-    if [[ "${DRY_RUN:-0}" == "1" ]]; then plan_ds="$(mktemp -t d2v2scale-plan-XXXXXX.json)"; else
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then plan_ds="$(mktemp -t d2v2scale-plan-XXXXXX.json)"; trap 'rm -f "$plan_ds"' EXIT; else
         mkdir -p "$RUN_DIR"; plan_ds="$RUN_DIR/ds_config.plan.json"; fi
     echo "# planning ${PRESET} for ${NODES} nodes x ${GPUS_PER_NODE} GPUs (python -m d2v2scale.plan --search):"
     plan_shell="$("$PYTHON" -m d2v2scale.plan --search --shell --preset "$PRESET" --ds_config "$DS_CONFIG" \
@@ -105,12 +105,12 @@ echo "[slurm] checking every node (python -m d2v2scale.doctor)"
 doctor_args=(--ds_config "$DS_CONFIG" --run_dir "$RUN_DIR" --preset "$PRESET")
 if [[ -n "${DATA_PATH:-}" ]]; then doctor_args+=(--data_path "$DATA_PATH"); fi
 doctor_rc=0
-doctor="$(srun --ntasks-per-node=1 --kill-on-bad-exit=0 --label "$PYTHON" -m d2v2scale.doctor \
-    "${doctor_args[@]}" "${overrides[@]}" 2>&1)" || doctor_rc=$?
-printf '%s\n' "$doctor" | grep -E '^ *0: |verdict: ' || true
+doctor="$(srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label "$PYTHON" \
+    -m d2v2scale.doctor "${doctor_args[@]}" "${overrides[@]}" 2>&1)" || doctor_rc=$?
+printf '%s\n' "$doctor" | grep -E '^ *0: ' || true                             # the first node in full
+printf '%s\n' "$doctor" | grep -E '^ *[1-9][0-9]*: [a-zA-Z]+ +verdict: ' || true  # the others' verdicts
 if [[ "$doctor_rc" != 0 ]]; then
-    printf '%s\n' "$doctor" | grep -E '^ *[0-9]+: FAIL ' | grep -v 'FAIL verdict: ' >&2 \
-        || printf '%s\n' "$doctor" | tail -n 5 >&2
+    printf '%s\n' "$doctor" | grep -E '^ *[1-9][0-9]*: FAIL ' | grep -v ' verdict: ' >&2 || true
     echo "[slurm] a node cannot start this job (python -m d2v2scale.doctor, above); nothing launched" >&2
     exit 2
 fi
@@ -121,7 +121,8 @@ if [[ "$STAGE_DATA" == "1" && -n "${DATA_PATH:-}" ]]; then
     # files) is one line and fails the job here, before training starts. A requeue reuses what is there.
     STAGE_DIR="${STAGE_DIR:-${TMPDIR:-/tmp}/d2v2scale-${SLURM_JOB_ID}}"
     echo "[slurm] staging ${DATA_PATH} to ${STAGE_DIR} on every node"
-    staged="$(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m d2v2scale.data.stage "$DATA_PATH" "$STAGE_DIR")"
+    staged="$(srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" \
+        -m d2v2scale.data.stage "$DATA_PATH" "$STAGE_DIR")"
     printf '%s\n' "$staged" | grep '^stage:' || true
     overrides+=("data.path=$(printf '%s\n' "$staged" | tail -n 1)")
 fi

@@ -4,6 +4,7 @@ cancel stops and the same command continues; bad input, a deterministic failure 
 stop with one line; DRY_RUN prints the plan; shellcheck is clean."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -224,7 +225,8 @@ def test_a_cancel_stops_and_the_same_command_continues(slurm, tmp_path):
         last_before = _rows(run_dir)[-1]["step"]
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         assert int(latest.split("_")[1]) >= last_before - 5, (latest, last_before)
-        assert "checkpoint 60 s before it" in _log(out) and "scaled to a fifth of the limit" in _log(out)  # 5 min / 5
+        left, lead = map(int, re.search(r"time limit in (\d+) s: .* checkpoint (\d+) s before it", _log(out)).groups())
+        assert 240 < left <= 300 and lead == round(left / 5) and "scaled to a fifth of the limit" in _log(out)
         out2 = tmp_path / "second.out"
         job2 = slurm.submit(*command, f"--output={out2}", env=env, cwd=ROOT)
         info = slurm.wait(job2, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
@@ -257,13 +259,18 @@ def test_a_node_slurm_reports_unhealthy_is_left_out_of_the_requeue(slurm, tmp_pa
         slurm.run("scontrol", "update", f"NodeName={slurm.host}", "State=RESUME")
 
 
-@pytest.mark.parametrize("case", ["bad_input", "deterministic", "budget"])
+@pytest.mark.parametrize("case", ["bad_key", "bad_batch", "deterministic", "budget"])
 def test_failures_that_must_not_loop_stop_with_one_line(slurm, tmp_path, case):
+    """A wrong key is refused by every node's check before anything launches; a batch that does not
+    split over the job's ranks by the training step itself (exit 2: never retried); a failure at
+    the same step twice, or a third failure with MAX_RESTARTS=1, stops the job: one line each."""
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     extra = "train.max_updates=30 train.log_every=1 train.save_every=4"
     more = {"RESTART_BACKOFF_S": "1"}
-    if case == "bad_input":
+    if case == "bad_key":
         extra += " train.no_such_key=1"
+    elif case == "bad_batch":
+        extra += " train.global_batch=33"
     elif case == "deterministic":
         more["D2V2SCALE_TEST_FAIL"] = "1:6"  # rank 1 fails in step 6, every attempt
     else:
@@ -275,10 +282,14 @@ def test_failures_that_must_not_loop_stop_with_one_line(slurm, tmp_path, case):
     assert info["JobState"] == "FAILED" and int(info["Restarts"]) == 0, log
     lines = [line for line in log.splitlines() if "[supervisor] training step exited" in line]
     launches = _events(run_dir, "launch")
-    if case == "bad_input":
-        assert len(launches) == 1 and len(lines) == 1 and "never retried" in lines[0]
-        assert sum("train.no_such_key" in line for line in log.splitlines()) == 1, log  # one line, no traceback
-        assert "Traceback" not in log
+    if case.startswith("bad_"):
+        assert "Traceback" not in log  # bad input is one line; a crash (below) keeps its traceback
+    if case == "bad_key":
+        assert info["ExitCode"] == "2:0" and not launches and "nothing launched" in log, log
+        assert sum("train.no_such_key" in line for line in log.splitlines()) == 1, log  # one node, one line
+    elif case == "bad_batch":
+        assert info["ExitCode"] == "2:0" and len(launches) == 1 and len(lines) == 1, log
+        assert "never retried" in lines[0] and sum("global_batch" in line for line in log.splitlines()) == 1, log
     elif case == "deterministic":
         assert len(launches) == 2 and "deterministic failure: crash at step 6 again" in lines[-1], log
         assert "injected failure at step 6" in lines[-1]

@@ -212,11 +212,13 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):
         print("supervisor: error: give the training command after --; see --help", file=sys.stderr)
         return EXIT_BAD_INPUT
-    split = argv.index("--")
-    p = OneLineParser(prog="supervisor", description=__doc__.splitlines()[0])
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = OneLineParser(prog="supervisor", description=__doc__.splitlines()[0],
+                      epilog="example (what slurm/common.sh runs): python -m d2v2scale.resilience.supervisor "
+                             "--run_dir runs/d2v2-vit_h -- srun --kill-on-bad-exit=1 ... launchers/pretrain.py ...")
     p.add_argument("--run_dir", required=True, type=Path)
     p.add_argument("--max_restarts", type=int, default=int(os.environ.get("MAX_RESTARTS", 3)),
                    help="restarts of a failed step per job (MAX_RESTARTS, default 3)")

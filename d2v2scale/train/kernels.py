@@ -5,7 +5,7 @@ the model (the blocks' two, the encoders' input norms) becomes apex's ``FusedLay
 fused CUDA kernel forward and backward — with the same parameters under the same names, so
 checkpoints, tensor parallelism and the teacher copy are unaffected. Anywhere else (CPU, no apex,
 ``model.kernels=torch``) the model keeps torch's kernels. apex is installed by hand on GPU
-clusters (see the README); it ships no wheel for every CUDA/torch pair.
+clusters (see docs/install.md); it ships no wheel for every CUDA/torch pair.
 """
 from __future__ import annotations
 
