@@ -30,3 +30,23 @@ def test_200_adamw_steps_lower_the_loss(preset):
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert all(map(lambda v: v == v, losses)), "NaN loss"
     assert last < first, (first, last)
+
+
+def test_the_digits_are_scikit_learns_own():
+    """The digits are read from scikit-learn's bundled file without importing scikit-learn (a second
+    of every start-up): the same pixels and labels as ``sklearn.datasets.load_digits``, held-out
+    split and normalisation included."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from d2v2scale.data.digits import HELD_OUT_EVERY, load_digits_tensors
+
+    ref = load_digits()
+    pixels = torch.tensor(ref.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = (pixels - pixels.mean()) / pixels.std()
+    labels = torch.tensor(ref.target)
+    held = torch.arange(len(labels)) % HELD_OUT_EVERY == 0
+    for split, keep in (("train", ~held), ("heldout", held)):
+        images, got = load_digits_tensors(16, 3, split)
+        want = F.interpolate(pixels[keep], size=(16, 16), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        assert torch.equal(images, want) and torch.equal(got, labels[keep]), split

@@ -19,7 +19,7 @@ from test_deepspeed_training import ROOT, _env, _launch, _port, _torchrun
 pytestmark = pytest.mark.slow
 
 LAUNCH = ["launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json"]
-STEPS = 14
+STEPS = 10
 
 
 def _args(preset, run_dir, *extra):
@@ -67,13 +67,13 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, preset):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     _launch(_torchrun(2), *_args(preset, ref_dir))
     ref = _by_step(ref_dir)
-    for kill_at in (3, 7, 11):
+    for kill_at in (3, 7):  # killed twice: the second attempt resumed, and is itself resumed
         _run_until_killed(_torchrun(2), _args(preset, run_dir, "--resume", "auto"), run_dir, kill_at)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     resumed_at = int(latest.split("_")[-1])
     assert 0 < resumed_at < STEPS
     final = _launch(_torchrun(2), *_args(preset, run_dir, "--resume", "auto"))
-    # it really resumed (a --resume that silently restarted would also reach step 14)...
+    # it really resumed (a --resume that silently restarted would also reach step 10)...
     assert f"resumed from {run_dir / 'checkpoints' / latest} at step {resumed_at}" in final.stdout
     # ...and no step was logged twice: the rows the killed attempts wrote past their checkpoints were dropped
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]

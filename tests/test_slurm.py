@@ -303,10 +303,15 @@ def test_failures_that_must_not_loop_stop_with_one_line(slurm, tmp_path, case):
 def test_dry_run_plans_every_node_count(script):
     """With only NODES set, the planner chooses the layout: each count from 8 to 64 nodes plans,
     prints the choice, its memory and predicted step time, and the launcher's batch math agrees."""
-    for nodes in (8, 16, 32, 48, 64):
+    procs = {}
+    for nodes in (8, 16, 32, 48, 64):  # side by side: each is a few single-threaded Python start-ups
         env = {k: v for k, v in os.environ.items() if k not in ("TP", "SCALE_BATCH", "AUTO_PLAN", "EXTRA")}
         env.update(DRY_RUN="1", NODES=str(nodes), PYTHON=sys.executable)
-        out = subprocess.run(["bash", f"slurm/{script}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        procs[nodes] = subprocess.Popen(["bash", f"slurm/{script}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+    for nodes, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert out.returncode == 0, (nodes, out.stderr[-2000:])
         chosen = next(line for line in out.stderr.splitlines() if "chosen #1" in line)
         tp = int(chosen.split("tp=")[1].split(",")[0])

@@ -26,7 +26,8 @@ def _rel(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny_image", "tiny_audio", "tiny_text"])
 def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
-    runs = "1,1+compile,1+compile+graphs" + (",1+fused" if preset == "tiny_image" else "")
+    # the graphs mode is a flag of the same compile (on a CPU it runs without graphs): one modality shows it
+    runs = "1,1+compile" + (",1+compile+graphs,1+fused" if preset == "tiny_image" else "")
     _launch([sys.executable], "tests/dist/zero_stages.py", str(tmp_path / "out.json"), preset, "auto", "auto", runs, "1",
             "train.max_updates=5", "model.mask_noise_std=0", timeout=600)
     out = json.loads((tmp_path / "out.json").read_text())
@@ -36,7 +37,8 @@ def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
     assert out["1+compile"]["compiled"] == sorted(["Block.forward", f"{decoder}.forward", "Data2Vec2.targets_from",
                                                   "Data2Vec2.losses"])
     assert out["1+compile"]["compile_modes"] == [None]
-    assert out["1+compile+graphs"]["compile_modes"] == ["reduce-overhead"]
+    if preset == "tiny_image":
+        assert out["1+compile+graphs"]["compile_modes"] == ["reduce-overhead"]
     for run, tol in (("1+compile", 1e-5), ("1+compile+graphs", 1e-5), ("1+fused", 1e-6)):
         if run not in out:
             continue

@@ -6,6 +6,10 @@ are held out for probing; training reads the rest.
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,18 +18,27 @@ from .schedule import epoch_indices
 HELD_OUT_EVERY = 5
 
 
+def _digits_file() -> Path:
+    """scikit-learn's ``datasets/data/digits.csv.gz``, found without importing scikit-learn (its
+    import costs a second in every process that trains on digits)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("data.kind=digits needs scikit-learn (pip install scikit-learn)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise RuntimeError(f"data.kind=digits: {path} is missing from the installed scikit-learn")
+    return path
+
+
 def load_digits_tensors(img_size: int, in_chans: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, C, S, S) normalised to zero mean / unit std, labels (N,)) for split train|heldout."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a test/demo dependency
-        raise RuntimeError("data.kind=digits needs scikit-learn (pip install scikit-learn)") from e
-    data = load_digits()
+    """(images (N, C, S, S) normalised to zero mean / unit std, labels (N,)) for split train|heldout.
+    The file is what ``sklearn.datasets.load_digits`` reads: 1797 rows of 64 pixels (0..16) and a label."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; allowed: train, heldout")
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    table = torch.from_numpy(np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32))
+    images = table[:, :64].reshape(-1, 1, 8, 8) / 16.0
     images = (images - images.mean()) / images.std()  # one normalisation for both splits
-    labels = torch.tensor(data.target, dtype=torch.int64)
+    labels = table[:, 64].to(torch.int64)
     held = torch.arange(len(labels)) % HELD_OUT_EVERY == 0
     keep = held if split == "heldout" else ~held
     images = F.interpolate(images[keep], size=(img_size, img_size), mode="bilinear", align_corners=False)
