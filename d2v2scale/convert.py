@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_output
 from .cli import OneLineParser, fail
 from .config import Config, ConfigError, load_config
 from .interop.fairseq import KeyMappingError, detect_modality, from_fairseq, layout, to_fairseq
@@ -168,7 +169,8 @@ def convert_from_fairseq(path: str, out: str, preset: str | None, overrides: lis
 
 def _save(path: str, obj: Any) -> None:
     try:
-        torch.save(obj, path)
+        with atomic_output(path, "wb") as f:
+            torch.save(obj, f)
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"cannot write {path} ({str(e).splitlines()[0]})") from None
 

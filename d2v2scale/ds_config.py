@@ -142,6 +142,15 @@ def describe_optimization(ds: dict, cfg: Config, plan: BatchPlan) -> str:
             f"{sp.get('warmup_num_steps', 0)} of {cfg.train.max_updates} updates); masks per sample M={cfg.model.clone_batch}")
 
 
+def linear_scaled_batch(ds: dict, cfg: Config, dp: int) -> int:
+    """The global batch ``train.batch_scaling=linear`` grows to: the next multiple of what one step
+    takes over ``dp`` ranks (micro-batch or sample budget × ``dp`` × the JSON's accumulation steps).
+    The one rule: the launcher applies it, the planner's ways out print it."""
+    unit = modalities.batch_budget(cfg) or _int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1
+    quantum = unit * dp * (_int_or_auto(ds, "gradient_accumulation_steps") or 1)
+    return -(-cfg.train.global_batch // quantum) * quantum
+
+
 def scale_batch_for_world(ds: dict, cfg: Config, dp: int) -> str | None:
     """``train.batch_scaling=linear``: when the pinned global batch cannot be split over ``dp``
     ranks as the JSON asks, grow it to the next multiple that can and scale the peak LR by the
@@ -154,10 +163,7 @@ def scale_batch_for_world(ds: dict, cfg: Config, dp: int) -> str | None:
         return None
     except ConfigError:
         pass
-    unit = modalities.batch_budget(cfg) or _int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1
-    quantum = unit * dp * (_int_or_auto(ds, "gradient_accumulation_steps") or 1)
-    old = cfg.train.global_batch
-    new = -(-old // quantum) * quantum
+    old, new = cfg.train.global_batch, linear_scaled_batch(ds, cfg, dp)
     factor = new / old
     params = ds.setdefault("optimizer", {}).setdefault("params", {})
     old_lr = params.get("lr")

@@ -15,6 +15,7 @@ import copy
 import json
 import sys
 
+from .atomic import write_text
 from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, load_config
 from .ds_config import load_ds_config
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             ranked, rejected = search(cfg, ds, args.nodes, profile, efficiency, pinned_tp=args.tp)
             text, shell, chosen_ds = report(ranked, rejected, args.nodes, profile, args.top)
             if args.write_ds_config:
-                with open(args.write_ds_config, "w") as f:
-                    json.dump(chosen_ds, f, indent=2)
+                write_text(args.write_ds_config, json.dumps(chosen_ds, indent=2))
             print(text, file=sys.stderr if args.shell else sys.stdout)
             if args.shell:
                 print(shell)

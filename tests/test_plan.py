@@ -1,6 +1,7 @@
 """The planner: runs for every published preset, and its model-state memory matches a real engine."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,38 @@ def test_a_cluster_profile_from_json(tmp_path, capsys):
     assert plan_main(["--preset", "vit_h", "--ds_config", "ds_configs/vit_h.json", "--cluster",
                       str(tmp_path / "c.json")]) == 2
     assert "gpu 'b200' is not one of" in capsys.readouterr().err
+
+
+def test_the_planners_ways_out_print_the_batch_the_launcher_scales_to():
+    """One rounding rule for ``train.batch_scaling=linear``: for every shipped JSON of a preset, at
+    8…64 nodes of 8 GPUs, where the pinned batch does not split, the batch the planner's ways out
+    print is the one the launcher scales to, with the JSON's accumulation steps or a pinned 2."""
+    import copy
+    import itertools
+    import re
+
+    from d2v2scale.config import ConfigError, load_config, preset_names
+    from d2v2scale.ds_config import load_ds_config, plan_batch, scale_batch_for_world
+    from d2v2scale.planning.search import ways_out
+
+    checked = 0
+    for path in sorted(Path("ds_configs").glob("*.json")):
+        preset = next((p for p in sorted(preset_names(), key=len, reverse=True)
+                       if path.stem == p or path.stem.startswith(p + "_")), None)
+        if preset is None:
+            continue
+        for nodes, accumulation in itertools.product((8, 16, 32, 48, 64), (None, 2)):
+            cfg, ds = load_config(preset), load_ds_config(str(path))
+            if accumulation:  # a JSON that pins the accumulation steps (the planner once left them out)
+                ds["gradient_accumulation_steps"] = accumulation
+            try:
+                plan_batch(copy.deepcopy(ds), cfg, nodes * 8)
+                continue  # it splits: nothing to scale
+            except ConfigError:
+                pass
+            printed = int(re.search(r"global batch \d+ → (\d+)", ways_out(cfg, ds, nodes, 8, 1)).group(1))
+            scaled = load_config(preset, ["train.batch_scaling=linear"])
+            scale_batch_for_world(copy.deepcopy(ds), scaled, nodes * 8)
+            assert printed == scaled.train.global_batch, (path.name, nodes, printed, scaled.train.global_batch)
+            checked += 1
+    assert checked >= 10  # the large presets do not split over 64-512 GPUs as pinned

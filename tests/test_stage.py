@@ -165,9 +165,8 @@ def test_a_rerun_replaces_a_damaged_copy_and_leaves_no_partial_files(data, tmp_p
     local, _ = staged(capsys, data / "imgs.d2v2index", tmp_path / "stage")
     first = load_index(local).name(0)
     (tmp_path / "stage" / "imgs" / first).write_bytes(b"half")  # what a crash mid-copy without the rename leaves
-    dead = tmp_path / "stage" / f".stage-tmp.{os.uname().nodename}.999999999"  # a dead stager's partial files
-    dead.mkdir()
-    (dead / "0").write_bytes(b"x")
+    dead = (tmp_path / "stage" / "imgs" / first).with_name(f".{Path(first).name}.k9x2.tmp")  # a killed stager's
+    dead.write_bytes(b"x")
     _, summary = staged(capsys, data / "imgs.d2v2index", tmp_path / "stage")
     assert copied(summary) == 1 and not dead.exists()
     same_files(data / "imgs", tmp_path / "stage" / "imgs", [first])

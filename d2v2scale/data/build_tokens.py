@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_output, write_text
 from .text import token_files
 
 BOS, BYTE_OFFSET = 0, 2
@@ -43,9 +44,10 @@ def build(out_prefix: str | Path, texts: list[Path], tokenizer) -> dict:
     dtype = "uint16" if arr.max(initial=0) < 2**16 else "int32"
     bin_path, meta_path = token_files(out_prefix)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-    arr.astype(dtype).tofile(bin_path)
+    with atomic_output(bin_path, "wb") as f:
+        arr.astype(dtype).tofile(f)
     meta = {"dtype": dtype, "num_tokens": int(arr.size), "vocab_size": int(arr.max(initial=0)) + 1}
-    meta_path.write_text(json.dumps(meta) + "\n")
+    write_text(meta_path, json.dumps(meta) + "\n")
     return meta
 
 

@@ -8,13 +8,11 @@ truncation) are caught here; files that pass but still fail to decode are caught
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -155,22 +153,6 @@ def input_files(path: Path, suffixes: tuple[str, ...], modality: str) -> list[Pa
     if not files:
         raise DataError(f"{path} holds no {modality} files ({', '.join(suffixes)}); this model's modality is {modality}")
     return files
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, mode: str = "w") -> Iterator:
-    """A temporary file beside ``path`` (unique per writer, any node), fsynced and renamed over
-    ``path`` when the block succeeds: readers never see half a file, a failure leaves the old one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def log_once(logged: set[str], path: str, reason: str, enabled: bool = True) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import DataError, atomic_output
+from ..atomic import atomic_output
+from .files import DataError
 
 MAGIC = b"D2V2IDX1"
 SUFFIX = ".d2v2index"  # the index prepare writes beside a manifest: OUT.tsv.d2v2index

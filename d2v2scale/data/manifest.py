@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from ..logs import LOG
 from .headers import RATE, header_length
-from .files import AUDIO_SUFFIXES, DataError, atomic_output, walk
+from ..atomic import atomic_output
+from .files import AUDIO_SUFFIXES, DataError, walk
 from .segments import cut_points, frame_energy
 
 FRAME_S = 0.02  # energy frame: cuts fall on 20 ms boundaries

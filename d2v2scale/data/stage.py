@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -46,13 +45,13 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from ..cli import OneLineParser, fail, positive_int
-from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, atomic_output, walk
+from ..atomic import atomic_output, is_temporary
+from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, walk
 from .index import SUFFIX, DataIndex, is_index_file, load_index, save_index
 from .indexing import build_index, is_current, signature
 from .text import token_files
 
 CHUNK = 512  # files per thread-pool task: a future per file would cost more than a local stat
-_TMP = ".stage-tmp"  # per-process folder in STAGE_DIR for files being copied
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -252,34 +251,28 @@ def _writable_stage(stage: Path) -> None:
         raise DataError(f"STAGE_DIR {stage} is not writable ({e.strerror or e})") from None
 
 
-def _tmp_folder(stage: Path) -> Path:
-    """This process's folder for partial copies, after removing those of dead stagers on this host
-    (a crash leaves its partial files there, never under a data file's name)."""
-    host = socket.gethostname()
-    for old in stage.glob(f"{_TMP}.{host}.*"):
-        try:
-            os.kill(int(old.name.rsplit(".", 1)[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(old, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-    tmp = stage / f"{_TMP}.{host}.{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    return tmp
+def _remove_leftovers(folder: Path) -> None:
+    """Partial copies a killed stager left in ``folder`` (dot-files :func:`~d2v2scale.atomic.is_temporary`
+    names; never under a data file's name)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and is_temporary(Path(entry.path)):
+                Path(entry.path).unlink(missing_ok=True)
 
 
-def copy(p: Plan, todo: list[tuple[str, int]], tmp: Path, threads: int) -> int:
-    """Copy ``todo`` in threads, each to a temporary file then renamed into place; the bytes copied."""
+def copy(p: Plan, todo: list[tuple[str, int]], threads: int) -> int:
+    """Copy ``todo`` in threads, each to a temporary file beside its target, renamed into place
+    (:func:`~d2v2scale.atomic.atomic_output`, without fsync: a crash means a re-run); the bytes copied."""
     src_root, dst_root = str(p.src_root), str(p.dst_root)
     numbered = list(enumerate(todo))
 
     def part(items: list[tuple[int, tuple[str, int]]]) -> int:
         done = 0
         for k, (name, size) in items:
-            src, dst, part_path = os.path.join(src_root, name), os.path.join(dst_root, name), os.path.join(tmp, str(k))
+            src, dst = os.path.join(src_root, name), os.path.join(dst_root, name)
             try:
-                shutil.copyfile(src, part_path)
-                os.replace(part_path, dst)
+                with open(src, "rb") as source, atomic_output(dst, "wb", durable=False) as f:
+                    shutil.copyfileobj(source, f, 1 << 20)
             except OSError as e:
                 raise DataError(f"copying {src} to {dst} failed ({e.strerror or e}); a re-run copies what is "
                                 "still missing") from None
@@ -309,13 +302,10 @@ def stage(source: Path, stage_dir: Path, threads: int = 16) -> tuple[str, Path]:
     try:
         for rel in sorted(_parents(name for name, _ in s.todo) | p.folders):
             (p.dst_root / rel).mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(p.dst_root / rel)
     except OSError as e:
         raise DataError(f"cannot create folders under {p.dst_root} ({e.strerror or e})") from None
-    tmp = _tmp_folder(stage_dir)
-    try:
-        copied = copy(p, s.todo, tmp, threads) if s.todo else 0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    copied = copy(p, s.todo, threads) if s.todo else 0
     data_path = p.finish()
     line = (f"stage: {len(p.names)} files, {s.total} bytes ({_human(s.total)}), {len(s.todo)} copied "
             f"({_human(copied)}), {s.reused} reused, {time.perf_counter() - t0:.1f} s: {source} -> {data_path}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import modality as modalities
 from ..config import Config, ConfigError, load_config
-from ..ds_config import load_ds_config
+from ..ds_config import linear_scaled_batch, load_ds_config
 from .cluster import ClusterProfile
 from .planner import Plan, plan, set_micro_batch
 from .timing import Efficiency
@@ -145,10 +145,7 @@ def ways_out(cfg: Config, ds: dict, nodes: int, gpus: int, tp: int) -> str:
     if not any(o.startswith(unit) for o in out):
         out.insert(0, f"no {unit} splits {g} over {world // tp} data-parallel ranks")
     lr = ds.get("optimizer", {}).get("params", {}).get("lr")
-    micro = modalities.batch_budget(cfg) if budget else (ds.get("train_micro_batch_size_per_gpu") if
-                                                           isinstance(ds.get("train_micro_batch_size_per_gpu"), int) else 1)
-    quantum = (micro or 1) * (world // tp)
-    new = -(-g // quantum) * quantum
+    new = linear_scaled_batch(ds, cfg, world // tp)
     out.append(f"train.batch_scaling=linear (global batch {g} → {new}, peak lr {lr} → "
                f"{lr * new / g if lr else '?'}, linear rule)")
     out.append("python -m d2v2scale.plan --search picks the fastest layout that fits")

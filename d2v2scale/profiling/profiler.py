@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import runfiles
+from ..atomic import write_text
 from .gpu import GpuSampler
 from .report import build_report
 from .timers import StepTimer
@@ -72,7 +73,7 @@ class Profiler:
             "peak_flops_per_device": tr.peak_flops,
             "step_shape": self.shape,
         }
-        (self.dir / "profile.json").write_text(json.dumps(raw, indent=1))
+        write_text(self.dir / "profile.json", json.dumps(raw, indent=1))
         build_report(self.dir.parent)
 
 

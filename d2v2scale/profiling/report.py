@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .. import runfiles
+from ..atomic import write_text
 from ..config import config_from_dict
 from ..resilience.events import read_events
 from ..resilience.goodput import Goodput, account
@@ -89,8 +90,8 @@ def build_report(run_dir: str | Path) -> dict:
         "ds_config": ds_config,
     }
     report["plots"] = _plots(rows, report, out)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(render_markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=1))
+    write_text(out / "report.md", render_markdown(report))
     return report
 
 

@@ -102,8 +102,8 @@ def decide(rc: int, *, cancelled: bool, failure: Failure | None, previous: dict 
         return Decision("stop", "bad input (exit 2) is never retried: fix what the line above names", EXIT_BAD_INPUT)
     if rc == EXIT_PREEMPTED or failure is None:
         if cancelled:
-            return Decision("cancelled", "the job was cancelled (scancel): not requeued; submit the same command "
-                                         "again to continue from the checkpoint")
+            return Decision("cancelled", "stopped by SIGTERM (a scancel, or Slurm ending the job): not requeued by "
+                                         "this job; submit the same command again to continue from the checkpoint")
         return Decision("requeue", "checkpointed on a stop signal (time limit or pre-emption): requeued")
     if cancelled:
         return Decision("cancelled", f"the job was cancelled while failing ({failure.cause}): not restarted")

@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..atomic import write_text
 from ..cli import OneLineParser
 from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
 from ..runfiles import JOB as JOB_FILE
@@ -78,7 +79,8 @@ class Supervisor:
         if self.stop_requested != "TERM":  # a cancel is not downgraded by a later USR1
             self.stop_requested = name
         say(f"received SIG{signal.Signals(signum).name[3:]}: asking the ranks to checkpoint"
-            + ("" if name == "USR1" else " (a cancel: the job will not be requeued)"))
+            + ("" if name == "USR1" else " (the job will not requeue itself: a cancel stops the run; a pre-emption "
+                                         "is requeued by Slurm)"))
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGUSR1 if name == "USR1" else signal.SIGTERM)
 
@@ -204,9 +206,7 @@ class Supervisor:
         if holder and holder != self.job and self.job != "local" and slurm.job_state(holder) in ("RUNNING", "COMPLETING"):
             return (f"error: {self.run_dir} is being trained by running job {holder}; cancel it (scancel {holder}) "
                     "or give this job another RUN_DIR")
-        part = holder_file.with_suffix(".part")
-        part.write_text(f"{self.job}\n")
-        part.replace(holder_file)
+        write_text(holder_file, f"{self.job}\n")
         return None
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import fsync_dir, is_temporary, write_text
 from ..distributed.runtime import all_reduce, barrier, broadcast_object, gather_objects
 from .shards import Piece, ShardReader, has_shards, write_shards
 from .verify import (RUN_FILE, CheckpointError, check_size, checksum_file, find_problem, problem, read_run_info,
@@ -148,8 +149,9 @@ def rank_file(tp_rank: int, dp_rank: int) -> str:
 
 
 def _fsync_tree(path: Path) -> None:
-    """fsync every finished file (other ranks may be renaming their ``.part`` files meanwhile)."""
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.endswith(".part")):
+    """fsync every finished file: ours already are (:mod:`d2v2scale.atomic`), DeepSpeed's native
+    ones are not (other ranks may be renaming their temporary files meanwhile)."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not is_temporary(p)):
         try:
             fd = os.open(f, os.O_RDONLY)
         except FileNotFoundError:
@@ -158,15 +160,7 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def _crash_point(name: str, step: int) -> None:
@@ -284,9 +278,7 @@ def save_checkpoint(tr, ckpt_dir: Path, step: int, keep_last: int, run_info: dic
         if rank0:
             counters = {**tr.backend.counters(), "teacher_updates": tr.teacher.num_updates}
             info = {**run_info, "step": step, "state": counters, "files": files}
-            part = tmp / (RUN_FILE + ".part")
-            part.write_text(json.dumps(info, indent=1))
-            part.replace(tmp / RUN_FILE)  # last: a tag is complete exactly when its listed files match
+            write_text(tmp / RUN_FILE, json.dumps(info, indent=1))  # last: complete when its listed files match
         return {}
 
     _collectively(tr, ckpt_dir, tmp, describe)
@@ -334,18 +326,12 @@ def _merged(parts: list[dict], base: dict | None = None) -> dict:
 def _checksum_share(tmp: Path, known: dict, dims) -> dict:
     """Checksums of this rank's share of the tag's files nobody checksummed while writing them."""
     others = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()
-                    and str(p.relative_to(tmp)) not in known and not p.name.endswith(".part"))
+                    and str(p.relative_to(tmp)) not in known and not is_temporary(p))
     return {name: checksum_file(tmp / name) for name in others[dims.rank :: dims.world_size]}
 
 
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    part = ckpt_dir / f"{LATEST}.part"
-    with open(part, "w") as f:
-        f.write(tag + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, ckpt_dir / LATEST)
-    _fsync_dir(ckpt_dir)
+    write_text(ckpt_dir / LATEST, tag + "\n")
 
 
 def _prune(ckpt_dir: Path, keep_last: int, latest: str) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from .. import atomic, runfiles
 from .. import modality as modalities
-from .. import runfiles
 from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, config_from_dict, load_config
 from ..distributed.dims import LaunchEnv
 from ..ds_config import (
@@ -311,17 +311,15 @@ def drop_rows_after(path: Path, step: int) -> int:
     kept = [line for line in lines if _row_step(line) <= step]  # a line cut by kill -9 is dropped too
     dropped = len(lines) - len(kept)
     if dropped:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        atomic.write_text(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
 def _write_run_files(setup: Setup) -> None:
     setup.run_dir.mkdir(parents=True, exist_ok=True)
     said = "".join(f"# {note}\n" for note in setup.notes if note.startswith("warning:"))  # kept with the run
-    (setup.run_dir / runfiles.CONFIG).write_text(said + yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
-    (setup.run_dir / runfiles.DS_CONFIG).write_text(json.dumps(setup.ds_config, indent=2) + "\n")
+    atomic.write_text(setup.run_dir / runfiles.CONFIG, said + yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
+    atomic.write_text(setup.run_dir / runfiles.DS_CONFIG, json.dumps(setup.ds_config, indent=2) + "\n")
 
 
 def _start_watchdog(setup: Setup, rank: int) -> Watchdog:

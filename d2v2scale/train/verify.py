@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 
+from ..atomic import atomic_output
 from ..distributed.runtime import gather_objects
 
 RUN_FILE = "run.json"
@@ -56,12 +57,10 @@ class ChecksumWriter:
 
 
 def save_checked(obj: Any, path: Path) -> tuple[int, int]:
-    """``torch.save`` to ``path`` (through ``path.part``, renamed when complete); (bytes, crc32)."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
+    """``torch.save`` to ``path``, atomically (:mod:`d2v2scale.atomic`); (bytes, crc32)."""
+    with atomic_output(path, "wb") as f:
         writer = ChecksumWriter(f)
         torch.save(obj, writer)
-    part.replace(path)
     return writer.size, writer.crc
 
 
