@@ -106,26 +106,26 @@ class ModelConfig(_OpenSection):
         for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _at_least("model.prenet_depth", self.prenet_depth, 0)
-        _check(self.activation_checkpointing >= 0,
+        require(self.activation_checkpointing >= 0,
                f"model.activation_checkpointing={self.activation_checkpointing} is not allowed; "
                "allowed values: 0 (off), 1 (every block), k (every k-th block)")
-        _check(self.embed_dim % self.num_heads == 0,
+        require(self.embed_dim % self.num_heads == 0,
                f"model.num_heads={self.num_heads} must divide model.embed_dim={self.embed_dim}; allowed values: "
                f"divisors of {self.embed_dim}")
-        _check(self.average_top_k_layers <= self.depth,
+        require(self.average_top_k_layers <= self.depth,
                f"model.average_top_k_layers={self.average_top_k_layers} exceeds model.depth={self.depth}; "
                f"allowed values: 1..{self.depth}")
         for key in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "prenet_dropout",
                     "layerdrop"):
             v = getattr(self, key)
-            _check(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
-        _check(self.mask_noise_std >= 0,
+            require(0.0 <= v < 1.0, f"model.{key}={v} is not allowed; allowed values: 0 <= {key} < 1")
+        require(self.mask_noise_std >= 0,
                f"model.mask_noise_std={self.mask_noise_std} is not allowed; allowed values: >= 0")
         _one_of("model.kernels", self.kernels, KERNELS)
-        _check(self.compile or not self.cuda_graphs,
+        require(self.compile or not self.cuda_graphs,
                "model.cuda_graphs=true replays the compiled regions as CUDA graphs: it needs model.compile=true")
         ref = self.cls_loss_reference_micro_batch
-        _check(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed "
+        require(ref is None or ref >= 1, f"model.cls_loss_reference_micro_batch={ref} is not allowed; allowed "
                                         "values: null (the global batch) or integers >= 1")
 
 
@@ -143,7 +143,7 @@ class DecoderConfig:
     projection_ratio: float = 2.0
 
     def validate(self) -> None:
-        _check(0.0 <= self.input_dropout < 1.0,
+        require(0.0 <= self.input_dropout < 1.0,
                f"decoder.input_dropout={self.input_dropout} is not allowed; allowed values: 0 <= input_dropout < 1")
         for key in ("dim", "kernel", "layers", "groups", "projection_layers"):
             _at_least(f"decoder.{key}", getattr(self, key), 1)
@@ -162,10 +162,10 @@ class MaskingConfig:
 
     def validate(self) -> None:
         _one_of("masking.kind", self.kind, MASK_KINDS)
-        _check(0.0 < self.mask_prob < 1.0,
+        require(0.0 < self.mask_prob < 1.0,
                f"masking.mask_prob={self.mask_prob} is not allowed; allowed values: 0 < mask_prob < 1")
         _at_least("masking.mask_length", self.mask_length, 1)
-        _check(self.mask_prob_adjust >= 0,
+        require(self.mask_prob_adjust >= 0,
                f"masking.mask_prob_adjust={self.mask_prob_adjust} is not allowed; allowed values: >= 0")
 
 
@@ -180,10 +180,10 @@ class TeacherConfig:
     ema_encoder_only: bool = False  # teacher is the shared blocks only (text)
 
     def validate(self) -> None:
-        _check(0.0 <= self.ema_decay <= self.ema_end_decay <= 1.0,
+        require(0.0 <= self.ema_decay <= self.ema_end_decay <= 1.0,
                f"teacher.ema_decay={self.ema_decay}, teacher.ema_end_decay={self.ema_end_decay}: "
                "allowed values: 0 <= ema_decay <= ema_end_decay <= 1")
-        _check(self.ema_anneal_end_step >= 0,
+        require(self.ema_anneal_end_step >= 0,
                f"teacher.ema_anneal_end_step={self.ema_anneal_end_step}; allowed values: integers >= 0")
 
 
@@ -488,17 +488,18 @@ def config_from_dict(data: dict, check: bool = True) -> Config:
     return cfg
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise the one-line :class:`ConfigError` ``message`` unless ``ok`` (config and modality checks)."""
     if not ok:
         raise ConfigError(message)
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    _check(value in allowed, f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+    require(value in allowed, f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
 
 
 def _at_least(key: str, value: int, low: int) -> None:
-    _check(value >= low, f"{key}={value} is not allowed; allowed values: integers >= {low}")
+    require(value >= low, f"{key}={value} is not allowed; allowed values: integers >= {low}")
 
 
 def validate(cfg: Config) -> None:
@@ -514,16 +515,16 @@ def _cross_section_checks(cfg: Config) -> None:
     m, d, p = cfg.model, cfg.decoder, cfg.parallel
     mod = modalities.get(m.modality)
     kinds = ["synthetic"] + [k.name for k in mod.data_kinds]
-    _check(cfg.data.kind in kinds,
+    require(cfg.data.kind in kinds,
            f"data.kind={cfg.data.kind} is not data for model.modality={m.modality}; allowed values: {', '.join(kinds)}")
     divisors = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
-    _check(m.num_heads % p.tp == 0,
+    require(m.num_heads % p.tp == 0,
            f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}; allowed values: {', '.join(map(str, divisors))}")
-    _check(d.dim % d.groups == 0 and m.embed_dim % d.groups == 0,
+    require(d.dim % d.groups == 0 and m.embed_dim % d.groups == 0,
            f"decoder.groups={d.groups} must divide decoder.dim={d.dim} and model.embed_dim={m.embed_dim}")
-    _check(cfg.mask_kind() in mod.mask_kinds,
+    require(cfg.mask_kind() in mod.mask_kinds,
            f"masking.kind={cfg.masking.kind} is not for {m.modality}; allowed for {m.modality}: auto, "
            f"{', '.join(mod.mask_kinds)}")
-    _check(cfg.train.checkpoint_format == "layout_free" or p.backend == BACKENDS[0],
+    require(cfg.train.checkpoint_format == "layout_free" or p.backend == BACKENDS[0],
            f"train.checkpoint_format=native needs parallel.backend={BACKENDS[0]} (FSDP2 has no native format here); "
            f"allowed with {p.backend}: layout_free")

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from . import modality as modalities
 from .config import Config, ConfigError
@@ -116,7 +117,7 @@ def resolve_ds_config(ds: dict, cfg: Config, plan: BatchPlan) -> dict:
     sched = out.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == _AUTO:
         sched["total_num_steps"] = cfg.train.max_updates
-    leftover = [k for k, v in _walk(out) if v == _AUTO]
+    leftover = [k for k, v in flatten(out).items() if v == _AUTO]
     if leftover:
         raise ConfigError(f"ds_config keys {', '.join(leftover)} are \"auto\" but d2v2scale cannot fill them; "
                           "allowed \"auto\" keys: train_batch_size, train_micro_batch_size_per_gpu, "
@@ -124,12 +125,15 @@ def resolve_ds_config(ds: dict, cfg: Config, plan: BatchPlan) -> dict:
     return out
 
 
-def _walk(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk(v, f"{prefix}{k}.")
-    else:
-        yield prefix.rstrip("."), obj
+def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: the dotted keys of a nested dict (JSON or config)."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def describe_optimization(ds: dict, cfg: Config, plan: BatchPlan) -> str:

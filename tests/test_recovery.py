@@ -16,7 +16,7 @@ import torch
 from d2v2scale.train.checkpoint import rng_state, set_rng_state
 from d2v2scale.runfiles import read_metrics
 from d2v2scale.train.run import resolve_resume
-from d2v2scale.train.verify import problem, safe_load
+from d2v2scale.train.verify import CheckpointError, problem, safe_load
 
 from test_deepspeed_training import _launch
 from test_hardening import _main, _one_line
@@ -193,3 +193,14 @@ def test_rng_states_are_plain_tensors_and_old_ones_still_load(tmp_path):
         random.seed(0)
         set_rng_state(safe_load(tmp_path / name)["rng"])
         assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected, name
+
+
+def test_a_shard_set_that_does_not_describe_the_model_is_a_checkpoint_error(tmp_path):
+    """Shards that do not cover a tensor (a missing rank file, another model) are refused like any
+    damaged checkpoint: a CheckpointError, which the launcher turns into one line and exit 2."""
+    from d2v2scale.train.shards import ShardFormatError, ShardReader
+
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(ShardFormatError, match="no shard files") as e:
+        ShardReader(tmp_path, listing={})
+    assert isinstance(e.value, CheckpointError)

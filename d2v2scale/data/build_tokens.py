@@ -9,14 +9,15 @@ by id 0. Ids are stored as uint16 when they fit, else int32.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_output, write_text
+from ..cli import OneLineParser, fail
 from .text import token_files
 
 BOS, BYTE_OFFSET = 0, 2
@@ -52,12 +53,15 @@ def build(out_prefix: str | Path, texts: list[Path], tokenizer) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out_prefix")
-    p.add_argument("texts", nargs="+", type=Path)
-    p.add_argument("--tokenizer", default="bytes")
+    p = OneLineParser(prog="build_tokens", description=__doc__.splitlines()[0])
+    p.add_argument("out_prefix", help="writes OUT_PREFIX.bin and OUT_PREFIX.json (data.path=OUT_PREFIX)")
+    p.add_argument("texts", nargs="+", type=Path, help="UTF-8 text files, one document each")
+    p.add_argument("--tokenizer", default="bytes", help="bytes, or module:function returning a tokenizer")
     args = p.parse_args()
-    meta = build(args.out_prefix, args.texts, load_tokenizer(args.tokenizer))
+    try:
+        meta = build(args.out_prefix, args.texts, load_tokenizer(args.tokenizer))
+    except (OSError, UnicodeDecodeError, ValueError, ImportError, AttributeError) as e:
+        sys.exit(fail("build_tokens", e))
     print(f"{meta['num_tokens']} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']}) → {args.out_prefix}.bin")
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, require
 from ..data.files import AUDIO_SUFFIXES, DataError, input_files
 from ..interop.fairseq import FairseqLayout
 from ..interop.fairseq_config import format_conv_spec, parse_conv_spec
@@ -208,11 +208,6 @@ def _audio(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, i
                        threads=max(1, d.num_workers), verbose=verbose)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 class _Fairseq(FairseqLayout):
     tag, base_preset = "AUDIO", "audio_base"
     key_renames = (
@@ -268,30 +263,30 @@ class Audio(Modality):
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
         m, d = cfg.model, cfg.data
-        _check(m.embed_dim % m.conv_pos_groups == 0,
+        require(m.embed_dim % m.conv_pos_groups == 0,
                f"model.conv_pos_groups={m.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
-        _check(all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
+        require(all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
                    for layer in m.conv_feature_layers),
                "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples of positive "
                "integers")
-        _check(not cfg.teacher.ema_local_encoder,
+        require(not cfg.teacher.ema_local_encoder,
                "teacher.ema_local_encoder=true is not supported for audio (the teacher shares the student's CNN); "
                "allowed values: false")
-        _check(not m.cuda_graphs or d.kind != "audio",
+        require(not m.cuda_graphs or d.kind != "audio",
                "model.cuda_graphs=true needs fixed shapes, and data.kind=audio micro-batches vary in length (a graph "
                "recorded per length); allowed: model.cuda_graphs=false, or fixed-length synthetic data")
-        _check(d.kind != "audio" or d.max_tokens is not None,
+        require(d.kind != "audio" or d.max_tokens is not None,
                "data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
         rf = receptive_field(m.conv_feature_layers)
-        _check(d.min_sample_size >= rf, f"data.min_sample_size={d.min_sample_size} is below the CNN's receptive field "
+        require(d.min_sample_size >= rf, f"data.min_sample_size={d.min_sample_size} is below the CNN's receptive field "
                                         f"of {rf} samples (one frame); allowed values: >= {rf}")
-        _check(d.max_sample_size >= d.min_sample_size, f"data.max_sample_size={d.max_sample_size} is below "
+        require(d.max_sample_size >= d.min_sample_size, f"data.max_sample_size={d.max_sample_size} is below "
                                                        f"data.min_sample_size={d.min_sample_size}; allowed values: "
                                                        f">= {d.min_sample_size}")
-        _check(d.sample_length is None or d.sample_length >= rf,
+        require(d.sample_length is None or d.sample_length >= rf,
                f"data.sample_length={d.sample_length} is below the CNN's receptive field of {rf} samples; allowed "
                f"values: >= {rf}")
-        _check(d.max_tokens is None or d.max_tokens >= d.max_sample_size,
+        require(d.max_tokens is None or d.max_tokens >= d.max_sample_size,
                f"data.max_sample_size={d.max_sample_size} exceeds data.max_tokens={d.max_tokens}: one crop would not "
                f"fit a micro-batch; allowed: data.max_tokens >= {d.max_sample_size}")
 

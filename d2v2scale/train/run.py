@@ -19,6 +19,7 @@ from ..distributed.dims import LaunchEnv
 from ..ds_config import (
     BatchPlan,
     describe_optimization,
+    flatten,
     load_ds_config,
     plan_batch,
     resolve_ds_config,
@@ -66,23 +67,12 @@ class Setup:
     resume_verified: bool = True  # False: every file of resume_from is checked after the process group starts
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _allowed(key: str, allowed: tuple) -> bool:
     return key in allowed or any(a.endswith("*") and key.startswith(a[:-1]) for a in allowed)
 
 
 def _first_difference(saved: dict, now: dict, allowed: tuple) -> tuple[str, object, object] | None:
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten(saved), flatten(now)
     for key in sorted(set(a) | set(b)):
         if not _allowed(key, allowed) and a.get(key) != b.get(key):
             return key, a.get(key), b.get(key)

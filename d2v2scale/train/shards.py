@@ -26,7 +26,7 @@ from .verify import CheckpointError, check_size, listed_files, safe_load, save_c
 SHARD_DIR = "shards"
 
 
-class ShardFormatError(RuntimeError):
+class ShardFormatError(CheckpointError):
     """The shard files do not describe complete tensors (a missing rank file, a corrupt one)."""
 
 
