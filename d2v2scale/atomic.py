@@ -11,6 +11,7 @@ its whole cost); the rename still makes them all-or-nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -53,6 +54,30 @@ def atomic_output(path: str | Path, mode: str = "w", durable: bool = True) -> It
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a folder to be created would go)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(path.anchor)
+
+
+def cannot_write(folder: Path) -> str | None:
+    """Why ``folder`` does not take a file (``strerror (ECODE)``), or None: a real write, since
+    permission bits do not say (root ignores them; a read-only mount says so only on writing)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".d2v2scale-probe.", suffix=TEMPORARY_SUFFIX)
+        try:
+            os.write(fd, b"d2v2scale")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        code = f" ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else ""
+        return f"{e.strerror or e}{code}"
+    return None
 
 
 def write_text(path: str | Path, text: str) -> None:

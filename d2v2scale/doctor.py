@@ -30,7 +30,6 @@ and from a GPU) and the ZeRO++ quantizers (CUDA kernels DeepSpeed's CPU accelera
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.metadata
 import importlib.util
 import os
@@ -39,12 +38,12 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from .atomic import cannot_write, nearest_existing
 from .cli import OneLineParser
 from .exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
@@ -541,13 +540,6 @@ def _pin_memory_default() -> bool:
         return True
 
 
-def _nearest_existing(path: Path) -> Path:
-    for candidate in (path, *path.parents):
-        if os.path.lexists(candidate):
-            return candidate
-    return Path(path.anchor)
-
-
 def check_run_dir(path: str, min_free_gb: float, why: str = "--min_free_gb") -> Check:
     """Writable (by a real write: root ignores permission bits, and a read-only mount says so only when
     written to or asked with statvfs) and with room for a checkpoint; a missing run directory is
@@ -555,7 +547,7 @@ def check_run_dir(path: str, min_free_gb: float, why: str = "--min_free_gb") -> 
     target = Path(path).absolute()
     if target.exists() and not target.is_dir():
         return Check("run_dir", FAIL, f"{path} exists and is not a directory")
-    probe = _nearest_existing(target)
+    probe = nearest_existing(target)
     if not probe.is_dir():
         return Check("run_dir", FAIL, f"{path}: {probe} is not a directory, so the run directory cannot be created")
     where = "" if probe == target else f" (to be created under {probe})"
@@ -565,16 +557,9 @@ def check_run_dir(path: str, min_free_gb: float, why: str = "--min_free_gb") -> 
         return Check("run_dir", FAIL, f"{path}{where}: cannot ask its file system ({e.strerror})")
     if st.f_flag & os.ST_RDONLY:
         return Check("run_dir", FAIL, f"{path}{where}: {probe} is on a read-only file system")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".d2v2scale-doctor-")
-        try:
-            os.write(fd, b"d2v2scale")
-        finally:
-            os.close(fd)
-            os.unlink(tmp)
-    except OSError as e:
-        code = f" ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else ""
-        return Check("run_dir", FAIL, f"{path}{where}: cannot write in {probe}: {e.strerror or e}{code}")
+    why_not = cannot_write(probe)
+    if why_not:
+        return Check("run_dir", FAIL, f"{path}{where}: cannot write in {probe}: {why_not}")
     free = st.f_bavail * st.f_frsize / 1e9
     if free < min_free_gb:
         return Check("run_dir", FAIL, f"{path}{where}: {free:.2f} GB free, less than the {min_free_gb:.3g} GB a "

@@ -27,15 +27,15 @@ PACKAGE = ROOT / "d2v2scale"
 
 # ---------------------------------------------------------------------------------- boundary
 def test_deepspeed_is_named_only_by_its_backend_and_the_config():
-    """``grep -rl deepspeed d2v2scale/``: the backend module, the registry and the config that name the
-    backends, the launcher's command line (its --help example starts ``deepspeed --num_gpus``), the
+    """``grep -rl deepspeed d2v2scale/``: the backend module and the config that names the backends (the
+    registry takes its names from there), the launcher's command line (its --help example starts ``deepspeed --num_gpus``), the
     key reference that links the DeepSpeed JSON's page, and three readers of DeepSpeed itself, which
     import it only inside the function that needs it: the JSON validator (DeepSpeed's parser and
     pydantic models), the checkpoint allow-list (the DeepSpeed classes a native checkpoint pickles)
     and the node doctor (the installed version and its ops)."""
     hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "deepspeed" in p.read_text())
-    assert hits == ["config.py", "config_reference.py", "doctor.py", "pretrain.py", "train/backend/__init__.py",
-                    "train/backend/deepspeed.py", "train/ds_validate.py", "train/verify.py"]
+    assert hits == ["config.py", "config_reference.py", "doctor.py", "pretrain.py", "train/backend/deepspeed.py",
+                    "train/ds_validate.py", "train/verify.py"]
     imports = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                      if re.search(r"^\s*(import deepspeed|from deepspeed)", p.read_text(), re.M))
     assert imports == ["doctor.py", "train/backend/deepspeed.py", "train/ds_validate.py", "train/verify.py"]

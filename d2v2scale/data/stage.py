@@ -37,7 +37,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from ..cli import OneLineParser, fail, positive_int
-from ..atomic import atomic_output, is_temporary
+from ..atomic import atomic_output, cannot_write, is_temporary
 from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, walk
 from .index import SUFFIX, DataIndex, is_index_file, load_index, save_index
 from .indexing import build_index, is_current, signature
@@ -244,11 +243,11 @@ def _writable_stage(stage: Path) -> None:
     """Create ``stage`` and prove it takes a file (permission bits alone do not say so: root, read-only mounts)."""
     try:
         stage.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=stage, prefix=".stage-probe.")
-        os.close(fd)
-        os.unlink(probe)
     except OSError as e:
         raise DataError(f"STAGE_DIR {stage} is not writable ({e.strerror or e})") from None
+    why_not = cannot_write(stage)
+    if why_not:
+        raise DataError(f"STAGE_DIR {stage} is not writable ({why_not})")
 
 
 def _remove_leftovers(folder: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -203,14 +202,12 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool, dry_run: b
             aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir.rename(aside)
             moved = f"--overwrite: moved the previous run in {run_dir} to {aside}"
-    probe = run_dir if run_dir.is_dir() else next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    probe = atomic.nearest_existing(run_dir)
     if not probe.is_dir():
         raise ConfigError(f"--run_dir {run_dir}: {probe} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--run_dir {run_dir} is not writable ({probe}: {e.strerror})") from None
+    why_not = atomic.cannot_write(probe)
+    if why_not:
+        raise ConfigError(f"--run_dir {run_dir} is not writable ({probe}: {why_not})")
     return moved
 
 

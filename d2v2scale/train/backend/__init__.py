@@ -31,31 +31,23 @@ schedule.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ...config import BACKENDS
 from ..teacher import EMASchedule
 from .protocol import Backend
 
-
-def _deepspeed():
-    from . import deepspeed
-
-    return deepspeed
-
-
-def _fsdp2():
-    from . import fsdp2
-
-    return fsdp2
-
-
-# parallel.backend → its module (``check_ds_config`` and ``BACKEND``), imported only when chosen, so
-# a run never imports the engine it does not use; ``config.BACKENDS`` names the same, the default first.
-REGISTRY: dict[str, Callable[[], ModuleType]] = {"deepspeed": _deepspeed, "fsdp2": _fsdp2}
+# parallel.backend → its module ``backend/<name>.py`` (``check_ds_config`` and ``BACKEND``), imported
+# only when chosen, so a run never imports the engine it does not use. The names are
+# ``config.BACKENDS``'s, the one list (the default first).
+REGISTRY: dict[str, Callable[[], ModuleType]] = {
+    name: functools.partial(importlib.import_module, f".{name}", __package__) for name in BACKENDS}
 
 
 def _module(name: str) -> ModuleType:
