@@ -134,3 +134,21 @@ def test_the_core_never_branches_on_a_modality_name():
             if branch.search(code):
                 found.append(f"{path.relative_to(PACKAGE)}:{k}: {line.strip()}")
     assert found == []
+
+
+def test_every_exception_class_is_in_the_errors_table():
+    """errors.py lists every exception class the package defines (where it lives, which exit code
+    it ends a launch with): a new one that is not there fails here."""
+    import ast
+
+    table = (PACKAGE / "errors.py").read_text()
+    defined = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception")) or b.id in defined)
+                    for b in node.bases):
+                defined.append(node.name)
+    assert len(defined) >= 9
+    missing = [name for name in defined if f"``{name}``" not in table]
+    assert not missing, missing
