@@ -52,7 +52,7 @@ def task_reports(lines: list[str]) -> list[tuple[str, int, str]]:
     return out
 
 
-def _signal_name(text: str) -> str | None:
+def signal_name(text: str) -> str | None:
     """``Killed`` → SIGKILL, ``Segmentation fault`` → SIGSEGV, as srun words them."""
     words = {"killed": signal.SIGKILL, "terminated": signal.SIGTERM, "segmentation fault": signal.SIGSEGV,
              "aborted": signal.SIGABRT, "bus error": signal.SIGBUS}
@@ -69,7 +69,7 @@ def classify(rc: int, srun_lines: list[str], last_step: int | None, errors: list
     rank = node = sig = None
     if culprit:
         node, rank, what = culprit
-        sig = _signal_name(what)
+        sig = signal_name(what)
     own = sorted(errors, key=lambda e: e["time"])
     if rc == EXIT_HUNG:
         kind, cause = "hang", f"hang: no step finished in time after step {last_step} (stacks in RUN/incidents/)"

@@ -54,13 +54,15 @@ def effective_rc(srun_rc: int, lines: list[str]) -> int:
     for _node, _task, what in policy.task_reports(lines):
         if what.startswith("Exited with exit code "):
             return int(what.rsplit(" ", 1)[1])
-        sig = policy._signal_name(what)
+        sig = policy.signal_name(what)
         if sig:
             return 128 + signal.Signals[sig].value
     return srun_rc
 
 
 class Supervisor:
+    """One Slurm job's loop: launch the training step, read how it ended, act (see the module's doc)."""
+
     def __init__(self, run_dir: Path, command: list[str], max_restarts: int, backoff_s: float, signal_lead_s: float):
         self.run_dir, self.command = run_dir, command
         self.max_restarts, self.backoff_s, self.signal_lead_s = max_restarts, backoff_s, signal_lead_s

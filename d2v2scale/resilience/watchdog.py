@@ -103,6 +103,7 @@ class Watchdog:
         self._section = "start-up"
         self._last = time.monotonic()
         self._stop = threading.Event()
+        self._firing = threading.Event()
         self._thread: threading.Thread | None = None
         self._heartbeat_fd = os.open(self.run_dir / HEARTBEAT, os.O_WRONLY | os.O_CREAT, 0o644) if heartbeat else None
         self._own_dump = self._register_signal_dump()
@@ -159,7 +160,11 @@ class Watchdog:
             self._heartbeat_fd = None
 
     def beat(self, step: int) -> None:
-        """Step ``step`` finished (no I/O but rank 0's in-place heartbeat write)."""
+        """Step ``step`` finished (no I/O but rank 0's in-place heartbeat write). Once the watchdog
+        has declared a hang the rank makes no more progress (a continued sibling could otherwise
+        let the step finish while the stacks are written): it waits here for the exit."""
+        if self._firing.is_set():
+            threading.Event().wait()
         now = time.monotonic()
         if self._section == "steps":
             self.slowest = max(self.slowest, now - self._last)
@@ -184,24 +189,27 @@ class Watchdog:
                 self._fire(waited)
 
     def _fire(self, waited: float) -> None:
-        """Write this rank's stacks (and stopped siblings'), record the hang, end the process."""
+        """Write this rank's stacks (and stopped siblings'), record the hang, end the process —
+        whatever goes wrong on the way (a full disk), the process ends."""
+        self._firing.set()
+        step, bound, section = self.step, self.bound(), self._section
+        what = f"no step finished for {waited:.0f} s (bound {bound:.0f} s, in {section}; last finished step {step})"
         folder = self.incident_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        what = (f"no step finished for {waited:.0f} s (bound {self.bound():.0f} s, in {self._section}; "
-                f"last finished step {self.step})")
-        path = folder / f"rank_{self.rank}.txt"
-        with open(path, "a") as f:
-            f.write(f"rank {self.rank} on {socket.gethostname()} pid {os.getpid()}: {what}\n")
-            f.flush()
-            faulthandler.dump_traceback(file=f, all_threads=True)
-        self._dump_nccl_trace(folder)
-        for pid in stopped_siblings():
-            self._dump_sibling(pid, folder)
-        LOG.error(f"[rank {self.rank}] hang: {what}; stacks in {folder}; exiting with {EXIT_HUNG}")
-        if self._heartbeat_fd is not None:  # rank 0 speaks for the others, as in every other event
-            write_event(self.run_dir, "hang", rank=self.rank, step=self.step, waited_s=round(waited, 1),
-                        bound_s=self.bound(), incident=str(folder))
-        os._exit(EXIT_HUNG)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"rank_{self.rank}.txt", "a") as f:
+                f.write(f"rank {self.rank} on {socket.gethostname()} pid {os.getpid()}: {what}\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+            self._dump_nccl_trace(folder)
+            for pid in stopped_siblings():
+                self._dump_sibling(pid, folder)
+            LOG.error(f"[rank {self.rank}] hang: {what}; stacks in {folder}; exiting with {EXIT_HUNG}")
+            if self._heartbeat_fd is not None:  # rank 0 speaks for the others, as in every other event
+                write_event(self.run_dir, "hang", rank=self.rank, step=step, waited_s=round(waited, 1),
+                            bound_s=bound, incident=str(folder))
+        finally:
+            os._exit(EXIT_HUNG)
 
     def _dump_sibling(self, pid: int, folder: Path) -> None:
         """SIGUSR2 then SIGCONT a stopped sibling; copy the stacks its faulthandler writes."""
