@@ -14,6 +14,7 @@ Kinds and their fields (besides ``event`` and ``time``):
 - ``attempt``: job, attempt, world_size, started (process start), start_step
 - ``resume``: from_step, reached_step (the furthest step of the attempt before), recomputed
 - ``train_start``: step (the first step this attempt runs)
+- ``first_step``: step (that step finished: start-up ends here)
 - ``checkpoint``: step, seconds, bytes
 - ``error``: rank, step, cause (one line)
 - ``hang``: rank, step, waited_s, bound_s, incident (folder of the stack files)

@@ -5,7 +5,8 @@ the first job's start (or the first attempt's, without the supervisor) to the la
 second lands in exactly one bucket:
 
 - ``productive``: steps whose results the run kept;
-- ``startup``: launch to the first step of each attempt (imports, process group, model, resume);
+- ``startup``: launch to the end of the first step of each attempt (imports, process group,
+  model, resume, and the first step's warm-up);
 - ``checkpoint``: checkpoint writes;
 - ``recomputed``: steps done again after a failure (from the last checkpoint to where it failed);
 - ``restart``: from the last progress before a failure to the next launch (teardown, backoff);
@@ -27,8 +28,8 @@ CAUSES = ("startup", "checkpoint", "recomputed", "restart", "hang", "between_job
 @dataclass
 class Attempt:
     begin: float  # launch (supervisor) or process start
-    train_start: float | None = None
-    start_step: int = 0
+    train_start: float | None = None  # the first step finished (or, in older runs, the loop started)
+    start_step: int = 0  # the step finished at ``train_start``
     end: float | None = None  # last progress: the run finished, or the heartbeat before a failure
     end_step: int | None = None
     checkpoint_s: float = 0.0
@@ -81,7 +82,9 @@ def _attempts(events: list[dict]) -> tuple[list[Attempt], list[tuple[float, floa
             launched = None
         elif attempts:
             a = attempts[-1]
-            if kind == "train_start":
+            if kind == "train_start" and a.train_start is None:
+                a.train_start, a.start_step = t, int(e["step"])
+            elif kind == "first_step":
                 a.train_start, a.start_step = t, int(e["step"])
             elif kind == "checkpoint":
                 a.checkpoint_s += float(e.get("seconds", 0.0))

@@ -246,6 +246,8 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
                 profiler.shape = profiler.shape or tr.last_shape
             if watchdog is not None:
                 watchdog.beat(step + 1)
+            if rank0 and step == start_step:  # start-up ends here (the first step warms up: compile, allocator)
+                write_event(run_dir, "first_step", step=step + 1)
             pending.add(stats)
             skip = stats.skipped.long()
             in_a_row = (in_a_row + 1) * skip
