@@ -88,9 +88,8 @@ def main() -> None:
         train_step(*per_clone, cloned, per_clone[0].make_mask(0, step, torch.arange(len(cloned)), cloned), step)
 
     watched = make(cfg)
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-watchdog-"))
-
-    watchdog = Watchdog(run_dir, 0, "bench", None, 1800.0, heartbeat=True)
+    run_dir = tempfile.TemporaryDirectory(prefix="bench-watchdog-")  # its heartbeat file; removed at exit
+    watchdog = Watchdog(Path(run_dir.name), 0, "bench", None, 1800.0, heartbeat=True)
 
     def run_watched(step):  # the thread runs during this variant only (starting it is charged to it)
         watchdog.start()
@@ -112,6 +111,7 @@ def main() -> None:
         watchdog.beat(i)
     beat_us = (time.perf_counter() - t0) / 10_000 * 1e6
     watchdog.close()
+    run_dir.cleanup()
     base = statistics.median(times["ours"])
     print(f"{args.preset}: batch {args.batch} × M={m}, median step time over {args.steps} steps (1 CPU thread)")
     for name, ts in times.items():

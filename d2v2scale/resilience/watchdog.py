@@ -64,14 +64,6 @@ def read_heartbeat(run_dir: Path) -> tuple[int, float] | None:
         return None
 
 
-def _state(pid: int) -> str:
-    """The one-letter process state from /proc (``T``: stopped), or "" when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
 def stopped_siblings() -> list[int]:
     """Processes with this one's parent that are stopped (Linux /proc; [] elsewhere)."""
     me, parent, out = os.getpid(), os.getppid(), []

@@ -100,9 +100,11 @@ def resolve_resume(resume: str | None, run_dir: Path, verify: bool = True) -> tu
         if not path.is_dir():
             raise ConfigError(f"--resume {resume}: no checkpoint there; allowed values: auto, a tag under "
                               f"{ckpt_dir}, or a checkpoint directory")
-        found = checkpoint.damage(path) if verify else None
-        if not verify:
-            checkpoint.read_run_info(path)
+        if verify:
+            found = checkpoint.damage(path)
+        else:
+            checkpoint.read_run_info(path)  # readable here; verify_resume checks its files once started
+            found = None
     except CheckpointError as e:
         raise ConfigError(f"--resume {resume}: {e}") from None
     if found is not None:
