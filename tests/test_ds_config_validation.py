@@ -2,6 +2,7 @@
 group, for both backends (they read the same sections); every shipped ds_config still passes."""
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from d2v2scale.train.run import _preset_of_ds_config
 
-from test_hardening import _main
+from test_hardening import _main, _one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("deepspeed", "fsdp2")
@@ -184,3 +185,55 @@ def test_every_optional_section_filled_passes(tmp_path):
                                "--dry_run", f"parallel.backend={backend}")
         assert code == 0 and err == "", (backend, err)
     assert not (tmp_path / "tb").exists() and not (tmp_path / "csv").exists()  # checked, not created
+
+
+# Every numeric range the validator enforces, both sides of each bound: (dotted key, a value at or
+# just inside the bound that must pass, the nearest value on the other side that must be refused).
+# The smallest float steps (math.nextafter) make a flipped comparison (> for >=, <= for <) fail.
+BELOW_0, BELOW_1, ABOVE_1 = math.nextafter(0.0, -1.0), math.nextafter(1.0, 0.0), math.nextafter(1.0, 2.0)
+TINY = math.nextafter(0.0, 1.0)
+BOUNDARIES = [
+    ("optimizer.params.lr", TINY, 0),
+    ("optimizer.params.eps", TINY, 0),
+    ("optimizer.params.weight_decay", 0, BELOW_0),
+    ("optimizer.params.betas", [0, 0.95], [BELOW_0, 0.95]),
+    ("optimizer.params.betas", [0.9, 0], [0.9, BELOW_0]),
+    ("optimizer.params.betas", [BELOW_1, 0.95], [1, 0.95]),
+    ("optimizer.params.betas", [0.9, BELOW_1], [0.9, 1]),
+    ("gradient_clipping", 0, BELOW_0),
+    ("steps_per_print", 1, 0),
+    ("scheduler.params.warmup_num_steps", 1, 0),
+    ("scheduler.params.total_num_steps", 1, 0),
+    ("scheduler.params.warmup_min_ratio", 0, BELOW_0),
+    ("scheduler.params.warmup_min_ratio", 1, ABOVE_1),
+    ("scheduler.params.cos_min_ratio", 0, BELOW_0),
+    ("scheduler.params.cos_min_ratio", 1, ABOVE_1),
+    ("scheduler.params.warmup_min_lr", 0, BELOW_0),
+    ("scheduler.params.warmup_max_lr", 0, BELOW_0),
+]
+# the *_lr parameters belong to DeepSpeed's WarmupLR, which only the deepspeed backend runs
+WARMUP_LR = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.001, "warmup_num_steps": 20,
+                                            "warmup_type": "linear"}}
+
+
+def _compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("key, accepted, refused", BOUNDARIES,
+                         ids=[f"{k.rsplit('.', 1)[-1]}:{_compact(a)}|{_compact(r)}" for k, a, r in BOUNDARIES])
+def test_each_numeric_bound_holds_on_both_sides(key, accepted, refused, tmp_path):
+    """Through the launcher (the entry point users meet): the accepted value starts a dry run, the
+    refused one is one line naming the key and the value, exit 2."""
+    base, backends = _base(), BACKENDS
+    if key.endswith("_lr"):
+        base, backends = {**base, "scheduler": WARMUP_LR}, ("deepspeed",)
+    for value, expect in ((accepted, 0), (refused, 2)):
+        path = tmp_path / f"{expect}.json"
+        path.write_text(json.dumps(_with(base, key, value)))
+        for backend in backends:
+            code, _, err = _main("--ds_config", str(path), "--preset", "tiny_image", "--run_dir",
+                                 str(tmp_path / "r"), "--dry_run", f"parallel.backend={backend}")
+            assert code == expect, (key, value, backend, err)
+            if expect == 2:
+                assert f"error: ds_config {key}={json.dumps(value)} is not allowed; allowed: " in _one_line(err)
