@@ -26,7 +26,6 @@ weight moves: at weight 1 instead of r / B = 1/4 the whole gradient is off by 0.
 """
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ the step and AdamW's ``exp_avg`` after it (by parameter name, whole: one process
 element), β1, and the step's metrics row.
 """
 import sys
-from pathlib import Path
 
 import torch
 
