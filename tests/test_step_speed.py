@@ -48,24 +48,6 @@ def test_compiled_and_fused_steps_match_eager(tmp_path, preset):
             assert _rel(out[run]["teacher_norms"][name], norm) < tol, (run, name)
 
 
-@pytest.mark.slow
-def test_a_step_that_neither_logs_nor_saves_reads_nothing_back(tmp_path):
-    """2 processes, FSDP2 with fused AdamW, 6 steps logging every 3rd: Tensor.item/__bool__/__int__/
-    __float__/tolist/cpu/numpy on the training thread are counted per step, and so are the scalar
-    reads dispatched outside other ops (a device flag passed as an op's host number reads it back
-    with no Python call: the EMA's lerp weight did). Steps 1, 2, 4, 5 make none (the skip decision,
-    the schedule, the EMA gate, the counters and the stop agreement stay on the device or go through
-    the store); the log steps read what they log (both counters work)."""
-    from test_deepspeed_training import _torchrun
-
-    _launch(_torchrun(2), "tests/dist/sync_count.py", str(tmp_path / "out.json"), str(tmp_path / "run"))
-    report = json.loads((tmp_path / "out.json").read_text())
-    for kind in ("per_step", "dispatched"):
-        counts = {int(k): v for k, v in report[kind].items()}
-        assert all(counts.get(step, 0) == 0 for step in (1, 2, 4, 5)), (kind, counts)
-        assert counts.get(3, 0) > 0 and counts.get(6, 0) > 0, (kind, counts)
-
-
 def test_schedule_and_counter_rng_give_the_same_numbers_on_host_and_device_paths():
     """The tensor form of the LR schedule equals DeepSpeed's Python formula at every iteration, and
     the Python-int counter RNG equals the tensor one (both feed steps that must not read back)."""

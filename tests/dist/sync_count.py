@@ -1,96 +1,123 @@
-"""Count host synchronisations (a value read back from a tensor) in every step of a real run.
+"""Every operation that would make the host wait for a GPU, per step of a real training run, on
+each backend (for tests/test_sync_free.py).
 
-    torchrun --nproc_per_node 2 sync_count.py OUT.json RUN_DIR [overrides...]
+    torchrun --nproc_per_node 2 sync_count.py OUT.json RUN_DIR BACKENDS [overrides...]
 
-``Tensor.item``, ``__bool__``, ``__int__``, ``__float__``, ``tolist``, ``cpu`` and ``numpy`` are
-wrapped to count their calls on the training thread (the data loader's read-ahead thread works on
-host tensors by design), attributed to the step in progress through the loop's profiler hooks.
-A dispatch mode on the training thread also counts ``aten::_local_scalar_dense`` called outside any
-other op: the reads no Python method shows, such as a device tensor passed where an op takes a host
-number (a CPU kernel's own reads, inside its op, are not a GPU's and are not seen).
-The run: tiny_image on the FSDP2 backend with the fused AdamW of ds_configs/cpu_tiny.json.
-Rank 0 writes ``{"log_every": k, "steps": n, "per_step": {step: calls}, "dispatched": {step: reads}}``.
+BACKENDS: comma-separated ``deepspeed`` and/or ``fsdp2``; each runs tiny_image for 8 steps with
+ds_configs/cpu_tiny.json (ZeRO-1 for DeepSpeed, fused AdamW: FSDP2's sync-free path), logging at
+steps 4 and 8 and saving only at the end. tests/sync_detector.py's :class:`Detector` watches the
+training thread from the first step to the last, each record stamped with the step in progress
+(through the loop's profiler hooks). Step 5 carries the planted syncs of :data:`PLANTS`, made
+inside ``backend.step``, to show the detector sees them there; steps 1-3, 6 and 7 are clean.
+
+Every rank's records go to rank 0, which writes ``{backend: {"log_steps": [...], "planted_step": 5,
+"plants": [function names], "syncs": [{"rank", "step", "op", "stack"}]}}``.
 """
 import json
 import sys
-import threading
-from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from trainer_kit import ROOT, cpu_tiny, make_trainer
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from sync_detector import Detector  # noqa: E402
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.profiling.timers import StepTimer  # noqa: E402
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
-from d2v2scale.train.engine import build_trainer, train  # noqa: E402
+from d2v2scale.train.engine import train  # noqa: E402
 
-MAIN = threading.main_thread()
-CALLS: Counter = Counter()
-CURRENT = [None]  # the step in progress (None outside the loop)
-READS = ("item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy")
+STEPS, LOG_EVERY, PLANTED = 8, 4, 5
 
 
-def _counting(name, fn):
-    def wrapped(self, *args, **kwargs):
-        if CURRENT[0] is not None and threading.current_thread() is MAIN:
-            CALLS[CURRENT[0]] += 1
-        return fn(self, *args, **kwargs)
-
-    return wrapped
+def plant_equal(device):
+    flag, zero = torch.ones((), device=device), torch.zeros((), device=device)
+    return torch.equal(flag, zero)
 
 
-class ScalarReads(TorchDispatchMode):
-    """Counts device-to-host scalar reads dispatched on this thread (modes are per thread), per step.
-    Inside a mode's handler the mode is off, so reads made inside another op are not seen."""
+def plant_to_cpu(device):
+    return torch.arange(4.0, device=device).to("cpu")
 
-    reads: Counter = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and CURRENT[0] is not None:
-            self.reads[CURRENT[0]] += 1
-        return func(*args, **(kwargs or {}))
+def plant_nonzero(device):
+    return torch.arange(4.0, device=device).nonzero()
+
+
+def plant_masked_select(device):
+    x = torch.arange(4.0, device=device)
+    return x.masked_select(x > 1)
+
+
+def plant_bool_index(device):
+    x = torch.arange(4.0, device=device)
+    return x[x > 1]
+
+
+PLANTS = (plant_equal, plant_to_cpu, plant_nonzero, plant_masked_select, plant_bool_index)
 
 
 class StepHooks:
-    """The loop's profiler hooks, used only to know which step is in progress."""
+    """The loop's profiler hooks, used only to stamp the detector's records with the step in progress."""
 
-    def __init__(self, device):
-        self.timer, self.shape = StepTimer(device, enabled=False), None
+    def __init__(self, device, detector: Detector):
+        self.timer, self.shape, self.detector = StepTimer(device, enabled=False), None, detector
 
     def start(self):
         pass
 
     def step_begin(self, step):
-        CURRENT[0] = step + 1
+        self.detector.tag = step + 1
 
     def step_end(self, step):
         pass
 
     def finish(self, tr):
-        CURRENT[0] = None
+        self.detector.tag = None
+
+
+def with_plants(tr, detector: Detector) -> None:
+    """``backend.step`` makes the planted syncs in step :data:`PLANTED` (once, at its first call)."""
+    step, planted = tr.backend.step, []
+
+    def planted_step():
+        if detector.tag == PLANTED and not planted:
+            planted.extend(plant(tr.device) for plant in PLANTS)
+        return step()
+
+    tr.backend.step = planted_step
+
+
+def run(backend: str, run_dir: Path, overrides: list[str], dims, device) -> list[dict]:
+    cfg = load_config("tiny_image", [f"parallel.backend={backend}", f"train.max_updates={STEPS}",
+                                     f"train.log_every={LOG_EVERY}", "train.save_every=1000",
+                                     "train.allow_long_warmup=true", *overrides])
+    tr = make_trainer(cfg, cpu_tiny(), dims, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    detector = Detector(device)
+    detector.tag = None
+    with_plants(tr, detector)
+    with detector:
+        train(tr, run_dir, 0, {"layout": {}}, StepHooks(device, detector))
+    return [{"rank": dims.rank, "step": s.tag, "op": s.op, "stack": s.stack} for s in detector.syncs]
 
 
 def main():
-    out, run_dir = sys.argv[1:3]
-    cfg = load_config("tiny_image", ["parallel.backend=fsdp2", "train.max_updates=6", "train.log_every=3",
-                                     "train.save_every=1000", "train.allow_long_warmup=true", *sys.argv[3:]])
+    out, run_dir, backends = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
     dims, device = init_distributed(1)
-    ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
-    plan = plan_batch(ds, cfg, dims.dp)
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
-    for name in READS:
-        setattr(torch.Tensor, name, _counting(name, getattr(torch.Tensor, name)))
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with ScalarReads():
-        train(tr, Path(run_dir), 0, {"layout": {}}, StepHooks(device))
+    report = {}
+    for backend in backends:
+        syncs = run(backend, run_dir / backend, sys.argv[4:], dims, device)
+        gathered = [None] * dims.world_size
+        dist.all_gather_object(gathered, syncs)
+        report[backend] = {"log_steps": list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)),
+                           "planted_step": PLANTED, "plants": [fn.__name__ for fn in PLANTS],
+                           "syncs": [s for rank in gathered for s in rank]}
     if dims.rank == 0:
-        Path(out).write_text(json.dumps({"log_every": 3, "steps": 6, "per_step": dict(CALLS),
-                                         "dispatched": dict(ScalarReads.reads)}))
+        Path(out).write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
 
