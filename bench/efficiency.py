@@ -46,6 +46,7 @@ from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.profiling.kernel_trace import LOADER, HostWork, kernel_ranges, step_kernels  # noqa: E402
 from d2v2scale.profiling.timers import StepTimer  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
@@ -76,7 +77,7 @@ def one_rank_config(preset: str, micro: int, overrides: list[str]):
     budget_key = modalities.get(cfg.model.modality).budget_key
     budgeted = budget_key and modalities.batch_budget(cfg) is not None  # audio: the micro-batch is a sample budget
     if micro and budgeted:
-        setattr(cfg.data, budget_key, micro)
+        cfg.set_value(f"data.{budget_key}", micro)
     cfg.train.global_batch = modalities.batch_budget(cfg) if budgeted else (micro or cfg.train.global_batch)
     return cfg
 
@@ -94,7 +95,7 @@ def warm_trainer(cfg, ds: dict, dims, device, warmup: int):
     """A fresh one-rank trainer after ``warmup`` steps (first-step work - optimizer state, lazy
     buffers, compilation, audio's one dynamic recompile - is not a step's)."""
     plan = plan_batch(ds, cfg, 1)
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
     tr.model.train()
     for step in range(warmup):
         train_step(tr, step)

@@ -47,6 +47,7 @@ from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
 from d2v2scale.train.teacher import build_teacher  # noqa: E402
 from d2v2scale.train.compile import apply_compile  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 from d2v2scale.train.optim import param_groups  # noqa: E402
 
@@ -94,7 +95,7 @@ def engine_path(cfg, ds: dict, dims, device, backend: str, stage: int, compile_:
     ds = copy.deepcopy(ds)
     ds["zero_optimization"] = {**ds["zero_optimization"], "stage": stage}
     plan = plan_batch(ds, cfg, 1)
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
     tr.model.train()
     return tr, lambda k: train_step(tr, k)
 

@@ -25,13 +25,14 @@ def worker(preset: str, ds_path: str, tp: int, out: str) -> None:
     from d2v2scale.config import load_config
     from d2v2scale.distributed.runtime import init_distributed, shutdown
     from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config
+    from d2v2scale.run_spec import read_spec
     from d2v2scale.train.engine import build_trainer
 
     cfg = load_config(preset, [f"parallel.tp={tp}"])
     dims, device = init_distributed(tp)
     ds = load_ds_config(ds_path)
     plan = plan_batch(ds, cfg, dims.dp)
-    tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
     sizes = [None] * dims.world_size
     dist.all_gather_object(sizes, tr.teacher.master_bytes())
     if dims.rank == 0:

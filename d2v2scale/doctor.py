@@ -17,7 +17,7 @@ It is cheap on purpose (a few seconds, mostly importing torch and DeepSpeed): no
 (DeepSpeed's op report would build probe programs), nothing is allocated on a GPU, and nothing is
 written but one temporary file in the run directory, removed at once.
 
-What "asks for a GPU" means for a DeepSpeed JSON (:func:`gpu_only_keys`) is decided by what d2v2scale
+What "asks for a GPU" means for a DeepSpeed JSON (:func:`~d2v2scale.run_spec.gpu_only_keys`) is decided by what d2v2scale
 runs on a CPU: bf16, ZeRO 0-3 and torch's fused AdamW (``torch_adam``/``fused``) all train there
 (the CPU tests train ``ds_configs/cpu_tiny.json``, bf16 and fused AdamW), so they are not GPU requests. A key whose only effect
 is a GPU's is: ``fp16`` (loss-scaled half precision for tensor cores; FSDP2 refuses it everywhere and
@@ -46,6 +46,7 @@ from types import ModuleType
 from .atomic import cannot_write, nearest_existing
 from .cli import OneLineParser
 from .exit_codes import EXIT_BAD_INPUT, EXIT_OK
+from .run_spec import bf16_enabled, gpu_only_keys, ops_needed
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # One ViT-H checkpoint: 637M student parameters x (4 B fp32 weight + 8 B AdamW moments) + 631M EMA
@@ -162,63 +163,6 @@ def dali_verdict(dists: list[str], driver_cuda: int | None, cuda: bool) -> tuple
         return WARN, f"{name} on a node without CUDA: DALI runs CPU pipelines only (decode on the CPU)"
     return WARN, (f"{name} (CUDA {major}): the driver's CUDA version is unknown (pynvml missing), so whether "
                   "this wheel fits it is unknown")
-
-
-def gpu_only_keys(ds: dict, pin_memory_default: bool = True) -> list[tuple[str, str]]:
-    """The keys of a DeepSpeed JSON that ask for a GPU, each as (``key=value``, why), in the order the
-    JSON's sections are read. See the module docstring for the rule. ``pin_memory_default``: what
-    DeepSpeed assumes for an offload section without ``pin_memory``."""
-    found: list[tuple[str, str]] = []
-
-    def section(name: str) -> dict:
-        value = ds.get(name)
-        return value if isinstance(value, dict) else {}
-
-    if section("fp16").get("enabled") is True:
-        found.append(("fp16.enabled=true", "fp16 with loss scaling is GPU mixed precision (d2v2scale trains fp32 "
-                      "or bf16 on a CPU; FSDP2 refuses fp16 everywhere)"))
-    if section("amp").get("enabled") is True:
-        found.append(("amp.enabled=true", "apex AMP runs on CUDA only"))
-    zero = section("zero_optimization")
-    if zero.get("overlap_comm") is True:
-        found.append(("zero_optimization.overlap_comm=true", "it overlaps the gradient reduction with the backward "
-                      "on a second CUDA stream; DeepSpeed's CPU accelerator has no streams"))
-    for part in ("offload_optimizer", "offload_param"):
-        offload = zero.get(part)
-        if not isinstance(offload, dict) or offload.get("device") not in ("cpu", "nvme"):
-            continue
-        pinned = offload.get("pin_memory", pin_memory_default)
-        if pinned is True:
-            default = "" if "pin_memory" in offload else " (DeepSpeed's default)"
-            found.append((f"zero_optimization.{part}.pin_memory=true{default}", "pinned host buffers exist for copies "
-                          "to and from a GPU, and offloading moves state out of GPU memory"))
-    for key in ("zero_quantized_weights", "zero_quantized_gradients", "zero_quantized_nontrainable_weights"):
-        if zero.get(key) is True:
-            found.append((f"zero_optimization.{key}=true", "ZeRO++ quantization runs CUDA kernels that DeepSpeed's "
-                          "CPU accelerator lacks"))
-    return found
-
-
-def ops_needed(ds: dict) -> list[tuple[str, str]]:
-    """The DeepSpeed ops a ``parallel.backend=deepspeed`` engine builds for this JSON, each with the key
-    that asks for it. torch's AdamW (``torch_adam: true``, all shipped JSONs) needs none; otherwise
-    DeepSpeed's FusedAdam, or its CPU Adam when the optimizer is offloaded; NVMe offload needs async I/O."""
-    opt = ds.get("optimizer", {}) if isinstance(ds.get("optimizer"), dict) else {}
-    params = opt.get("params", {}) if isinstance(opt.get("params"), dict) else {}
-    zero = ds.get("zero_optimization", {}) if isinstance(ds.get("zero_optimization"), dict) else {}
-
-    def device(part: str) -> str | None:
-        offload = zero.get(part)
-        return offload.get("device") if isinstance(offload, dict) else None
-
-    needed = []
-    if params.get("torch_adam") is not True:
-        key = "optimizer.params.torch_adam" + ("=false" if "torch_adam" in params else " (absent)")
-        needed.append(("cpu_adam" if device("offload_optimizer") in ("cpu", "nvme") else "fused_adam", key))
-    for part in ("offload_optimizer", "offload_param"):
-        if device(part) == "nvme":
-            needed.append(("async_io", f"zero_optimization.{part}.device=nvme"))
-    return needed
 
 
 def socket_ifname_problem(value: str, interfaces: list[str]) -> str | None:
@@ -518,7 +462,7 @@ def check_ds_config(node: Node, path: str) -> Check:
                          f"{f' (and {more} more GPU-only key(s))' if more else ''}")
         return Check("ds_config", OK, f"{path}: asks for nothing GPU-only (bf16, ZeRO and torch's fused AdamW run "
                      "on a CPU too)")
-    bf16 = isinstance(node.ds.get("bf16"), dict) and node.ds["bf16"].get("enabled") is True
+    bf16 = bf16_enabled(node.ds)
     old = [g for g in node.gpus if g.capability < (8, 0)]
     if bf16 and old:
         g = old[0]

@@ -136,16 +136,6 @@ def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def describe_optimization(ds: dict, cfg: Config, plan: BatchPlan) -> str:
-    """One line for the start of a run: the effective batch and the learning-rate schedule."""
-    opt = ds.get("optimizer", {}).get("params", {})
-    sched = ds.get("scheduler", {})
-    sp = sched.get("params", {})
-    lr = opt.get("lr", "?")
-    return (f"{plan.describe()}; peak lr {lr} ({sched.get('type', 'constant')}, warmup "
-            f"{sp.get('warmup_num_steps', 0)} of {cfg.train.max_updates} updates); masks per sample M={cfg.model.clone_batch}")
-
-
 def linear_scaled_batch(ds: dict, cfg: Config, dp: int) -> int:
     """The global batch ``train.batch_scaling=linear`` grows to: the next multiple of what one step
     takes over ``dp`` ranks (micro-batch or sample budget × ``dp`` × the JSON's accumulation steps).

@@ -92,14 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[d2v2scale] {e}")
         return EXIT_OK
     if args.print_config:
-        print(yaml.safe_dump({"config": setup.cfg.run_dict(), "ds_config": setup.ds_config}, sort_keys=False), end="")
+        print(yaml.safe_dump({"config": setup.cfg.run_dict(), "ds_config": setup.spec.json_copy()}, sort_keys=False),
+              end="")
         return EXIT_OK
     if args.dry_run:
-        from .ds_config import describe_optimization
-
         for note in setup.notes:
             print(f"[d2v2scale] {note}")
-        print(f"[d2v2scale] {setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}")
+        print(f"[d2v2scale] {setup.cfg.preset}: {setup.spec.describe(setup.cfg)}")
         return EXIT_OK
     return run(setup)
 

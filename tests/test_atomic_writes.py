@@ -42,9 +42,12 @@ def _latest(path):
 
 def _run_files(path):
     from d2v2scale.config import load_config
+    from d2v2scale.ds_config import load_ds_config
+    from d2v2scale.run_spec import run_spec
     from d2v2scale.train.run import Setup, _write_run_files
 
-    _write_run_files(Setup(load_config("tiny_image"), {"train_batch_size": 32}, None, path.parent, None, {}))
+    cfg = load_config("tiny_image")
+    _write_run_files(Setup(cfg, run_spec(load_ds_config("cpu_tiny.json"), cfg, 1), path.parent, None, {}))
 
 
 def _job_marker(path):

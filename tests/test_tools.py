@@ -119,13 +119,19 @@ def test_a_sink_without_its_package_is_refused_before_anything_starts(monkeypatc
     import importlib.util
 
     from d2v2scale.config import ConfigError
+    from d2v2scale.config import load_config
+    from d2v2scale.run_spec import run_spec
     from d2v2scale.train.sinks import check_sinks
+
+    def monitors(wandb: bool):
+        ds = {"optimizer": {"type": "AdamW"}, "wandb": {"enabled": wandb}, "tensorboard": {"enabled": True}}
+        return run_spec(ds, load_config("tiny_image"), 1).monitors
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="ds_config wandb.enabled=true needs the 'wandb' package: pip install wandb"):
-        check_sinks({"wandb": {"enabled": True}, "tensorboard": {"enabled": True}})
-    check_sinks({"wandb": {"enabled": False}, "tensorboard": {"enabled": True}})  # installed in the test venv
+        check_sinks(monitors(wandb=True))
+    check_sinks(monitors(wandb=False))  # tensorboard is installed in the test venv
 
 
 def _strict_json(text: str):

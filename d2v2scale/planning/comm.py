@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from ..config import Config
 from ..model.blocks import checkpointed_count
 from ..profiling.flops import StepShape
+from ..run_spec import ZeroSpec
 
 SCALAR_CALLS = 5  # masked-token count, non-finite guard, three in DeepSpeed's clipping and overflow checks
 
@@ -64,19 +65,10 @@ class Collective:
         return self.nbytes * self.calls
 
 
-def _zero_options(ds: dict) -> dict:
-    z = ds.get("zero_optimization", {})
-    return {"stage": int(z.get("stage", 0)), "persist": float(z.get("stage3_param_persistence_threshold", 1e5)),
-            "reuse": float(z.get("stage3_max_reuse_distance", 1e9)),
-            "live": float(z.get("stage3_max_live_parameters", 1e9)), "overlap": bool(z.get("overlap_comm", False))}
-
-
-def step_collectives(cfg: Config, ds: dict, shape: StepShape, grad_accum: int, params: ParamCounts, tp: int,
-                     dp: int, checkpoint_every: int | None = None) -> list[Collective]:
+def step_collectives(cfg: Config, zero: ZeroSpec, bf16: bool, shape: StepShape, grad_accum: int, params: ParamCounts,
+                     tp: int, dp: int, checkpoint_every: int | None = None) -> list[Collective]:
     m = cfg.model
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     a = 2 if bf16 else 4
-    z = _zero_options(ds)
     g = grad_accum
     every = m.activation_checkpointing if checkpoint_every is None else checkpoint_every
     out: list[Collective] = []
@@ -95,10 +87,10 @@ def step_collectives(cfg: Config, ds: dict, shape: StepShape, grad_accum: int, p
         out.append(Collective("TP all-reduce, teacher blocks (2 per block)", "all_reduce", "tp",
                               teacher_act, 2 * teacher_blocks * g, ""))
     if dp > 1 and cfg.parallel.backend == "fsdp2":
-        out += _fsdp2_collectives(cfg, z["stage"] == 3, params, a, g)
+        out += _fsdp2_collectives(cfg, zero.stage == 3, params, a, g)
     elif dp > 1:
-        overlap = "backward" if z["overlap"] else ""
-        stage = z["stage"]
+        overlap = "backward" if zero.overlap_comm else ""
+        stage = zero.stage
         if stage in (0, 1):
             out.append(Collective("gradient all-reduce at the accumulation boundary", "all_reduce", "dp",
                                   params.trainable * a, 1, overlap))
@@ -112,14 +104,14 @@ def step_collectives(cfg: Config, ds: dict, shape: StepShape, grad_accum: int, p
             out.append(Collective("updated weights all-gather after the step", "all_gather", "dp",
                                   params.trainable * a, 1, ""))
         if stage == 3:
-            persistent = sum(n for n in params.sizes if n <= z["persist"])
+            persistent = sum(n for n in params.sizes if n <= zero.stage3_param_persistence_threshold)
             gathered = params.total - persistent
             if gathered:
-                twice = gathered > min(z["reuse"], z["live"])
+                twice = gathered > min(zero.stage3_max_reuse_distance, zero.stage3_max_live_parameters)
                 out.append(Collective("ZeRO-3 parameter all-gather per micro-batch"
                                       + (" (forward and backward)" if twice else " (kept live for backward)"),
                                       "all_gather", "dp", gathered * a, g * (2 if twice else 1),
-                                      "forward+backward" if z["overlap"] else ""))
+                                      "forward+backward" if zero.overlap_comm else ""))
             if persistent:
                 out.append(Collective("ZeRO-3 persistent small parameters after the step", "all_gather", "dp",
                                       persistent * a, 1, ""))

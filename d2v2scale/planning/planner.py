@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from .. import modality as modalities
 from ..config import BACKENDS, Config, ConfigError, load_config
-from ..ds_config import BatchPlan, plan_batch, scale_batch_for_world
+from ..ds_config import BatchPlan, scale_batch_for_world
+from ..run_spec import run_spec
+from ..run_spec import set_micro_batch as set_json_micro_batch
 from ..model.blocks import checkpointed_count
 from ..profiling.flops import PEAK_FLOPS, StepShape, forward_flops
 from .cluster import ClusterProfile
@@ -88,23 +90,23 @@ def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
         raise ConfigError(f"--tp {tp} must divide the {world} GPUs")
     dp = world // tp
     note = scale_batch_for_world(ds, cfg, dp)
-    bp = plan_batch(ds, cfg, dp)
+    spec = run_spec(ds, cfg, dp)
+    bp = spec.batch
     m = cfg.model
     input_len = modalities.get(m.modality).input_length(cfg)
     items = max(1, bp.micro_batch // input_len) if modalities.batch_budget(cfg) else bp.micro_batch
     positions = positions_per_item(cfg, input_len)
-    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
-    lay = Layout(tp, dp, zero, bool(ds.get("bf16", {}).get("enabled", False)), items, positions, input_len,
+    lay = Layout(tp, dp, spec.zero.stage, spec.precision.bf16, items, positions, input_len,
                  cfg.parallel.backend)
     params = param_counts(cfg, tp)
     states = model_state_bytes(params, lay)
-    bucket = float(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8)) * (2 if lay.bf16 else 4)
+    bucket = spec.zero.reduce_bucket_size * (2 if lay.bf16 else 4)
     acts = {every: activation_bytes(cfg, lay, every) for every in {0, max(1, m.activation_checkpointing)}}
     acts[m.activation_checkpointing] = activation_bytes(cfg, lay, m.activation_checkpointing)
     kept = int(positions * (1 - cfg.masking.mask_prob))
     shape = StepShape(items, positions, kept)
     model_f, hw_f = _per_gpu_flops(cfg, shape, input_len, tp)
-    collectives = step_collectives(cfg, ds, shape, bp.grad_accum, params, tp, dp)
+    collectives = step_collectives(cfg, spec.zero, spec.precision.bf16, shape, bp.grad_accum, params, tp, dp)
     efficiency = efficiency or Efficiency()
     t = step_time(model_f, bp.grad_accum, PEAK_FLOPS[profile.gpu], efficiency, collectives, profile, tp, dp)
     t.compute_s *= hw_f / model_f  # the recompute costs time, not model FLOPs
@@ -180,6 +182,6 @@ def set_micro_batch(cfg: Config, ds: dict, micro: int | None) -> None:
         return
     budget_key = modalities.get(cfg.model.modality).budget_key
     if budget_key:
-        setattr(cfg.data, budget_key, micro)
+        cfg.set_value(f"data.{budget_key}", micro)
     else:
-        ds["train_micro_batch_size_per_gpu"] = micro
+        set_json_micro_batch(ds, micro)

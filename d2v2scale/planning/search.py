@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .. import modality as modalities
 from ..config import Config, ConfigError, load_config
 from ..ds_config import linear_scaled_batch, load_ds_config
+from ..run_spec import peak_lr, set_zero_stage
 from .cluster import ClusterProfile
 from .planner import Plan, plan, set_micro_batch
 from .timing import Efficiency
@@ -70,8 +71,7 @@ def search(cfg: Config, ds: dict, nodes: int, profile: ClusterProfile, efficienc
                     for scaling in ("none", "linear"):
                         c, d = copy.deepcopy(cfg), copy.deepcopy(ds)
                         c.parallel.tp, c.model.activation_checkpointing, c.train.batch_scaling = tp, every, scaling
-                        d.setdefault("zero_optimization", {})["stage"] = zero
-                        d["gradient_accumulation_steps"] = "auto"
+                        set_zero_stage(d, zero)
                         set_micro_batch(c, d, micro)
                         launch_ds = copy.deepcopy(d)
                         try:
@@ -144,7 +144,7 @@ def ways_out(cfg: Config, ds: dict, nodes: int, gpus: int, tp: int) -> str:
             out.append(f"{tp_part}{unit}={micros[0]}" + (f" (or {', '.join(map(str, micros[1:4]))})" if micros[1:] else ""))
     if not any(o.startswith(unit) for o in out):
         out.insert(0, f"no {unit} splits {g} over {world // tp} data-parallel ranks")
-    lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+    lr = peak_lr(ds)
     new = linear_scaled_batch(ds, cfg, world // tp)
     out.append(f"train.batch_scaling=linear (global batch {g} → {new}, peak lr {lr} → "
                f"{lr * new / g if lr else '?'}, linear rule)")

@@ -101,10 +101,10 @@ def environment(tr) -> dict:
         "dp": tr.dims.dp,
         **tr.backend.describe(),  # backend name, its version, its sharding (ZeRO stage / reshard)
         "dtype": str(tr.dtype).replace("torch.", ""),
-        "micro_batch": tr.plan.micro_batch,
-        "grad_accum": tr.plan.grad_accum,
-        "global_batch": tr.plan.global_batch,
-        "batch_unit": tr.plan.unit,
+        "micro_batch": tr.spec.batch.micro_batch,
+        "grad_accum": tr.spec.batch.grad_accum,
+        "global_batch": tr.spec.batch.global_batch,
+        "batch_unit": tr.spec.batch.unit,
     }
 
 

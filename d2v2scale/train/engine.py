@@ -40,7 +40,6 @@ from ..data.schedule import RankSchedule
 from ..distributed.dims import ParallelDims
 from ..distributed.runtime import all_reduce, broadcast_object
 from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, tp_slice
-from ..ds_config import BatchPlan
 from ..logs import LOG, progress_line
 from ..model import Data2Vec2, cls_share, normalize_loss
 from ..model.parallelize import parallelize
@@ -48,6 +47,7 @@ from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
 from ..resilience.events import write_event
 from ..resilience.watchdog import Watchdog
+from ..run_spec import RunSpec
 from ..runfiles import MetricsWriter
 from . import checkpoint
 from .backend import Backend, build_backend
@@ -64,14 +64,14 @@ from .faults import (
 )
 from .kernels import apply_kernels, select_kernels
 from .reporting import Diagnostics, Interval, log_record
-from .sinks import MetricSinks, without_sinks
+from .sinks import MetricSinks
 from .teacher import EMACore, ema_schedule
 
 
 @dataclass
 class Trainer:
     cfg: Config
-    plan: BatchPlan
+    spec: RunSpec  # the DeepSpeed JSON, typed: batch split, precision, optimizer, monitors
     dims: ParallelDims
     backend: Backend
     loader: StepLoader
@@ -86,7 +86,6 @@ class Trainer:
     teacher_fn: object = None  # the teacher as the model sees it: model.teacher_fn(teacher.module)
     # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
     params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)
-    ds_config: dict = field(default_factory=dict)  # resolved; its monitor sections drive the metric sinks
     cls_weight: float = 1.0  # the CLS sum's weight in the objective (model.cls_share), fixed for the run
 
     @property
@@ -124,7 +123,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
     # The backend divides by grad_accum and averages over DP; undo both so the gradient is the objective's.
-    scale = tr.plan.dp * tr.plan.grad_accum
+    scale = tr.spec.batch.dp * tr.spec.batch.grad_accum
 
     layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
     zero = torch.zeros((), device=tr.device)
@@ -156,7 +155,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
                      ~torch.as_tensor(applied, device=tr.device), flops)
 
 
-def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelDims, device: torch.device) -> Trainer:
+def build_trainer(cfg: Config, spec: RunSpec, dims: ParallelDims, device: torch.device) -> Trainer:
     """Model (identical init on every rank) → tensor parallelism → teacher copy → backend (student
     wrapped, optimizer, sharded EMA teacher)."""
     torch.manual_seed(cfg.seed)
@@ -175,17 +174,17 @@ def build_trainer(cfg: Config, ds_config: dict, plan: BatchPlan, dims: ParallelD
         apply_compile(teacher_module, cfg.model.cuda_graphs)
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     params = {n: (tuple(p.shape), tp_slice(p, dims)) for n, p in model.named_parameters()}
-    backend = build_backend(cfg.parallel.backend, model, teacher_module, without_sinks(ds_config), dims,
-                            ema_schedule(cfg), device, tracked)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
+    backend = build_backend(cfg.parallel.backend, model, teacher_module, spec, dims, ema_schedule(cfg), device, tracked)
+    dtype = torch.bfloat16 if spec.precision.bf16 else torch.float32
+    plan = spec.batch
     schedule = RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, dims.dp_rank, dims.dp)
-    spec = index_spec(cfg)  # built once (rank 0), read by every other rank after it is done
-    index = None if spec is None else shared_index(spec, dims.rank == 0, broadcast_object)
+    wanted = index_spec(cfg)  # built once (rank 0), read by every other rank after it is done
+    index = None if wanted is None else shared_index(wanted, dims.rank == 0, broadcast_object)
     loader = StepLoader(cfg, schedule, device, dtype, verbose=dims.rank == 0, prefetch_steps=cfg.data.prefetch_steps,
                         masker=lambda step, mb: model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths),
                         index=index)
-    return Trainer(cfg, plan, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
-                   teacher_fn=backend.model.teacher_fn(backend.teacher.module), params=params, ds_config=ds_config,
+    return Trainer(cfg, spec, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
+                   teacher_fn=backend.model.teacher_fn(backend.teacher.module), params=params,
                    cls_weight=cls_share(cfg.model.cls_loss_reference_micro_batch, plan.global_batch))
 
 
@@ -215,7 +214,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
 
     run_info = run_info or {}
     metrics = MetricsWriter(run_dir / runfiles.METRICS, enabled=rank0)
-    sinks = MetricSinks(tr.ds_config, run_dir, enabled=rank0)
+    sinks = MetricSinks(tr.spec.monitors, run_dir, enabled=rank0)
     diagnostics = Diagnostics(run_dir / runfiles.DIAGNOSTICS, cfg.train, enabled=rank0)
     stop = StopFlag()
     stop.install()

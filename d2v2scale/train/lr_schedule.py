@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..config import ConfigError
+from ..run_spec import SchedulerSpec
 
 SUPPORTED = ("WarmupCosineLR",)
 
@@ -81,11 +82,10 @@ class WarmupCosine:
                 group["lr"] = base * r
 
 
-def schedule_from(ds: dict, optimizer: torch.optim.Optimizer) -> WarmupCosine | None:
-    """The ds_config's ``scheduler`` section on ``optimizer``; None without one (constant lr)."""
-    sched = ds.get("scheduler")
-    if not sched:
+def schedule_from(sched: SchedulerSpec | None, optimizer: torch.optim.Optimizer) -> WarmupCosine | None:
+    """The ds_config's ``scheduler`` on ``optimizer``; None without one (constant lr)."""
+    if sched is None:
         return None
-    if sched.get("type") not in SUPPORTED:  # refused earlier, with the other sections (ds_validate)
-        raise ValueError(f"scheduler.type={sched.get('type')!r}; supported: {', '.join(SUPPORTED)}")
-    return WarmupCosine(optimizer, **sched.get("params", {}))
+    if sched.type not in SUPPORTED:  # refused earlier, with the other sections (ds_validate)
+        raise ValueError(f"scheduler.type={sched.type!r}; supported: {', '.join(SUPPORTED)}")
+    return WarmupCosine(optimizer, **sched.params)

@@ -86,7 +86,7 @@ def log_record(tr, step: int, interval: Interval, wall: float) -> dict:
         "target_var": spreads[0],
         "pred_var": spreads[1],
         "masked_frac": masked / (masked + kept),
-        "samples_per_s": tr.plan.global_batch * steps / wall,
+        "samples_per_s": tr.spec.batch.global_batch * steps / wall,
         "step_time_s": wall / steps,
         "data_time_s": interval.data_time_s / steps,
         "tflops_per_device": flops_per_s_device / 1e12,

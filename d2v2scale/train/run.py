@@ -15,21 +15,14 @@ from .. import atomic, runfiles
 from .. import modality as modalities
 from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, config_from_dict, load_config
 from ..distributed.dims import LaunchEnv
-from ..ds_config import (
-    BatchPlan,
-    describe_optimization,
-    flatten,
-    load_ds_config,
-    plan_batch,
-    resolve_ds_config,
-    scale_batch_for_world,
-)
+from ..ds_config import flatten, load_ds_config, scale_batch_for_world
 from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
 from ..logs import LOG
 from ..resilience.events import write_event
 from ..resilience.watchdog import Watchdog, collective_timeout_s, read_heartbeat
+from ..run_spec import RunSpec, recorded_micro_batch, run_spec
 from . import checkpoint
-from .backend import check_ds_config
+from .backend import check_spec, validate_json
 from .shards import has_shards
 from .sinks import check_sinks
 from .verify import CheckpointError
@@ -54,8 +47,7 @@ _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_cl
 @dataclass
 class Setup:
     cfg: Config
-    ds_config: dict
-    plan: BatchPlan
+    spec: RunSpec  # the DeepSpeed JSON, resolved for this launch and typed
     run_dir: Path
     resume_from: Path | None  # a complete checkpoint directory, or None to start fresh
     layout: dict
@@ -127,7 +119,7 @@ def verify_resume(setup: Setup, rank: int, world_size: int) -> None:
         for line in passed_over:
             LOG.info(line)
     if tag != setup.resume_from:
-        note = None if tag is None else check_resume(tag, setup.cfg, setup.ds_config, setup.layout)
+        note = None if tag is None else check_resume(tag, setup.cfg, setup.spec.json_copy(), setup.layout)
         if rank == 0 and note:
             LOG.info(note)
         setup.resume_from = tag
@@ -140,11 +132,11 @@ def _saved_config(info: dict) -> dict:
     saved, model = info["config"], info["config"].get("model", {})
     if "cls_loss_reference_micro_batch" in model or not model.get("cls_loss"):
         return saved
-    micro = info.get("ds_config", {}).get("train_micro_batch_size_per_gpu")
+    micro = recorded_micro_batch(info.get("ds_config", {}))
     return {**saved, "model": {**model, "cls_loss_reference_micro_batch": micro}}
 
 
-def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | None:
+def check_resume(tag_dir: Path, cfg: Config, ds_json: dict, layout: dict) -> str | None:
     """The checkpoint must come from the same model, data and optimisation (the global batch
     included). A layout-free checkpoint resumes on any layout: returns the line saying how it
     changes; a native DeepSpeed one only on the layout that wrote it."""
@@ -155,7 +147,7 @@ def check_resume(tag_dir: Path, cfg: Config, ds: dict, layout: dict) -> str | No
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: {key} was {old!r} in the checkpoint, is {new!r} now; keys that "
                           f"may change on resume: {', '.join(RESUMABLE)}")
-    diff = _first_difference(info["ds_config"], ds, _DS_RESUMABLE)
+    diff = _first_difference(info["ds_config"], ds_json, _DS_RESUMABLE)
     if diff:
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: ds_config {key} was {old!r} in the checkpoint, is {new!r} now; "
@@ -224,9 +216,12 @@ def prepare(args) -> Setup:
         raise ConfigError(f"parallel.tp={tp} must divide the number of processes {env.world_size}; "
                           f"allowed values: {', '.join(map(str, allowed))}")
     backend = cfg.parallel.backend
-    check_ds_config(backend, ds, tp)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    check_sinks(ds)
+    validate_json(backend, ds)
+    dp = env.world_size // tp
+    scaling_note = scale_batch_for_world(ds, cfg, dp)
+    spec = run_spec(ds, cfg, dp)
+    check_spec(backend, spec, tp)
+    check_sinks(spec.monitors)
     kind = modalities.data_kind(cfg)  # None: synthetic
     if kind is not None and kind.needs_path and not cfg.data.path:
         raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
@@ -241,13 +236,10 @@ def prepare(args) -> Setup:
             check_data(cfg, builder=env.rank == 0, verbose=env.rank == 0)
         except DataError as e:
             raise ConfigError(str(e)) from None
-    scaling_note = scale_batch_for_world(ds, cfg, env.world_size // tp)
-    plan = plan_batch(ds, cfg, env.world_size // tp)
-    resolved = resolve_ds_config(ds, cfg, plan)
     notes = [scaling_note] if scaling_note else []
     foreign = _preset_of_ds_config(args.ds_config)
-    warmup = resolved.get("scheduler", {}).get("params", {}).get("warmup_num_steps", 0)
-    if isinstance(warmup, int) and warmup >= cfg.train.max_updates and not cfg.train.allow_long_warmup:
+    warmup = spec.scheduler.warmup_num_steps if spec.scheduler else 0
+    if warmup >= cfg.train.max_updates and not cfg.train.allow_long_warmup:
         if foreign and foreign != cfg.preset:
             raise ConfigError(f"the ds_config's scheduler warms up for {warmup} updates but the run has "
                               f"train.max_updates={cfg.train.max_updates}: the learning rate would never reach its "
@@ -256,7 +248,8 @@ def prepare(args) -> Setup:
         notes.append(f"warning: the learning rate never reaches its peak: the ds_config warms up for {warmup} updates, "
                      f"the run stops at train.max_updates={cfg.train.max_updates} (fine for a smoke test; "
                      "train.allow_long_warmup=true says it is meant)")
-    if env.world_size // tp == 1 and stage in (1, 2) and backend == ParallelConfig().backend:
+    stage = spec.zero.stage
+    if dp == 1 and stage in (1, 2) and backend == ParallelConfig().backend:
         notes.append(f"note: one data-parallel rank: ZeRO-{stage} partitions nothing but still copies gradients into "
                      "its flat buffers; zero_optimization.stage=0 runs the same step faster (bench/step_paths.py)")
     if foreign and foreign != cfg.preset:
@@ -264,7 +257,7 @@ def prepare(args) -> Setup:
     dry_run = getattr(args, "dry_run", False)
     moved = None if getattr(args, "print_config", False) else \
         check_run_dir(run_dir, args.resume, getattr(args, "overwrite", False), dry_run)
-    layout = {"backend": backend, "tp": tp, "dp": env.world_size // tp, "zero_stage": stage}
+    layout = {"backend": backend, "tp": tp, "dp": dp, "zero_stage": stage}
     alone = env.world_size == 1  # one process verifies before anything starts; several share it afterwards
     resume_from, passed_over = resolve_resume(args.resume, run_dir, verify=alone)
     notes += passed_over
@@ -272,7 +265,7 @@ def prepare(args) -> Setup:
         notes += [f"starting at step 0: no checkpoint under {run_dir / runfiles.CHECKPOINTS}",
                   *_sibling_runs(run_dir, cfg.preset)]
     if resume_from is not None:
-        reshard = check_resume(resume_from, cfg, resolved, layout)
+        reshard = check_resume(resume_from, cfg, spec.json_copy(), layout)
         notes += [reshard] if reshard else []
         done = checkpoint.step_of(resume_from.name)
         if done >= cfg.train.max_updates:
@@ -280,7 +273,7 @@ def prepare(args) -> Setup:
                                   f"{cfg.train.max_updates}); nothing to do")
     notes = ([moved] if moved else []) + notes
     cfg.profiling.enabled = bool(args.profile or cfg.profiling.enabled)  # config.yaml says what ran
-    return Setup(cfg, resolved, plan, run_dir, resume_from, layout, profile=cfg.profiling.enabled, notes=notes,
+    return Setup(cfg, spec, run_dir, resume_from, layout, profile=cfg.profiling.enabled, notes=notes,
                  resume=args.resume, resume_verified=alone)
 
 
@@ -308,7 +301,7 @@ def _write_run_files(setup: Setup) -> None:
     setup.run_dir.mkdir(parents=True, exist_ok=True)
     said = "".join(f"# {note}\n" for note in setup.notes if note.startswith("warning:"))  # kept with the run
     atomic.write_text(setup.run_dir / runfiles.CONFIG, said + yaml.safe_dump(setup.cfg.run_dict(), sort_keys=False))
-    atomic.write_text(setup.run_dir / runfiles.DS_CONFIG, json.dumps(setup.ds_config, indent=2) + "\n")
+    atomic.write_text(setup.run_dir / runfiles.DS_CONFIG, json.dumps(setup.spec.json_copy(), indent=2) + "\n")
 
 
 def _start_watchdog(setup: Setup, rank: int) -> Watchdog:
@@ -380,11 +373,11 @@ def run(setup: Setup) -> int:
             _write_run_files(setup)
             for note in setup.notes:
                 LOG.info(note)
-            LOG.info(f"{setup.cfg.preset}: {describe_optimization(setup.ds_config, setup.cfg, setup.plan)}")
+            LOG.info(f"{setup.cfg.preset}: {setup.spec.describe(setup.cfg)}")
         reached = read_heartbeat(setup.run_dir) if rank == 0 else None  # how far the attempt before got
         watchdog = _start_watchdog(setup, rank)
         verify_resume(setup, rank, dims.world_size)
-        tr = build_trainer(setup.cfg, setup.ds_config, setup.plan, dims, device)
+        tr = build_trainer(setup.cfg, setup.spec, dims, device)
         start = 0
         if setup.resume_from is not None:
             start = checkpoint.load_checkpoint(tr, setup.resume_from, setup.layout)
@@ -398,7 +391,7 @@ def run(setup: Setup) -> int:
                 if dropped:
                     LOG.info(f"{name}: dropped {dropped} rows past step {start} written by the interrupted "
                              "attempt (this run writes them again)")
-        run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.ds_config, "layout": setup.layout}
+        run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.spec.json_copy(), "layout": setup.layout}
         profiler = None
         if setup.profile:
             from ..profiling.profiler import Profiler

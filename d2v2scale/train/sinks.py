@@ -22,28 +22,18 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError
+from ..run_spec import MonitorSpec
 
-SECTIONS = ("tensorboard", "csv_monitor", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-JOB_NAME = "DeepSpeedJobName"
 
 
-def enabled_sections(ds: dict) -> list[str]:
-    return [name for name in SECTIONS if ds.get(name, {}).get("enabled", False)]
-
-
-def check_sinks(ds: dict) -> None:
+def check_sinks(monitors: tuple[MonitorSpec, ...]) -> None:
     """Refuse, before any process group starts, a sink whose package is not installed."""
-    for name in enabled_sections(ds):
-        package = PACKAGES.get(name)
+    for monitor in monitors:
+        package = PACKAGES.get(monitor.name)
         if package and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"ds_config {name}.enabled=true needs the '{package}' package: pip install {package} "
-                              f"(or set {name}.enabled=false)")
-
-
-def without_sinks(ds: dict) -> dict:
-    """The ds_config a backend gets: the monitor sections are ours."""
-    return {k: v for k, v in ds.items() if k not in SECTIONS}
+            raise ConfigError(f"ds_config {monitor.name}.enabled=true needs the '{package}' package: pip install "
+                              f"{package} (or set {monitor.name}.enabled=false)")
 
 
 def _numeric(row: dict) -> dict[str, float]:
@@ -52,19 +42,18 @@ def _numeric(row: dict) -> dict[str, float]:
 
 
 class MetricSinks:
-    def __init__(self, ds: dict, run_dir: Path, enabled: bool):
-        self.writers = []
+    def __init__(self, monitors: tuple[MonitorSpec, ...], run_dir: Path, enabled: bool):
+        self.writers: list[_TensorBoard | _CSV | _WandB] = []
         if not enabled:
             return
-        for name in enabled_sections(ds):
-            section = ds[name]
-            log_dir = Path(section.get("output_path") or run_dir) / section.get("job_name", JOB_NAME)
-            if name == "tensorboard":
+        for monitor in monitors:
+            log_dir = Path(monitor.output_path or run_dir) / monitor.job_name
+            if monitor.name == "tensorboard":
                 self.writers.append(_TensorBoard(log_dir))
-            elif name == "csv_monitor":
+            elif monitor.name == "csv_monitor":
                 self.writers.append(_CSV(log_dir))
             else:
-                self.writers.append(_WandB(section, run_dir))
+                self.writers.append(_WandB(monitor, run_dir))
 
     def write(self, row: dict) -> None:
         values = _numeric(row)
@@ -111,12 +100,12 @@ class _CSV:
 
 
 class _WandB:
-    def __init__(self, section: dict, run_dir: Path):
+    def __init__(self, monitor: MonitorSpec, run_dir: Path):
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        self.run = wandb.init(project=section.get("project", "d2v2scale"), group=section.get("group"),
-                              entity=section.get("team"), dir=str(run_dir), name=Path(run_dir).name)
+        self.run = wandb.init(project=monitor.project, group=monitor.group, entity=monitor.team, dir=str(run_dir),
+                              name=Path(run_dir).name)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.run.log({f"Train/{k}": v for k, v in values.items()}, step=step)

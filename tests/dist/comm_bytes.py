@@ -79,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def main():
             ds["zero_optimization"] = {"stage": stage, **json.loads(os.environ.get("ZERO_OPTIONS", "{}"))}
             ds["gradient_accumulation_steps"] = int(grad_accum)
             plan = plan_batch(ds, cfg, dims.dp)
-            tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+            tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
             train_step(tr, 0)  # step 1 is measured: neither the first step nor a log/checkpoint step
             dist.barrier()
             CALLS.clear()

@@ -10,6 +10,7 @@ from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed, shutdown  # noqa: E402
 from d2v2scale.train.backend.deepspeed import DEEPSPEED_INTERNALS, require_internals  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def main():
         ds = load_ds_config(str(Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"))
         ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
-        tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+        tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
         engine = tr.backend.engine
         for holder in holders:
             obj = (next(p for p in engine.module.parameters() if p.requires_grad) if "parameter" in holder

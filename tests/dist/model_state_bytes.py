@@ -16,6 +16,7 @@ from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed, shutdown  # noqa: E402
 from d2v2scale.planning.memory import Layout, model_state_bytes, param_counts  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main():
         ds = load_ds_config(ds_path)
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
         plan = plan_batch(ds, cfg, dims.dp)
-        tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+        tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
         train_step(tr, 0)  # Adam's moments exist only after the first optimizer step
         counts = param_counts(cfg, 1)
         lay = Layout(1, dims.dp, stage, ds.get("bf16", {}).get("enabled", False), 1, 1, 0)

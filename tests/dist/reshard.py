@@ -22,6 +22,7 @@ from d2v2scale.distributed.dims import ParallelDims  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.train import checkpoint  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
 from d2v2scale.train.reporting import Interval  # noqa: E402
 
@@ -47,7 +48,7 @@ def main():
         ds["zero_optimization"], ds["bf16"] = {"stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
         layout_info = {"backend": backend, "tp": tp, "dp": dims.dp, "zero_stage": stage}
-        return build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device), layout_info
+        return build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device), layout_info
 
     def run(tr, first: int, last: int, save_dir: Path | None = None, layout_info=None) -> list:
         losses = []

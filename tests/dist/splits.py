@@ -28,13 +28,14 @@ from d2v2scale.distributed.dims import ParallelDims  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.train import checkpoint  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
 from d2v2scale.train.reporting import Interval  # noqa: E402
 
 
 def fairseq_objective(tr) -> dict:
     """fairseq's normalised loss of step 0 at this trainer's split (one process), before it steps."""
-    cfg, plan = tr.cfg, tr.plan
+    cfg, plan = tr.cfg, tr.spec.batch
     loader = StepLoader(cfg, RankSchedule(plan.global_batch, plan.micro_batch, plan.grad_accum, 0, 1), tr.device,
                         tr.dtype, verbose=False,
                         masker=lambda step, mb: tr.model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths))
@@ -66,7 +67,7 @@ def main():
             ds = load_ds_config(str(ROOT / "ds_configs" / "cpu_tiny.json"))
             ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, gradient_clipping=0.0)
             plan = plan_batch(ds, cfg, dims.dp)
-            tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+            tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
             extra = fairseq_objective(tr) if world == 1 else {}
             row = log_record(tr, 0, Interval([train_step(tr, 0)]), 1.0)
             checkpoint.save_checkpoint(tr, out_dir / preset / split, 1, 1, {})

@@ -29,6 +29,7 @@ from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.model import Data2Vec2  # noqa: E402
 from d2v2scale.model.blocks import Block  # noqa: E402
 from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
 from d2v2scale.train.reporting import Interval  # noqa: E402
 
@@ -94,7 +95,7 @@ def main():
         ds["zero_optimization"], ds["bf16"] = {**ds["zero_optimization"], "stage": stage}, {"enabled": bf16}
         plan = plan_batch(ds, cfg, dims.dp)
         COMPILE_MODES.clear()
-        tr = build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+        tr = build_trainer(cfg, read_spec(resolve_ds_config(ds, cfg, plan), plan), dims, device)
         reference = full_fp32(tr)
         losses, dtypes = [], {}
         for step in range(cfg.train.max_updates):

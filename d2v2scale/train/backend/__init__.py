@@ -40,10 +40,11 @@ import torch
 from torch import nn
 
 from ...config import BACKENDS
+from ...run_spec import RunSpec
 from ..teacher import EMASchedule
 from .protocol import Backend
 
-# parallel.backend → its module ``backend/<name>.py`` (``check_ds_config`` and ``BACKEND``), imported
+# parallel.backend → its module ``backend/<name>.py`` (``check_spec`` and ``BACKEND``), imported
 # only when chosen, so a run never imports the engine it does not use. The names are
 # ``config.BACKENDS``'s, the one list (the default first).
 REGISTRY: dict[str, Callable[[], ModuleType]] = {
@@ -56,16 +57,19 @@ def _module(name: str) -> ModuleType:
     return REGISTRY[name]()
 
 
-def check_ds_config(name: str, ds: dict, tp: int) -> None:
-    """Refuse (ConfigError), before any process group starts, a malformed ds_config (every section,
-    both backends) and then what backend ``name`` cannot run of a well-formed one."""
+def validate_json(name: str, ds: dict) -> None:
+    """Refuse (ConfigError, one line) a malformed DeepSpeed JSON, every section, for backend ``name``."""
     from ..ds_validate import validate_ds_config
 
     validate_ds_config(ds, name)
-    _module(name).check_ds_config(ds, tp)
 
 
-def build_backend(name: str, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims, schedule: EMASchedule,
+def check_spec(name: str, spec: RunSpec, tp: int) -> None:
+    """Refuse, before any process group starts, what backend ``name`` cannot run of a well-formed spec."""
+    _module(name).check_spec(spec, tp)
+
+
+def build_backend(name: str, model: nn.Module, teacher_module: nn.Module, spec: RunSpec, dims, schedule: EMASchedule,
                   device: torch.device, tracked: set[str]) -> Backend:
     """``model`` is the parallelized student, ``teacher_module`` its teacher copy (taken before any wrapping)."""
-    return _module(name).BACKEND(model, teacher_module, ds_config, dims, schedule, device, tracked)
+    return _module(name).BACKEND(model, teacher_module, spec, dims, schedule, device, tracked)

@@ -33,6 +33,7 @@ from torch import nn
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...logs import adopt
+from ...run_spec import MONITORS, RunSpec
 from ..faults import all_finite
 from ..optim import param_groups
 from ..teacher import BUCKET_NUMEL, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
@@ -143,16 +144,22 @@ def build_sharded_teacher(
     return teacher
 
 
-def check_ds_config(ds: dict, tp: int) -> None:
+def check_spec(spec: RunSpec, tp: int) -> None:
     """Layouts DeepSpeed cannot train, refused before any process group starts."""
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = spec.zero.stage
     if tp > 1 and stage == 3:
         raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=3 is not supported (DeepSpeed refuses "
                           "tensor parallelism with ZeRO-3 in training); allowed: stage 1 or 2 with tp > 1, tp=1, "
                           "or parallel.backend=fsdp2")
-    if tp > 1 and stage == 0 and ds.get("bf16", {}).get("enabled", False):
+    if tp > 1 and stage == 0 and spec.precision.bf16:
         raise ConfigError(f"parallel.tp={tp} with zero_optimization.stage=0 and bf16 is not supported (DeepSpeed's "
                           "stage-0 bf16 optimizer computes a wrong gradient norm with TP); allowed: stage 1 or 2")
+
+
+def deepspeed_json(spec: RunSpec) -> dict:
+    """The dict ``deepspeed.initialize`` gets: the resolved JSON less the monitor sections, which
+    d2v2scale's own sinks serve (the engine would log its handful of values and start W&B online)."""
+    return {key: value for key, value in spec.json_copy().items() if key not in MONITORS}
 
 
 def init_comm(device: torch.device) -> None:
@@ -274,16 +281,16 @@ class DeepSpeedBackend:
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims: ParallelDims,
+    def __init__(self, model: nn.Module, teacher_module: nn.Module, spec: RunSpec, dims: ParallelDims,
                  schedule: EMASchedule, device: torch.device, tracked: set[str]):
         init_comm(device)  # first: it names the accelerator before DeepSpeed's import guesses it
         import deepspeed
 
         self.dims, self.device = dims, device
-        bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-        wd = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+        bf16 = spec.precision.bf16
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, wd, tracked), config=ds_config,
+            model=model, model_parameters=param_groups(model, spec.optimizer.weight_decay, tracked),
+            config=deepspeed_json(spec),
             mpu=DeepSpeedMPU(dims) if dims.world_size > 1 else None,
         )
         self.stage = self.engine.zero_optimization_stage()
@@ -294,7 +301,7 @@ class DeepSpeedBackend:
                 self.engine.enable_backward_allreduce = False
         if self.stage in (1, 2) and not self.engine.optimizer.cpu_offload:
             foreach_grad_norm(self.engine.optimizer)
-        bucket = int(ds_config.get("zero_optimization", {}).get("allgather_bucket_size", BUCKET_NUMEL))
+        bucket = spec.zero.allgather_bucket_size or BUCKET_NUMEL
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.teacher = build_sharded_teacher(self.engine, teacher_module, schedule, dims, dtype, bucket)
         self.version = deepspeed.__version__

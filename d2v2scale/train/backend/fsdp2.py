@@ -29,6 +29,7 @@ from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
 from ...model.blocks import Block
+from ...run_spec import RunSpec
 from ..lr_schedule import schedule_from
 from ..optim import param_groups
 from ..teacher import EMASchedule, ShardedModuleEMA
@@ -36,15 +37,14 @@ from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
 from .protocol import MOMENTS, Read, StateRange
 
 
-def check_ds_config(ds: dict, tp: int) -> None:
+def check_spec(spec: RunSpec, tp: int) -> None:
     """Refuse, before any process starts, what this backend would not honour in a well-formed
     ds_config (:mod:`..ds_validate` has checked the sections and their types; any ZeRO stage
     composes with tensor parallelism here)."""
-    opt = ds.get("optimizer", {})
-    if str(opt.get("type")).lower() == "adam" and not opt.get("params", {}).get("adam_w_mode", True):
+    if not spec.optimizer.decoupled_weight_decay:
         raise ConfigError("ds_config optimizer.type=Adam with adam_w_mode=false (L2 weight decay) is not supported by "
                           "parallel.backend=fsdp2; allowed values: AdamW (or Adam with adam_w_mode)")
-    if ds.get("fp16", {}).get("enabled", False):
+    if spec.precision.fp16:
         raise ConfigError("ds_config fp16.enabled=true is not supported by parallel.backend=fsdp2; allowed: bf16 or fp32")
 
 
@@ -81,7 +81,7 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
 class FSDP2Backend:
     name = "fsdp2"
 
-    def __init__(self, model: nn.Module, teacher_module: nn.Module, ds_config: dict, dims: ParallelDims,
+    def __init__(self, model: nn.Module, teacher_module: nn.Module, spec: RunSpec, dims: ParallelDims,
                  schedule: EMASchedule, device: torch.device, tracked: set[str]):
         from torch.distributed.fsdp import (
             MixedPrecisionPolicy,
@@ -89,16 +89,15 @@ class FSDP2Backend:
             register_fsdp_forward_method,
         )
 
-        check_ds_config(ds_config, dims.tp)
+        check_spec(spec, dims.tp)
         # A Block returns (out, ffn); ffn, the FFN output targets are built from, is a view of its
         # linear's 2-D result, and fully_shard warns that an in-place op on a returned view would
         # drop its pre-backward hook. Nothing changes ffn in place (the student discards it, the
         # teacher runs without grad), and the FSDP2 ≡ ZeRO-3 tests compare every step's gradients.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
         self.dims, self.device = dims, device
-        bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-        compute = torch.bfloat16 if bf16 else torch.float32
-        self.reshard = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        compute = spec.precision.compute_dtype
+        self.reshard = spec.zero.stage == 3
         self.tp_sharded = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
         mesh = dp_mesh(dims, device)
         student_mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
@@ -129,24 +128,22 @@ class FSDP2Backend:
             sources = [student[n].to_local().view(-1) for n in names]
         self.teacher.bind_sources(lambda: sources)
 
-        opt = ds_config.get("optimizer", {}).get("params", {})
-        wd = opt.get("weight_decay", 0.0)
+        opt = spec.optimizer
         # Fused AdamW skips a step on a device flag (found_inf) and takes a tensor lr: then a step
         # reads nothing back from the device. The unfused path decides on the host.
-        self.sync_free = bool(opt.get("fused"))
-        groups = param_groups(model, wd, tracked)
+        self.sync_free = bool(opt.fused)
+        groups = param_groups(model, opt.weight_decay, tracked)
         if self.sync_free:
             # On CPU torch reads a tensor lr as a scalar: float64 keeps it the Python float DeepSpeed's
             # schedule would give; the CUDA fused kernel reads a float32 lr from device memory.
             dtype = torch.float64 if device.type == "cpu" else torch.float32
             for group in groups:
-                group["lr"] = torch.tensor(float(opt.get("lr", 1e-3)), dtype=dtype, device=device)
-        self.optimizer = torch.optim.AdamW(groups, lr=opt.get("lr", 1e-3), betas=tuple(opt.get("betas", (0.9, 0.999))),
-                                           eps=opt.get("eps", 1e-8), weight_decay=wd, fused=opt.get("fused"),
-                                           foreach=opt.get("foreach"))
-        self.scheduler = schedule_from(ds_config, self.optimizer)
-        self.clip = float(ds_config.get("gradient_clipping", 0.0))
-        self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
+                group["lr"] = torch.tensor(opt.lr, dtype=dtype, device=device)
+        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                                           fused=opt.fused, foreach=opt.foreach)
+        self.scheduler = schedule_from(spec.scheduler, self.optimizer)
+        self.clip = spec.gradient_clipping
+        self.grad_accum = spec.batch.grad_accum
         self.micro_steps = self.global_steps = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
         self._applied: torch.Tensor | bool = False
