@@ -5,19 +5,26 @@ import argparse
 import sys
 from typing import NoReturn
 
+from .errors import UsageError
 from .exit_codes import EXIT_BAD_INPUT
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake prints one line (``prog: error: ...; see --help``), not a usage block;
-    descriptions and examples keep their line breaks."""
+    """argparse, but a usage mistake is one line (``prog: error: ...; see prog --help``), not a usage
+    block; descriptions and examples keep their line breaks. ``raise_errors``: raise it as a
+    :class:`~d2v2scale.errors.UsageError` for the caller to print (the launcher, where only rank 0
+    speaks) instead of printing it and exiting 2."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, raise_errors: bool = False, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        self.raise_errors = raise_errors
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
+        line = f"{message}; see {self.prog} --help"
+        if self.raise_errors:
+            raise UsageError(line)
+        print(f"{self.prog}: error: {line}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 

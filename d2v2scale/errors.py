@@ -8,6 +8,8 @@ reader finds them all, and the exit code each one ends a launch with (``d2v2scal
 class                       module                          exit code, and why
 ==========================  ==============================  ====================================
 ``ConfigError``             ``errors``                      2: configuration or arguments
+``UsageError``              ``errors``                      2 (a ``ConfigError``): a command line
+                                                            its parser refused
 ``DataError``               ``data.files``                  2: a data set that cannot be used
 ``CheckpointError``         ``train.verify``                2: a damaged checkpoint, pickled code
 ``ShardFormatError``        ``train.shards``                2 (a ``CheckpointError``): shards
@@ -26,3 +28,8 @@ class                       module                          exit code, and why
 
 class ConfigError(ValueError):
     """A configuration or command-line mistake; the message is one line meant for the user."""
+
+
+class UsageError(ConfigError):
+    """A command line the tool's parser refused (:class:`d2v2scale.cli.OneLineParser`); raised instead
+    of printed where only one process of a launch should say it."""

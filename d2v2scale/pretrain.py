@@ -16,6 +16,7 @@ import sys
 
 import yaml
 
+from .cli import OneLineParser
 from .config import ConfigError
 from .exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from .logs import setup_logging
@@ -27,15 +28,9 @@ EXAMPLES = """examples:
   python launchers/pretrain.py --list-presets"""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other configuration error
-        raise ConfigError(f"{message}; usage: pretrain.py --ds_config JSON --preset NAME [section.key=value ...] "
-                          "(see --help)")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="pretrain.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The launcher's command line; a mistake raises :class:`~d2v2scale.errors.UsageError` (rank 0 prints it)."""
+    p = OneLineParser(prog="pretrain.py", description=__doc__.splitlines()[0], epilog=EXAMPLES, raise_errors=True)
     p.add_argument("--ds_config", help="DeepSpeed JSON (ds_configs/*.json): optimizer, schedule, precision, ZeRO stage, "
                                        "batch split, metric sinks")
     p.add_argument("--preset", help="preset name (see --list-presets) or a YAML file")

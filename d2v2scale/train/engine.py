@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm import tqdm
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from .. import runfiles
 from ..config import Config
 from ..counter_rng import combine
+from ..data.fingerprint import fingerprint
 from ..data.indexing import shared_index
 from ..data.loader import MicroBatch, StepLoader
 from ..data.precheck import index_spec
@@ -42,6 +44,7 @@ from ..distributed.runtime import all_reduce, broadcast_object
 from ..distributed.tensor_parallel import TPRegionRNG, TPSlice, tp_slice
 from ..logs import LOG, progress_line
 from ..model import Data2Vec2, cls_share, normalize_loss
+from ..model.masking import MaskInfo
 from ..model.parallelize import parallelize
 from ..profiling.flops import StepShape, device_peak_flops, step_flops
 from ..profiling.timers import StepTimer
@@ -87,10 +90,11 @@ class Trainer:
     # name → (TP-local shape, place in the full tensor): how checkpoints locate every weight
     params: dict[str, tuple[tuple[int, ...], TPSlice | None]] = field(default_factory=dict)
     cls_weight: float = 1.0  # the CLS sum's weight in the objective (model.cls_share), fixed for the run
+    data_fingerprint: dict | None = None  # the data index's (data.fingerprint); None: no index (synthetic, tokens)
 
     @property
     def model(self) -> Data2Vec2:
-        return self.backend.model
+        return cast(Data2Vec2, self.backend.model)  # a backend wraps any module; build_trainer gives it this one
 
     @property
     def teacher(self) -> EMACore:
@@ -104,10 +108,10 @@ class StepStats:
     loss_reg: torch.Tensor  # Σ over masked positions
     loss_cls: torch.Tensor  # this rank's share of the step's CLS term (already weighted: sums over ranks)
     masked: torch.Tensor
-    kept: torch.Tensor
+    kept: float  # positions the student encoded (known from the shapes: no device value)
     spreads: torch.Tensor  # (2 + K, 3, D) spread moments: targets, predictions, the K raw target layers
     data_time_s: float
-    skipped: torch.Tensor  # device bool: read only at log steps
+    skipped: torch.Tensor | bool  # a device bool (read only at log steps), or the backend's host answer
     flops: float  # model FLOPs of this rank's micro-batches (analytic, from shapes: no sync)
 
 
@@ -119,7 +123,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
         batches: list[MicroBatch] = tr.loader.step(step)  # on the device; read ahead while the last step ran
     data_time = time.perf_counter() - t0
 
-    masks = [mb.mask for mb in batches]  # the loader made them (build_trainer gives it the model's make_mask)
+    masks = _masks(batches)
     local_masked = torch.stack([m.mask.sum() for m in masks]).sum().float()
     global_masked = all_reduce(local_masked.clone(), tr.dims.dp_group)
     # The backend divides by grad_accum and averages over DP; undo both so the gradient is the objective's.
@@ -127,7 +131,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
 
     layerdrop_key = int(combine(cfg.seed, step))  # identical on every rank
     zero = torch.zeros((), device=tr.device)
-    reg, cls, spreads = zero.clone(), zero.clone(), None
+    reg, cls, spreads = zero.clone(), zero.clone(), zero
     for i, (mb, mask) in enumerate(zip(batches, masks)):
         poison = float("nan") if tr.dims.rank == 0 and poisoned(tr.nan_steps, step + 1, i) else 1.0  # test hook
         if cfg.model.cuda_graphs:
@@ -139,8 +143,7 @@ def train_step(tr: Trainer, step: int) -> StepStats:
         with phase("optimizer"):
             backend.step()
         reg, cls = reg + out.loss_reg.detach() * poison, cls + out.loss_cls.detach() * tr.cls_weight
-        moments = out.moments() * poison
-        spreads = moments if spreads is None else spreads + moments
+        spreads = spreads + out.moments() * poison
 
     applied = backend.step_applied()  # a device bool (nothing read back), or a host one
     with phase("ema"):
@@ -151,8 +154,16 @@ def train_step(tr: Trainer, step: int) -> StepStats:
                 for mb, m in zip(batches, masks))
     tr.last_shape = {"samples": batches[0].source.shape[0], "positions": masks[0].mask.shape[1],
                      "kept": masks[0].num_kept, "input_len": batches[0].source.shape[-1]}
-    return StepStats(reg, cls, local_masked, torch.tensor(kept, device=tr.device), spreads, data_time,
-                     ~torch.as_tensor(applied, device=tr.device), flops)
+    skipped = ~applied if isinstance(applied, torch.Tensor) else not applied
+    return StepStats(reg, cls, local_masked, kept, spreads, data_time, skipped, flops)
+
+
+def _masks(batches: list[MicroBatch]) -> list[MaskInfo]:
+    """Each micro-batch's mask: the loader made them (build_trainer gives it the model's make_mask)."""
+    masks = [mb.mask for mb in batches if mb.mask is not None]
+    if len(masks) != len(batches):
+        raise RuntimeError("a micro-batch came without its mask: the loader was built without the model's masker")
+    return masks
 
 
 def build_trainer(cfg: Config, spec: RunSpec, dims: ParallelDims, device: torch.device) -> Trainer:
@@ -161,7 +172,7 @@ def build_trainer(cfg: Config, spec: RunSpec, dims: ParallelDims, device: torch.
     torch.manual_seed(cfg.seed)
     model = Data2Vec2(cfg.model_spec())
     tp_rng = TPRegionRNG(int(combine(cfg.seed, dims.dp_rank, dims.tp_rank, 1)), device)
-    model = parallelize(model, dims, tp_rng).to(device)
+    model = cast(Data2Vec2, parallelize(model, dims, tp_rng).to(device))  # the same module, its layers replaced
     kernels = select_kernels(cfg.model.kernels, device)
     apply_kernels(model, kernels)
     if dims.rank == 0:
@@ -184,8 +195,9 @@ def build_trainer(cfg: Config, spec: RunSpec, dims: ParallelDims, device: torch.
                         masker=lambda step, mb: model.make_mask(cfg.seed, step, mb.sample_ids, mb.source, mb.lengths),
                         index=index)
     return Trainer(cfg, spec, dims, backend, loader, device, dtype, tp_rng, peak_flops=device_peak_flops(device, dtype),
-                   teacher_fn=backend.model.teacher_fn(backend.teacher.module), params=params,
-                   cls_weight=cls_share(cfg.model.cls_loss_reference_micro_batch, plan.global_batch))
+                   teacher_fn=model.teacher_fn(backend.teacher.module), params=params,
+                   cls_weight=cls_share(cfg.model.cls_loss_reference_micro_batch, plan.global_batch),
+                   data_fingerprint=None if index is None else fingerprint(index))
 
 
 def _save(tr: Trainer, run_dir: Path, step: int, run_info: dict) -> None:
@@ -248,7 +260,7 @@ def train(tr: Trainer, run_dir: Path, start_step: int = 0, run_info: dict | None
             if rank0 and step == start_step:  # start-up ends here (the first step warms up: compile, allocator)
                 write_event(run_dir, "first_step", step=step + 1)
             pending.add(stats)
-            skip = stats.skipped.long()
+            skip = stats.skipped.long() if isinstance(stats.skipped, torch.Tensor) else int(stats.skipped)
             in_a_row = (in_a_row + 1) * skip
             longest = torch.maximum(longest, in_a_row)
             skipped_total += skip

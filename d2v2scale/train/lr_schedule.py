@@ -61,9 +61,9 @@ class WarmupCosine:
 
     def advance(self, applied: torch.Tensor) -> None:
         """One more step if ``applied`` (a device bool) — the groups' lr must be tensors (fused AdamW)."""
-        if self._iteration is None:
-            self._iteration = torch.tensor(float(self.last_batch_iteration), dtype=torch.float64,
-                                           device=self.optimizer.param_groups[0]["lr"].device)
+        if self._iteration is None:  # a fill kernel, not a copy from the host
+            self._iteration = torch.full((), float(self.last_batch_iteration), dtype=torch.float64,
+                                         device=self.optimizer.param_groups[0]["lr"].device)
         self._iteration += applied.to(torch.float64)
         ratio = self.ratio_tensor(self._iteration)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):

@@ -43,8 +43,8 @@ class Interval:
     DP rank, so a row is the same however the global batch was split."""
 
     def __init__(self, stats: Iterable = ()):
-        self.steps, self.data_time_s, self.flops = 0, 0.0, 0.0
-        self.sums: torch.Tensor | None = None  # float64 on the device: loss_reg, loss_cls, masked, kept
+        self.steps, self.data_time_s, self.flops, self.kept = 0, 0.0, 0.0, 0.0  # host numbers: known from shapes
+        self.sums: torch.Tensor | None = None  # float64 on the device: loss_reg, loss_cls, masked
         self.spreads: torch.Tensor | None = None  # (2 + K, 3, D) spread moments (engine.StepStats)
         self._totals: tuple[list[float], list[float]] | None = None
         for s in stats:
@@ -52,20 +52,21 @@ class Interval:
 
     def add(self, s) -> None:
         """Fold in one :class:`~d2v2scale.train.engine.StepStats` (device work only: no host sync)."""
-        sums = torch.stack([s.loss_reg, s.loss_cls, s.masked, s.kept]).double()
+        sums = torch.stack([s.loss_reg, s.loss_cls, s.masked]).double()
         self.sums = sums if self.sums is None else self.sums + sums
         self.spreads = s.spreads if self.spreads is None else self.spreads + s.spreads
         self.steps += 1
         self.data_time_s += s.data_time_s
         self.flops += s.flops
+        self.kept += s.kept
 
     def totals(self, group) -> tuple[list[float], list[float]]:
         """(loss_reg, loss_cls, masked, kept, FLOPs summed over DP ranks; spreads of targets,
         predictions and each target layer): one all-reduce, the interval's only host sync, done
         once however many readers ask."""
         if self._totals is None:
-            flops = self.sums.new_tensor([self.flops])
-            flat = all_reduce(torch.cat([self.sums, flops, self.spreads.reshape(-1)]), group)
+            counts = self.sums.new_tensor([self.kept, self.flops])
+            flat = all_reduce(torch.cat([self.sums, counts, self.spreads.reshape(-1)]), group)
             self._totals = flat[:5].tolist(), spread(flat[5:].view_as(self.spreads)).tolist()
         return self._totals
 

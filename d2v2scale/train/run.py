@@ -14,6 +14,7 @@ import yaml
 from .. import atomic, runfiles
 from .. import modality as modalities
 from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, config_from_dict, load_config
+from ..data.fingerprint import describe_change
 from ..distributed.dims import LaunchEnv
 from ..ds_config import flatten, load_ds_config, scale_batch_for_world
 from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
@@ -163,6 +164,22 @@ def check_resume(tag_dir: Path, cfg: Config, ds_json: dict, layout: dict) -> str
             "dropout RNG streams restart from their seeds)")
 
 
+def check_same_data(tag_dir: Path, cfg: Config, now: dict | None) -> str | None:
+    """The warning to print when the data index differs from the one ``tag_dir`` was written with
+    (None: the same, or no index then or now); ConfigError under ``data.allow_changed=false``.
+    Every rank holds the index here, so every rank decides alike."""
+    saved = checkpoint.read_run_info(tag_dir).get("data")
+    change = describe_change(saved, now) if saved and now else None
+    if change is None:
+        return None
+    line = (f"the data set changed since checkpoint {tag_dir.name} ({change}): the batches after step "
+            f"{checkpoint.step_of(tag_dir.name)} follow another data order than the run's")
+    if not cfg.data.allow_changed:
+        raise ConfigError(f"--resume {tag_dir.name}: {line}; restore the data set, or pass data.allow_changed=true "
+                          "to continue on this one")
+    return f"warning: {line} (data.allow_changed=false refuses such a resume)"
+
+
 def _preset_of_ds_config(path: str) -> str | None:
     """The preset a shipped ds_config is named for (``vit_h_a100_40gb.json`` → ``vit_h``), if any."""
     from ..config import preset_names
@@ -309,7 +326,7 @@ def _start_watchdog(setup: Setup, rank: int) -> Watchdog:
     or rank 0's clock, the same on every rank."""
     from ..distributed.runtime import broadcast_object
 
-    attempt = os.environ.get("D2V2SCALE_ATTEMPT") or broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    attempt = os.environ.get("D2V2SCALE_ATTEMPT") or str(broadcast_object(time.strftime("%Y%m%d-%H%M%S")))
     t = setup.cfg.train
     watchdog = Watchdog(setup.run_dir, rank, attempt, t.hang_timeout_s, t.setup_timeout_s, heartbeat=rank == 0)
     watchdog.start()
@@ -380,6 +397,9 @@ def run(setup: Setup) -> int:
         tr = build_trainer(setup.cfg, setup.spec, dims, device)
         start = 0
         if setup.resume_from is not None:
+            changed = check_same_data(setup.resume_from, setup.cfg, tr.data_fingerprint)
+            if rank == 0 and changed:
+                LOG.info(changed)
             start = checkpoint.load_checkpoint(tr, setup.resume_from, setup.layout)
             tr.counters.update(checkpoint.read_run_info(setup.resume_from).get("counters", {}))
             if rank == 0:
@@ -391,7 +411,8 @@ def run(setup: Setup) -> int:
                 if dropped:
                     LOG.info(f"{name}: dropped {dropped} rows past step {start} written by the interrupted "
                              "attempt (this run writes them again)")
-        run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.spec.json_copy(), "layout": setup.layout}
+        run_info = {"config": setup.cfg.to_dict(), "ds_config": setup.spec.json_copy(), "layout": setup.layout,
+                    "data": tr.data_fingerprint}
         profiler = None
         if setup.profile:
             from ..profiling.profiler import Profiler

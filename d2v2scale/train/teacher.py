@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..distributed.slices import padded_numel, piece
+
 
 @dataclass(frozen=True)
 class EMASchedule:
@@ -55,7 +57,7 @@ def default_groups(module: nn.Module, names: Sequence[str], shard_count: int) ->
     for name in names:
         offsets.append(total)
         total += params[name].numel()
-    return [FlatGroup(tuple(names), tuple(offsets), -(-max(total, 1) // shard_count) * shard_count)]
+    return [FlatGroup(tuple(names), tuple(offsets), padded_numel(total, shard_count))]
 
 
 BUCKET_NUMEL = 500_000_000  # elements per refresh all-gather: DeepSpeed's allgather_bucket_size default
@@ -190,7 +192,7 @@ class FlatGroupEMA(EMACore):
             if g.numel % shard_count:
                 raise ValueError(f"flat group of {g.numel} elements does not split over {shard_count} shards")
             size = g.numel // shard_count
-            lo = shard_rank * size
+            lo, _ = piece(g.numel, size, shard_rank)
             flat = torch.zeros(g.numel, dtype=compute_dtype, device=device)
             master = torch.zeros(size, dtype=torch.float32, device=device)  # only this rank's slice
             for name, off, a, b in _overlaps(g, lo, lo + size, params):

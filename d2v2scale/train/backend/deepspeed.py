@@ -32,6 +32,7 @@ from torch import nn
 
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
+from ...distributed.slices import even_piece, piece
 from ...logs import adopt
 from ...run_spec import MONITORS, RunSpec
 from ..faults import all_finite
@@ -392,9 +393,7 @@ class DeepSpeedBackend:
                 out.append((name, start, start + n, values))
         else:  # stage 0: replicated fp32 masters; each DP rank saves an even slice
             for name, master in _stage0_masters(self.engine).items():
-                size = -(-master.numel() // self.dims.dp)
-                lo = min(self.dims.dp_rank * size, master.numel())
-                hi = min(lo + size, master.numel())
+                lo, hi = even_piece(master.numel(), self.dims.dp, self.dims.dp_rank)
                 if lo < hi:
                     state = adam_state(opt, master)
                     values = {"model": master.detach().view(-1)[lo:hi]}
@@ -403,8 +402,7 @@ class DeepSpeedBackend:
         return out
 
     def _z3_range(self, p) -> tuple[int, int]:
-        n = p.partition_numel()
-        return min(self.dims.dp_rank * n, p.ds_numel), min((self.dims.dp_rank + 1) * n, p.ds_numel)
+        return piece(p.ds_numel, p.partition_numel(), self.dims.dp_rank)
 
     def save_native(self, ckpt_dir, tag: str, step: int) -> None:
         """DeepSpeed's own checkpoint layout (``train.checkpoint_format=deepspeed``)."""

@@ -28,6 +28,7 @@ from torch import nn
 from ...config import ConfigError
 from ...distributed.dims import ParallelDims
 from ...distributed.runtime import all_reduce
+from ...distributed.slices import even_piece
 from ...model.blocks import Block
 from ...run_spec import RunSpec
 from ..lr_schedule import schedule_from
@@ -63,12 +64,11 @@ def _row_range(p, dims: ParallelDims) -> tuple[int, int]:
     """Elements ``[start, stop)`` of the flattened TP-local weight that this rank's dim-0 shard holds
     (FSDP2 cuts dim 0 as ``torch.chunk`` does: ``ceil(n / dp)`` rows a rank, the last ones fewer)."""
     rows = p.shape[0]
-    chunk = -(-rows // dims.dp)
-    first = min(dims.dp_rank * chunk, rows)
+    first, stop = even_piece(rows, dims.dp, dims.dp_rank)
     local = p.to_local()
-    if local.shape[0] != min(chunk, rows - first):
+    if local.shape[0] != stop - first:
         raise RuntimeError(f"FSDP2 shard of {tuple(p.shape)} on dp rank {dims.dp_rank} has {local.shape[0]} rows, "
-                           f"expected {min(chunk, rows - first)}")
+                           f"expected {stop - first}")
     per_row = p.numel() // rows
     return first * per_row, first * per_row + local.numel()
 
