@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ HOST_READS = {torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy", torch.
 FROM_HOST_DATA = {torch.tensor: "tensor", torch.as_tensor: "as_tensor", torch.asarray: "asarray"}
 # Frames that only carry a call to the modes: left out of every stack.
 _PLUMBING = (str(Path(__file__).resolve()), "torch/utils/_python_dispatch.py", "torch/overrides.py", "torch/_ops.py",
-             "torch/_dynamo/eval_frame.py", "torch/_compile.py", "torch/_jit_internal.py")
+             "torch/_dynamo/eval_frame.py", "torch/_compile.py", "torch/_jit_internal.py", "/warnings.py")
 _ROOT = str(Path(__file__).resolve().parents[1]) + "/"
 
 
@@ -129,6 +130,48 @@ class _Function(TorchFunctionMode):
 
 def _host(device) -> bool:
     return device is not None and torch.device(device).type == "cpu"
+
+
+class CudaSyncWarnings:
+    """The GPU's own view: ``torch.cuda.set_sync_debug_mode("warn")`` while entered, and each
+    "called a synchronizing CUDA operation" warning kept as a :class:`Sync` (op ``cuda sync``, the
+    thread's name when not the entering one) with the Python stack that raised it, stamped with
+    ``tag`` (None: not kept). "warn" rather than "error": an error stops at the first sync, inside
+    whatever DeepSpeed or FSDP2 was doing; warnings list them all, and a test fails on them just
+    the same. A backward's syncs are warned in the thread that called it once it ends (the autograd
+    engine replays its workers' warnings), so their stack ends at the ``backward`` call.
+    ``debug_mode=False`` only listens (to check the listening without a GPU)."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self, debug_mode: bool = True):
+        self.debug_mode = debug_mode
+        self.syncs: list[Sync] = []
+        self.tag: object = 0
+        self._thread = threading.current_thread()
+
+    def _seen(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self.MESSAGE not in str(message):
+            self._show(message, category, filename, lineno, file, line)
+        elif self.tag is not None:
+            thread = threading.current_thread()
+            op = "cuda sync" if thread is self._thread else f"cuda sync (thread {thread.name})"
+            self.syncs.append(Sync(op, _call_stack(), self.tag))
+
+    def __enter__(self) -> "CudaSyncWarnings":
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.filterwarnings("always", message=self.MESSAGE)
+        self._show, warnings.showwarning = warnings.showwarning, self._seen
+        if self.debug_mode:
+            self._mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.debug_mode:
+            torch.cuda.set_sync_debug_mode(self._mode)
+        self._catch.__exit__(*exc)
 
 
 class Detector:

@@ -13,7 +13,11 @@ def test_gpu_tests_are_collected():
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "tests/gpu"],
                          cwd=ROOT, capture_output=True, text=True)
     collected = [line for line in out.stdout.splitlines() if "::" in line]
-    assert len(collected) >= 8, out.stdout  # bf16 ×3, DALI mixed, timers, NVML, RNG, NCCL
+    assert len(collected) >= 13, out.stdout  # bf16 ×3, DALI mixed, timers, NVML, RNG, NCCL, launcher, sync ×2, graphs ×2
+    names = {line.split("::")[1].split("[")[0] for line in collected}
+    assert {"test_a_step_that_neither_logs_nor_saves_makes_no_cuda_sync",  # tests/gpu/test_sync_debug.py
+            "test_graph_steps_equal_eager_steps_recorded_once_replayed_after",  # tests/gpu/test_cuda_graphs.py
+            "test_without_the_step_mark_the_graphs_run_fails"} <= names, out.stdout
 
 
 def test_without_cuda_the_kit_says_so_and_skips():

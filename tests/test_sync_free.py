@@ -14,11 +14,12 @@ seen fails the test too, so the list only shrinks.
 """
 import json
 import threading
+import warnings
 
 import pytest
 import torch
 
-from sync_detector import Detector, Known, Sync
+from sync_detector import CudaSyncWarnings, Detector, Known, Sync
 from test_deepspeed_training import _launch, _torchrun
 
 ENGINE = "d2v2scale/train/engine.py"
@@ -115,6 +116,21 @@ def test_the_detector_watches_its_own_thread_and_tagged_work_only():
         d.tag = 3
         _x().nonzero()
     assert [(s.tag, s.op) for s in d.syncs] == [(3, "aten.nonzero.default")]
+
+
+def test_cuda_sync_warnings_are_kept_with_their_call_site():
+    """How tests/gpu/test_sync_debug.py hears the GPU: torch's sync warning (the message its
+    CUDAFunctions.cpp raises), kept with the Python stack that made it while tagged; other
+    warnings pass through."""
+    with CudaSyncWarnings(debug_mode=False) as heard:
+        warnings.warn(f"{CudaSyncWarnings.MESSAGE} (Triggered internally at c10/cuda/CUDAFunctions.cpp)")
+        with pytest.warns(UserWarning, match="something else"):
+            warnings.warn("something else")
+        heard.tag = None
+        warnings.warn(CudaSyncWarnings.MESSAGE)
+    assert [(s.tag, s.op) for s in heard.syncs] == [(0, "cuda sync")]
+    assert heard.syncs[0].site.startswith("tests/test_sync_free.py:"), heard.syncs[0].stack
+    assert " in test_cuda_sync_warnings_are_kept_with_their_call_site: warnings.warn(" in heard.syncs[0].site
 
 
 def test_known_matches_the_innermost_frame():
