@@ -118,7 +118,9 @@ def newest_verified(ckpt_dir: Path, rank: int, world_size: int) -> tuple[Path | 
     show a new tag to some nodes first), and every verdict is agreed. A tag holding pickled code
     is refused (CheckpointError), not passed over."""
     passed: list[str] = []
-    for tag in (ckpt_dir / name for name in broadcast_object([t.name for t in _in_reach(ckpt_dir)])):
+    names = broadcast_object([t.name for t in _in_reach(ckpt_dir)])
+    assert isinstance(names, list)  # rank 0's tag names
+    for tag in (ckpt_dir / name for name in names):
         found = find_problem(tag, rank, world_size)
         if found is None:
             return tag, [f"warning: checkpoint {p}; resuming from {tag.name}" for p in passed]
@@ -173,7 +175,9 @@ def _crash_point(name: str, step: int) -> None:
 def rng_state(tp_rng=None) -> dict:
     """Every RNG's state as tensors and plain values (so the file loads with ``weights_only=True``)."""
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)  # the default; a dict only for a non-MT19937 global generator
+    assert isinstance(legacy, tuple)
+    kind, keys, pos, has_gauss, cached = legacy
     state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},

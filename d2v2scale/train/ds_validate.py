@@ -34,6 +34,7 @@ import typing
 from collections.abc import Callable, KeysView
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 
@@ -63,11 +64,11 @@ NOT_SUPPORTED = {
 Rule = tuple[Callable[[object], bool], str]  # (accepts the JSON value, what is allowed)
 
 
-def _number(v) -> bool:
+def _number(v: object) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _integer(v) -> bool:
+def _integer(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -315,7 +316,9 @@ def _check_strict(where: str, model, section: dict) -> None:
         if isinstance(kind, type) and hasattr(kind, "model_fields") and isinstance(value, dict):
             _check_strict(f"{where}.{key}", kind, value)
         elif not _strict_ok(kind, value):
-            raise _bad(f"{where}.{key}", value, _allowed(kind))
+            allowed = _allowed(kind)
+            assert allowed is not None  # _strict_ok refuses only for booleans and numbers, which _allowed names
+            raise _bad(f"{where}.{key}", value, allowed)
 
 
 def _pydantic_line(where: str, model, error) -> ConfigError:
@@ -388,10 +391,10 @@ def _check_parser(ds: dict) -> None:
     try:
         DeepSpeedConfig(_Reads(probe, read), mpu=one_rank)
     except Exception as e:  # noqa: BLE001 -- its parser asserts and raises anything; name the section it was reading
-        where = next((k for k in reversed(read) if k in ds), None)
-        if isinstance(e, ValidationError) and where in ds:
+        where: str | None = next((k for k in reversed(read) if k in ds), None)
+        if isinstance(e, ValidationError) and where is not None:
             raise _pydantic_line(where, _model(where) if where in MODELS else None, e) from None
-        if isinstance(e, (AttributeError, TypeError)) and where in ds and not isinstance(ds[where], dict):
+        if isinstance(e, (AttributeError, TypeError)) and where is not None and not isinstance(ds[where], dict):
             raise _bad(where, ds[where], "a JSON object {...}") from None
         label = f"ds_config {where}" if where else "ds_config"
         raise ConfigError(f"{label} is not allowed: DeepSpeed says {_first_line(e)}") from None

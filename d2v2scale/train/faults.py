@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import signal
+from types import FrameType
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +25,9 @@ from ..logs import LOG
 
 # Ctrl-C (SIGINT) is a stop request like Slurm's; a second Ctrl-C aborts at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+# what signal.signal installs and returns: a function, SIG_DFL/SIG_IGN, or None (set outside Python)
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 STOP_KEY = "d2v2scale/stop_after_step"
@@ -51,7 +56,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.received: int | None = None
         self._published = False
-        self._previous = {}
+        self._previous: dict[signal.Signals, _Handler] = {}
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:

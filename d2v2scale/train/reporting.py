@@ -25,12 +25,13 @@ def peak_memory_gb(device: torch.device) -> float:
 def skipped_samples(tr) -> int:
     """Unusable data files seen by any rank so far (each file counted once). Rank 0 logs its own
     when it meets them, and the ones only other ranks met here, with their reason: each once per run."""
-    own = tr.loader.skipped_files()
+    own: dict[str, str] = tr.loader.skipped_files()
     found = dict(own)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
+        gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, own)
         for other in gathered:
+            assert other is not None  # all_gather_object filled every slot
             found.update(other)
     if tr.dims.rank == 0:
         tr.loader.log_found_elsewhere({path: why for path, why in found.items() if path not in own})
@@ -65,9 +66,11 @@ class Interval:
         predictions and each target layer): one all-reduce, the interval's only host sync, done
         once however many readers ask."""
         if self._totals is None:
-            counts = self.sums.new_tensor([self.kept, self.flops])
-            flat = all_reduce(torch.cat([self.sums, counts, self.spreads.reshape(-1)]), group)
-            self._totals = flat[:5].tolist(), spread(flat[5:].view_as(self.spreads)).tolist()
+            sums, spreads = self.sums, self.spreads
+            assert sums is not None and spreads is not None, "an interval is read after at least one step"
+            counts = sums.new_tensor([self.kept, self.flops])
+            flat = all_reduce(torch.cat([sums, counts, spreads.reshape(-1)]), group)
+            self._totals = flat[:5].tolist(), spread(flat[5:].view_as(spreads)).tolist()
         return self._totals
 
 

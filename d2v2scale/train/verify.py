@@ -25,7 +25,7 @@ import json
 import pickle
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import IO, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class CheckpointError(RuntimeError):
 class ChecksumWriter:
     """A binary file wrapper that counts and checksums every byte written through it."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: IO[bytes]):
         self.f, self.crc, self.size = f, 0, 0
 
     def write(self, data) -> int:
@@ -60,7 +60,8 @@ def save_checked(obj: Any, path: Path) -> tuple[int, int]:
     """``torch.save`` to ``path``, atomically (:mod:`d2v2scale.atomic`); (bytes, crc32)."""
     with atomic_output(path, "wb") as f:
         writer = ChecksumWriter(f)
-        torch.save(obj, writer)
+        # torch.save's stub asks for IO[bytes]; it only calls write() and flush() on a buffer
+        torch.save(obj, cast(IO[bytes], writer))
     return writer.size, writer.crc
 
 
