@@ -55,6 +55,7 @@ SYNCS = {
     "bool": (lambda x: bool(x.sum()), "aten._local_scalar_dense"),
     "int": (lambda x: int(x[1]), "aten._local_scalar_dense"),
     "is_nonzero": (lambda x: torch.is_nonzero(x[1:2]), "aten._local_scalar_dense"),
+    "a device number as a host one": (lambda x: x.add(x, alpha=x[1]), "aten._local_scalar_dense"),
     "tolist": (lambda x: x.tolist(), "Tensor.tolist"),
     "numpy": (lambda x: x.numpy(), "Tensor.numpy"),
     "nonzero": (lambda x: x.nonzero(), "aten.nonzero"),
