@@ -6,7 +6,6 @@ puts this folder there.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ if str(ROOT) not in sys.path:
 
 from d2v2scale.config import Config  # noqa: E402
 from d2v2scale.distributed.dims import ParallelDims  # noqa: E402
+from d2v2scale.run_spec import run_spec  # noqa: E402
 from d2v2scale.train.engine import Trainer, build_trainer  # noqa: E402
 
 
@@ -30,14 +30,5 @@ def cpu_tiny(**top: object) -> dict:
 
 
 def make_trainer(cfg: Config, ds: dict, dims: ParallelDims, device: torch.device) -> Trainer:
-    """``build_trainer`` on ``ds`` split over ``dims.dp`` ranks: through the typed run spec
-    (d2v2scale/run_spec.py) where ``build_trainer`` takes one, else the resolved JSON and batch
-    plan it replaces."""
-    if "spec" in inspect.signature(build_trainer).parameters:
-        from d2v2scale.run_spec import run_spec
-
-        return build_trainer(cfg, run_spec(ds, cfg, dims.dp), dims, device)
-    from d2v2scale.ds_config import plan_batch, resolve_ds_config
-
-    plan = plan_batch(ds, cfg, dims.dp)
-    return build_trainer(cfg, resolve_ds_config(ds, cfg, plan), plan, dims, device)
+    """``build_trainer`` on ``ds`` split over ``dims.dp`` ranks (d2v2scale/run_spec.py types it)."""
+    return build_trainer(cfg, run_spec(ds, cfg, dims.dp), dims, device)
