@@ -19,12 +19,15 @@ parts the teacher does not have (decoders, the audio CNN) are absent from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..distributed.slices import padded_numel, piece
+
+if TYPE_CHECKING:
+    from ..model.data2vec2 import Data2Vec2
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class EMACore:
         if decay >= 1.0 or not (on_device or applied):
             return decay
         targets, sources = self.pairs(student)
-        if on_device:
+        if isinstance(applied, torch.Tensor):
             # lerp takes its weight as a host number: a device flag would be read back, a sync every
             # step. The same update with device-scalar multiplies: ema·(1 - w) + student·w.
             weight = applied.to(targets[0].dtype) * (1.0 - decay)
@@ -246,14 +249,16 @@ class FlatGroupEMA(EMACore):
             for flat, master in zip(self.flats, self.masters):
                 flat.copy_(master)
             return
+        all_gather = self.all_gather
+        assert all_gather is not None  # __init__ refuses shard_count > 1 without one
         for bucket in self.buckets:
             if len(bucket) == 1:
                 flat = self.flats[bucket[0]]
-                self.all_gather(flat, self.masters[bucket[0]].to(flat.dtype))
+                all_gather(flat, self.masters[bucket[0]].to(flat.dtype))
                 continue
             shard = torch.cat([self.masters[i] for i in bucket]).to(self.flats[bucket[0]].dtype)
             rows = shard.new_empty(self.shard_count * shard.numel())
-            self.all_gather(rows, shard)
+            all_gather(rows, shard)
             rows, start = rows.view(self.shard_count, -1), 0
             for i in bucket:
                 size = self.masters[i].numel()
@@ -328,7 +333,7 @@ def ema_schedule(cfg) -> EMASchedule:
     return EMASchedule(t.ema_decay, t.ema_end_decay, t.ema_anneal_end_step)
 
 
-def build_teacher(model: nn.Module, cfg, compute_dtype: torch.dtype = torch.float32) -> FlatGroupEMA:
+def build_teacher(model: Data2Vec2, cfg, compute_dtype: torch.dtype = torch.float32) -> FlatGroupEMA:
     """The (unsharded) EMA teacher of a single-device :class:`~d2v2scale.model.Data2Vec2` student,
     bound to the student's parameters (``update(step)`` needs no student argument)."""
     teacher = FlatGroupEMA(model.teacher_copy(), ema_schedule(cfg), compute_dtype=compute_dtype)

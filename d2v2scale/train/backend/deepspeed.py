@@ -37,7 +37,7 @@ from ...logs import adopt
 from ...run_spec import MONITORS, RunSpec
 from ..faults import all_finite
 from ..optim import param_groups
-from ..teacher import BUCKET_NUMEL, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
+from ..teacher import BUCKET_NUMEL, AllGather, EMASchedule, FlatGroup, FlatGroupEMA, default_groups
 from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
 from .protocol import MOMENTS, Read, StateRange
 
@@ -67,7 +67,7 @@ def require_internals(obj, holder: str) -> None:
                            "0.19.x (tested: 0.19.8)")
 
 
-def _all_gather_fn(group):
+def _all_gather_fn(group) -> AllGather:
     # torch 2.13 renamed all_gather_into_tensor (now a deprecated alias that warns on every rank)
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -120,11 +120,16 @@ def build_sharded_teacher(
     ``zero_optimization.allgather_bucket_size``, DeepSpeed's default 5e8)."""
     tracked = {n for n, p in teacher_module.named_parameters() if p.requires_grad}
     stage = engine.zero_optimization_stage()
-    common = dict(compute_dtype=compute_dtype, shard_rank=dims.dp_rank, shard_count=dims.dp,
-                  all_gather=_all_gather_fn(dims.dp_group) if dims.dp > 1 else None, bucket_numel=bucket_numel)
+    all_gather = _all_gather_fn(dims.dp_group) if dims.dp > 1 else None
+
+    def sharded(groups: list[FlatGroup]) -> FlatGroupEMA:
+        return FlatGroupEMA(teacher_module, schedule, compute_dtype=compute_dtype, groups=groups,
+                            shard_rank=dims.dp_rank, shard_count=dims.dp, all_gather=all_gather,
+                            bucket_numel=bucket_numel)
+
     if stage in (1, 2):
         groups, indices = _zero12_groups(engine, tracked)
-        teacher = FlatGroupEMA(teacher_module, schedule, groups=groups, **common)
+        teacher = sharded(groups)
         opt = engine.optimizer
         teacher.bind_sources(lambda: [opt.single_partition_of_fp32_groups[i] for i in indices])
         return teacher
@@ -135,11 +140,11 @@ def build_sharded_teacher(
         for _, p in params[:1]:
             require_internals(p, "ZeRO-3 parameter")
         groups = [FlatGroup((n,), (0,), p.partition_numel() * dims.dp) for n, p in params]
-        teacher = FlatGroupEMA(teacher_module, schedule, groups=groups, **common)
+        teacher = sharded(groups)
         teacher.bind_sources(lambda: [safe_get_local_fp32_param(p) for _, p in params])
         return teacher
     names = [n for n, p in teacher_module.named_parameters() if p.requires_grad]
-    teacher = FlatGroupEMA(teacher_module, schedule, groups=default_groups(teacher_module, names, dims.dp), **common)
+    teacher = sharded(default_groups(teacher_module, names, dims.dp))
     masters = _stage0_masters(engine)
     teacher.bind_student(masters)
     return teacher

@@ -20,6 +20,7 @@ tensors), and "was the step applied" is handed to the trainer as a device flag.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,9 @@ from ..optim import param_groups
 from ..teacher import EMASchedule, ShardedModuleEMA
 from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
 from .protocol import MOMENTS, Read, StateRange
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def check_spec(spec: RunSpec, tp: int) -> None:
@@ -54,10 +58,22 @@ def dp_mesh(dims: ParallelDims, device: torch.device):
     from torch.distributed.device_mesh import DeviceMesh
 
     if dims.tp == 1:
-        return DeviceMesh.from_group(dims.dp_group or dist.group.WORLD, device.type, mesh_dim_names=("dp",))
-    mesh = DeviceMesh.from_group([dims.dp_group, dims.tp_group], device.type,
+        return DeviceMesh.from_group(_built(dims.dp_group or dist.group.WORLD), device.type, mesh_dim_names=("dp",))
+    mesh = DeviceMesh.from_group([_built(dims.dp_group), _built(dims.tp_group)], device.type,
                                  mesh=torch.arange(dims.world_size).view(dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
     return mesh["dp"]
+
+
+def _built(group: object) -> dist.ProcessGroup:
+    """A process group ``ParallelDims`` built (it types its groups as ``object``): a mesh needs real ones."""
+    assert isinstance(group, dist.ProcessGroup), f"not a process group: {group!r}"
+    return group
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2-sharded parameter, gradient or AdamW state: a DTensor, which
+    torch's stubs type as a plain Tensor (``Module.named_parameters``, ``.grad``)."""
+    return cast("DTensor", t).to_local()
 
 
 def _row_range(p, dims: ParallelDims) -> tuple[int, int]:
@@ -109,9 +125,10 @@ class FSDP2Backend:
         teacher_mp = MixedPrecisionPolicy(param_dtype=compute)
         for block in _blocks(teacher_module):
             fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
-        if getattr(teacher_module, "encoder", None) is not None:
-            fully_shard(teacher_module.encoder, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
-            register_fsdp_forward_method(teacher_module.encoder, "local_features")
+        encoder = getattr(teacher_module, "encoder", None)
+        if isinstance(encoder, nn.Module):
+            fully_shard(encoder, mesh=mesh, reshard_after_forward=True, mp_policy=teacher_mp)
+            register_fsdp_forward_method(encoder, "local_features")
         from torch.distributed.tensor import DTensor
 
         loose = [n for n, p in teacher_module.named_parameters() if not isinstance(p, DTensor)]
@@ -119,13 +136,13 @@ class FSDP2Backend:
             raise RuntimeError(f"teacher parameters outside its blocks and encoder cannot be sharded: {loose[:3]}")
         student = dict(model.named_parameters())
         names = [n for n, p in teacher_module.named_parameters() if n in tracked]
-        ranges = [(n, *_row_range(p, dims), p.to_local().view(-1)) for n, p in teacher_module.named_parameters() if n in tracked]
+        ranges = [(n, *_row_range(p, dims), _local(p).view(-1)) for n, p in teacher_module.named_parameters() if n in tracked]
         self.teacher = ShardedModuleEMA(teacher_module, schedule, ranges)
         # Views taken once: FSDP2 keeps a sharded parameter's local storage for the run (it re-registers
         # one only on Module._apply or load_state_dict; checkpoints load in place), and deriving them
         # each update cost three host ops a parameter.
         with torch.no_grad():
-            sources = [student[n].to_local().view(-1) for n in names]
+            sources = [_local(student[n]).view(-1) for n in names]
         self.teacher.bind_sources(lambda: sources)
 
         opt = spec.optimizer
@@ -162,7 +179,7 @@ class FSDP2Backend:
         local: tuple[list, list] = ([], [])
         for name, p in self.model.named_parameters():
             if p.grad is not None:
-                local[name in self.tp_sharded].append(p.grad.to_local())
+                local[name in self.tp_sharded].append(_local(p.grad))
         return local
 
     def _global_grad_norm(self, local: tuple[list, list]) -> torch.Tensor:
@@ -190,7 +207,9 @@ class FSDP2Backend:
         if self.sync_free:
             if self.clip > 0:
                 torch._foreach_mul_(grads, (self.clip / (norm + 1e-6)).clamp(max=1.0))
-            self.optimizer.found_inf = (~finite).float()  # fused AdamW leaves everything as it was
+            # fused AdamW leaves everything as it was; torch reads this attribute with
+            # getattr(optimizer, "found_inf", None) (GradScaler sets it too), so it is not in the stubs
+            setattr(self.optimizer, "found_inf", (~finite).float())
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.advance(finite)
@@ -217,7 +236,7 @@ class FSDP2Backend:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def local_weights(self) -> list[torch.Tensor]:
-        return [p.to_local() for p in self.model.parameters()]
+        return [_local(p) for p in self.model.parameters()]
 
     def describe(self) -> dict:
         return {"backend": self.name, "torch": torch.__version__, "reshard_after_forward": self.reshard}
@@ -226,10 +245,10 @@ class FSDP2Backend:
     def state_ranges(self) -> list[StateRange]:
         out = []
         for name, p in self.model.named_parameters():
-            if not p.requires_grad or p.to_local().numel() == 0:
+            if not p.requires_grad or _local(p).numel() == 0:
                 continue
             state = adam_state(self.optimizer, p)
-            values = {"model": p.to_local().view(-1)}
+            values = {"model": _local(p).view(-1)}
             values.update({k: state[k].to_local().view(-1) for k in MOMENTS})
             out.append((name, *_row_range(p, self.dims), values))
         return out
