@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from d2v2scale.data.digits import load_digits_tensors  # noqa: E402
+from d2v2scale.modalities.image import ImageKeys  # noqa: E402
 from d2v2scale.model import Data2Vec2  # noqa: E402
 
 
@@ -69,9 +70,9 @@ def main() -> None:
     if not args.skip_pretrain:
         pretrain(run_dir, args.steps, args.nproc)
     random_init, trained = load_student(run_dir)
-    cfg = trained.cfg.model
-    tr_x, tr_y = load_digits_tensors(cfg.img_size, cfg.in_chans, "train")
-    te_x, te_y = load_digits_tensors(cfg.img_size, cfg.in_chans, "heldout")
+    keys = trained.cfg.model.keys(ImageKeys)
+    tr_x, tr_y = load_digits_tensors(keys.img_size, keys.in_chans, "train")
+    te_x, te_y = load_digits_tensors(keys.img_size, keys.in_chans, "heldout")
     pix = probe(tr_x.flatten(1).numpy(), tr_y.numpy(), te_x.flatten(1).numpy(), te_y.numpy())
     rnd = probe(features(random_init, tr_x).numpy(), tr_y.numpy(), features(random_init, te_x).numpy(), te_y.numpy())
     pre = probe(features(trained, tr_x).numpy(), tr_y.numpy(), features(trained, te_x).numpy(), te_y.numpy())

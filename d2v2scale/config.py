@@ -3,6 +3,12 @@
 Everything a run needs except the DeepSpeed JSON lives here. Validation happens before any
 process group exists, so a typo costs a second, not a Slurm allocation. Every failure is a
 :class:`ConfigError` whose one-line message names the key and the values it accepts.
+
+Sections are slotted dataclasses, so assigning a name that is not a key raises AttributeError
+instead of becoming an attribute no config.yaml will ever hold. A modality's own keys are one
+typed object per modality (``cfg.model.keys(ImageKeys).img_size``); users still name them flat
+(``model.img_size``) in presets, overrides and config.yaml. A field marked :func:`resumable` is
+one a resume may change (:func:`resumable_keys`).
 """
 from __future__ import annotations
 
@@ -15,54 +21,67 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, TypeVar
 
 import yaml
 
 from . import modality as modalities
 from .errors import ConfigError
 
-
-class _OpenSection:
-    """A section that a modality adds keys to (``model``, ``data``). Its own fields are the keys
-    every modality reads; each registered modality's keys (``model.img_size`` is the image
-    modality's, see :mod:`d2v2scale.modality`) sit flat beside them in ``extra``, so presets,
-    overrides, config.yaml and readers (``cfg.model.img_size``) look as they did before the keys
-    moved to their modality."""
-
-    extra: dict
-
-    def __getattr__(self, name: str) -> Any:  # only reached when normal lookup fails
-        extra = self.__dict__.get("extra")
-        if extra is not None and not name.startswith("__"):
-            if name in extra:
-                return extra[name]
-            if name in modalities.section_keys(self.SECTION):  # registered after this config was made
-                return modalities.section_keys(self.SECTION)[name][1]
-        raise AttributeError(f"'{type(self).__name__}' has no key '{name}'")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self.__dataclass_fields__ or name not in modalities.section_keys(self.SECTION):
-            object.__setattr__(self, name, value)
-        else:
-            self.extra[name] = value
-
-    def flat(self) -> dict[str, Any]:
-        """The section's keys and values, the modalities' included (what config.yaml holds)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        return {**out, **{k: default for k, (_, default) in modalities.section_keys(self.SECTION).items()},
-                **copy.deepcopy(self.extra)}
+T = TypeVar("T")
+K = TypeVar("K")
+MODALITY_KEYS = "modality_keys"  # the field of model and data that holds the modalities' keys objects
 
 
-def _extra_defaults(section: str) -> Callable[[], dict]:
-    return lambda: {k: default for k, (_, default) in modalities.section_keys(section).items()}
+def resumable(default: T) -> T:
+    """A field with ``default`` that a resume may change: how a run is driven, watched or laid
+    out, not what it computes (:func:`resumable_keys`; ``check_resume`` holds a resume to the rest)."""
+    return field(default=default, metadata={"resumable": True})
 
 
-@dataclass
-class ModelConfig(_OpenSection):
+def _modality_keys(section: str) -> Callable[[], dict[type, Any]]:
+    return lambda: {cls: cls() for cls in modalities.keys_classes(section)}
+
+
+class ModalitySection:
+    """A section that modalities add keys to (``model``, ``data``). Each registered modality's keys
+    of the section are one object of its keys dataclass (``model_keys`` / ``data_keys``), read and
+    changed through :meth:`keys`; :meth:`flat` names them beside the section's own keys, as
+    presets, overrides and config.yaml do (``model.img_size``)."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    SECTION: ClassVar[str]
+    modality_keys: dict[type, Any]
+
+    def keys(self, cls: type[K]) -> K:
+        """The live keys object of ``cls``, a registered modality's keys of this section:
+        ``cfg.model.keys(ImageKeys).img_size = 32`` changes the config."""
+        held = self.modality_keys.get(cls)
+        if held is None:
+            registered = modalities.keys_classes(self.SECTION)
+            if cls not in registered:
+                raise TypeError(f"{cls.__name__} is not the {self.SECTION} keys of a registered modality; registered: "
+                                f"{', '.join(c.__name__ for c in registered)}")
+            held = self.modality_keys[cls] = cls()  # its modality registered after this config was made
+        return typing.cast(K, held)
+
+    def flat(self, only: str | None = None) -> dict[str, Any]:
+        """The section's keys and values as config.yaml names them: its own, then each registered
+        modality's (``only``: that modality's alone)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in _key_fields(type(self))}
+        for cls, owner in modalities.keys_classes(self.SECTION).items():
+            if only is None or only == owner:
+                held = self.modality_keys.get(cls)
+                out.update(dataclasses.asdict(cls() if held is None else held))
+        return out
+
+
+@dataclass(slots=True)
+class ModelConfig(ModalitySection):
     """Encoder, teacher-target and loss settings (fairseq ``Data2VecMultiConfig`` names where they
     exist); the keys of one modality only (``img_size``, ``conv_feature_layers``, ``vocab_size``)
-    are its module's, in ``extra``."""
+    are its module's, read as ``cfg.model.keys(ImageKeys)``."""
 
     SECTION = "model"
 
@@ -80,10 +99,10 @@ class ModelConfig(_OpenSection):
     prenet_dropout: float = 0.0
     layerdrop: float = 0.0
     clone_batch: int = 1  # M: masked views per sample
-    activation_checkpointing: int = 0  # student blocks: 0 off, 1 every block, k every k-th block
-    compile: bool = False  # regional torch.compile: blocks, decoder, tensor math (d2v2scale.train.compile)
-    cuda_graphs: bool = False  # compiled regions replayed as CUDA graphs (torch.compile mode="reduce-overhead")
-    kernels: str = "auto"  # auto: apex's fused LayerNorm where apex is installed on a GPU | torch (d2v2scale.train.kernels)
+    activation_checkpointing: int = resumable(0)  # student blocks: 0 off, 1 every block, k every k-th block
+    compile: bool = resumable(False)  # regional torch.compile: blocks, decoder, tensor math (d2v2scale.train.compile)
+    cuda_graphs: bool = resumable(False)  # compiled regions replayed as CUDA graphs (torch.compile mode="reduce-overhead")
+    kernels: str = resumable("auto")  # auto: apex's fused LayerNorm where apex is installed on a GPU | torch (d2v2scale.train.kernels)
     average_top_k_layers: int = 12
     instance_norm_target_layer: bool = True
     layer_norm_target_layer: bool = False
@@ -99,7 +118,7 @@ class ModelConfig(_OpenSection):
     cls_loss_reference_micro_batch: int | None = None
     mask_noise_std: float = 0.01
     num_extra_tokens: int = 0
-    extra: dict = field(default_factory=_extra_defaults("model"), repr=False)
+    modality_keys: dict[type, Any] = field(default_factory=_modality_keys("model"), repr=False)
 
     def validate(self) -> None:
         _one_of("model.modality", self.modality, modalities.names())
@@ -129,7 +148,7 @@ class ModelConfig(_OpenSection):
                                         "values: null (the global batch) or integers >= 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class DecoderConfig:
     """The convolutional decoder (fairseq ``D2vDecoderConfig``)."""
 
@@ -149,7 +168,7 @@ class DecoderConfig:
             _at_least(f"decoder.{key}", getattr(self, key), 1)
 
 
-@dataclass
+@dataclass(slots=True)
 class MaskingConfig:
     """Mask generator; ``kind`` auto picks the modality's own (2-D inverse blocks for images, 1-D blocks
     for spans longer than one, else random)."""
@@ -169,7 +188,7 @@ class MaskingConfig:
                f"masking.mask_prob_adjust={self.mask_prob_adjust} is not allowed; allowed values: >= 0")
 
 
-@dataclass
+@dataclass(slots=True)
 class TeacherConfig:
     """EMA teacher: decay annealed linearly ``ema_decay → ema_end_decay`` over ``ema_anneal_end_step``."""
 
@@ -187,44 +206,48 @@ class TeacherConfig:
                f"teacher.ema_anneal_end_step={self.ema_anneal_end_step}; allowed values: integers >= 0")
 
 
-@dataclass
-class DataConfig(_OpenSection):
-    """Where a run's items come from; a modality's own data keys (audio's ``max_tokens``) are in ``extra``."""
+@dataclass(slots=True)
+class DataConfig(ModalitySection):
+    """Where a run's items come from; a modality's own data keys (audio's ``max_tokens``) are its
+    module's, read as ``cfg.data.keys(AudioDataKeys)``."""
 
     SECTION = "data"
     kind: str = "synthetic"
-    path: str | None = None
-    num_workers: int = 2
-    prefetch_steps: int = 1  # steps read ahead on a background thread (0: load when the step starts)
+    path: str | None = resumable(None)
+    num_workers: int = resumable(2)
+    prefetch_steps: int = resumable(1)  # steps read ahead on a background thread (0: load when the step starts)
     sample_length: int | None = None  # synthetic audio/text: samples or tokens per item
     # images/audio: where the job's index of data.path is built once and read by every rank
     # (d2v2scale.data.index); null: RUN/data.d2v2index. A prepared index needs none.
-    index_cache: str | None = None
-    extra: dict = field(default_factory=_extra_defaults("data"), repr=False)
+    index_cache: str | None = resumable(None)
+    # a resume onto a data set whose index changed since the checkpoint (another data order): true warns and
+    # continues, false refuses (each checkpoint records the index's fingerprint)
+    allow_changed: bool = resumable(True)
+    modality_keys: dict[type, Any] = field(default_factory=_modality_keys("data"), repr=False)
 
     def validate(self) -> None:
         _one_of("data.kind", self.kind, modalities.data_kinds())
         _at_least("data.prefetch_steps", self.prefetch_steps, 0)
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
     global_batch: int = 256  # samples per optimizer step, all ranks together (pinned per preset)
-    max_updates: int = 100
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
-    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
-    warn_target_var: float = 0.1  # collapse warnings (the reference aborts at these)
-    warn_pred_var: float = 0.01
-    warn_layer_spread_ratio: float = 0.1
-    batch_scaling: str = "none"  # none | linear: grow global batch + LR when the GPUs cannot split it
-    allow_long_warmup: bool = False  # permit an LR warm-up as long as (or longer than) the run
-    checkpoint_format: str = "layout_free"  # layout_free (resumes on any layout/backend) | native (the backend's own, same layout)
+    max_updates: int = resumable(100)
+    log_every: int = resumable(10)
+    save_every: int = resumable(1000)
+    keep_last: int = resumable(3)
+    max_consecutive_skips: int = resumable(10)  # non-finite steps in a row before the run stops
+    warn_target_var: float = resumable(0.1)  # collapse warnings (the reference aborts at these)
+    warn_pred_var: float = resumable(0.01)
+    warn_layer_spread_ratio: float = resumable(0.1)
+    batch_scaling: str = resumable("none")  # none | linear: grow global batch + LR when the GPUs cannot split it
+    allow_long_warmup: bool = resumable(False)  # permit an LR warm-up as long as (or longer than) the run
+    checkpoint_format: str = resumable("layout_free")  # layout_free (resumes on any layout/backend) | native (the backend's own, same layout)
     # hang watchdog (d2v2scale/resilience/watchdog.py): seconds a step may take before every rank's stacks are
     # written and the attempt restarts; None: 10 x the slowest step measured, at least 300 s
-    hang_timeout_s: float | None = None
-    setup_timeout_s: float = 1800.0  # the same for start-up, the first step and checkpoint writes
+    hang_timeout_s: float | None = resumable(None)
+    setup_timeout_s: float = resumable(1800.0)  # the same for start-up, the first step and checkpoint writes
 
     def validate(self) -> None:
         _one_of("train.batch_scaling", self.batch_scaling, ("none", "linear"))
@@ -239,34 +262,37 @@ class TrainConfig:
 
 
 KERNELS = ("auto", "torch")  # model.kernels, chosen in d2v2scale/train/kernels.py
-# model keys that change how the same parameters compute, not what they are: a resume may change
-# them, and the planner counts parameters once for all their values
-HOW_THE_MODEL_RUNS = ("compile", "cuda_graphs", "activation_checkpointing", "kernels")
 BACKENDS = ("deepspeed", "fsdp2")  # training backends, d2v2scale/train/backend/<name>.py; the first is the default
 
 
-@dataclass
+@dataclass(slots=True)
 class ParallelConfig:
-    tp: int = 1
-    backend: str = BACKENDS[0]  # see d2v2scale.train.backend
+    tp: int = resumable(1)
+    backend: str = resumable(BACKENDS[0])  # see d2v2scale.train.backend
 
     def validate(self) -> None:
         _at_least("parallel.tp", self.tp, 1)
         _one_of("parallel.backend", self.backend, BACKENDS)
 
 
-@dataclass
+@dataclass(slots=True)
 class ProfilingConfig:
-    enabled: bool = False
-    trace_start: int = 5
-    trace_steps: int = 3
+    enabled: bool = resumable(False)
+    trace_start: int = resumable(5)
+    trace_steps: int = resumable(3)
+
+    def validate(self) -> None:
+        require(isinstance(self.enabled, bool),
+                f"profiling.enabled={self.enabled!r} is not allowed; allowed values: true, false")
+        _at_least("profiling.trace_start", self.trace_start, 0)
+        _at_least("profiling.trace_steps", self.trace_steps, 1)
 
 
-@dataclass
+@dataclass(slots=True)
 class Config:
     """One run's configuration; ``preset`` records where it came from."""
 
-    preset: str = ""
+    preset: str = resumable("")
     seed: int = 1
     # Python modules imported before anything else is read: a modality registered outside the
     # package (d2v2scale.modality.register) comes with its run's config.yaml wherever it goes.
@@ -281,18 +307,33 @@ class Config:
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.update(model=self.model.flat(), data=self.data.flat())
-        return out
+        """Every key, every registered modality's included (what a checkpoint's run.json holds)."""
+        return self._dict(None)
 
     def run_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the keys only other modalities read (what a run's config.yaml shows)."""
-        out = self.to_dict()
-        for section in ("model", "data"):
-            for key in list(out[section]):
-                if modalities.key_owner(section, key) not in (None, self.model.modality):
-                    del out[section][key]
+        return self._dict(self.model.modality)
+
+    def _dict(self, only: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.flat(only) if isinstance(value, ModalitySection) else \
+                dataclasses.asdict(value) if f.name in _SECTIONS else copy.deepcopy(value)
         return out
+
+    def value(self, key: str) -> Any:
+        """The value of ``key`` as users name it (``model.img_size``, ``seed``): for tables of keys,
+        such as fairseq's; code reads the typed attribute."""
+        section, _, name = key.partition(".")
+        if not name:
+            return getattr(self, section)
+        return getattr(_holder(self, section, name, "Config.value")[0], name)
+
+    def set_value(self, key: str, value: Any) -> None:
+        """Set ``key`` as an override does, checked against its type (:func:`validate` checks the rest)."""
+        section, _, name = key.partition(".")
+        _apply(self, section, name or None, value, "Config.set_value")
 
     def model_spec(self) -> "ModelSpec":
         """The sections the model reads (``d2v2scale.model`` sees nothing else)."""
@@ -320,8 +361,30 @@ class ModelSpec:
 
 
 MASK_KINDS = ("auto", "block2d", "block1d", "random")
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 _SCALARS = ("preset", "seed", "plugins")
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in _SCALARS}
+
+
+def _key_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """A section's fields that are keys (not the modalities' keys objects)."""
+    return [f for f in dataclasses.fields(cls) if f.name != MODALITY_KEYS]
+
+
+def resumable_keys() -> tuple[str, ...]:
+    """Every key a resume may change, ``section.key`` as users name them: the fields marked
+    :func:`resumable`, a registered modality's keys included."""
+    out = [f.name for f in dataclasses.fields(Config) if f.name in _SCALARS and f.metadata.get("resumable")]
+    for section in _SECTIONS:
+        cls = _hints(Config)[section]
+        owners = modalities.keys_classes(section) if issubclass(cls, ModalitySection) else {}
+        for c in (cls, *owners):
+            out += [f"{section}.{f.name}" for f in _key_fields(c) if f.metadata.get("resumable")]
+    return tuple(out)
+
+
+# model keys that change how the same parameters compute, not what they are: a resume may change
+# them, and the planner counts parameters once for all their values
+HOW_THE_MODEL_RUNS = tuple(f.name for f in _key_fields(ModelConfig) if f.metadata.get("resumable"))
 
 
 def _type_name(tp: Any) -> str:
@@ -377,25 +440,31 @@ def _apply(cfg: Config, section: str, key: str | None, value: Any, source: str) 
             for k, v in value.items():
                 _apply(cfg, section, str(k), v, source)
             return
-        allowed = ", ".join(list(_SCALARS) + [s for s in _SECTIONS if s not in _SCALARS])
-        raise ConfigError(f"unknown key '{section}' in {source}; allowed: {allowed}")
-    if section not in _SECTIONS or section in _SCALARS:
-        allowed = ", ".join(s for s in _SECTIONS if s not in _SCALARS)
-        raise ConfigError(f"unknown section '{section}' in '{section}.{key}' ({source}); allowed sections: {allowed}")
+        raise ConfigError(f"unknown key '{section}' in {source}; allowed: {', '.join([*_SCALARS, *_SECTIONS])}")
+    holder, tp = _holder(cfg, section, key, source)
+    setattr(holder, key, _coerce(f"{section}.{key}", value, tp))
+
+
+def _holder(cfg: Config, section: str, key: str, source: str) -> tuple[Any, Any]:
+    """The object that holds ``section.key`` (the section, or a modality's keys object) and the key's type."""
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown section '{section}' in '{section}.{key}' ({source}); allowed sections: "
+                          f"{', '.join(_SECTIONS)}")
     sub = getattr(cfg, section)
-    hints = {k: v for k, v in _hints(type(sub)).items() if k != "extra"}
-    if isinstance(sub, _OpenSection):
-        hints.update({k: tp for k, (tp, _) in modalities.section_keys(section).items()})
-    if key not in hints:
-        raise ConfigError(
-            f"unknown key '{section}.{key}' ({source}); allowed keys in '{section}': {', '.join(hints)}"
-        )
-    setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+    cls: type = type(sub)
+    hints = {f.name: _hints(cls)[f.name] for f in _key_fields(cls)}
+    if key in hints:
+        return sub, hints[key]
+    owners = modalities.section_keys(section) if isinstance(sub, ModalitySection) else {}
+    if key in owners:
+        return sub.keys(owners[key]), _hints(owners[key])[key]
+    raise ConfigError(f"unknown key '{section}.{key}' ({source}); allowed keys in '{section}': "
+                      f"{', '.join([*hints, *owners])}")
 
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    """A section's resolved annotations, once per class (callers copy before they change it)."""
+    """A dataclass's resolved annotations, once per class (resolving them is most of a load's time)."""
     return typing.get_type_hints(cls)
 
 
@@ -456,8 +525,8 @@ def load_config(
     for section, value in data.items():
         _apply(cfg, str(section), None, value, f"preset '{preset}'")
     for dotted, value in (values or {}).items():
-        section, _, key = dotted.partition(".")
-        _apply(cfg, section, key or None, value, "checkpoint config")
+        section, _, field_name = dotted.partition(".")
+        _apply(cfg, section, field_name or None, value, "checkpoint config")
     for section, key, value in parsed:
         _apply(cfg, section, key, value, "command line")
     validate(cfg)
@@ -505,7 +574,7 @@ def _at_least(key: str, value: int, low: int) -> None:
 def validate(cfg: Config) -> None:
     """Each section's own :meth:`validate`, then the checks that span sections, here and nowhere
     else; the first failure is a one-line :class:`ConfigError` naming the key and allowed values."""
-    for section in (cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.data, cfg.train, cfg.parallel):
+    for section in (cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.data, cfg.train, cfg.parallel, cfg.profiling):
         section.validate()
     modalities.get(cfg.model.modality).validate(cfg)
     _cross_section_checks(cfg)

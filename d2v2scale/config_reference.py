@@ -145,11 +145,11 @@ def field_comments(cls: type) -> dict[str, str]:
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = tok.string.lstrip("#").strip()
     out: dict[str, str] = {}
-    for node in ast.parse(source).body[0].body:
+    for node in typing.cast(ast.ClassDef, ast.parse(source).body[0]).body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-        above = []
+        trailing = [comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments]
+        above: list[str] = []
         n = node.lineno - 1
         while n >= 1 and lines[n - 1].strip().startswith("#"):
             above.insert(0, comments[n])
@@ -190,8 +190,9 @@ def sections() -> list[tuple[str, type | None]]:
     """(section name, its dataclass) in the order of :class:`~d2v2scale.config.Config`; "" is the top level."""
     out: list[tuple[str, type | None]] = [("", None)]
     for f in dataclasses.fields(config.Config):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            out.append((f.name, f.default_factory))
+        factory = f.default_factory
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            out.append((f.name, factory))
     return out
 
 
@@ -199,11 +200,13 @@ def schema_keys() -> list[Key]:
     """Every key a preset, an override or config.yaml may set, in the order this reference lists them."""
     top = [f.name for f in dataclasses.fields(config.Config) if f.name not in dict(sections()[1:])]
     keys = [k for k in _dataclass_keys("", config.Config) if k.name in top]
-    for section, cls in sections()[1:]:
-        keys += _dataclass_keys(section, cls, skip=("extra",))
-        if issubclass(cls, config._OpenSection):
+    for section, cls in sections():
+        if cls is None:
+            continue
+        keys += _dataclass_keys(section, cls, skip=(config.MODALITY_KEYS,))
+        if issubclass(cls, config.ModalitySection):
             for m in shipped_modalities():
-                own = m.model_keys if section == "model" else m.data_keys if section == "data" else None
+                own = m.keys_class(section)
                 if own is not None:
                     keys += _dataclass_keys(section, own, owner=m.name)
     return keys

@@ -10,7 +10,10 @@ import pytest
 
 from conftest import missing_dependency
 
-from d2v2scale.config import ConfigError, config_from_dict, load_config, preset_names
+from d2v2scale.config import Config, ConfigError, config_from_dict, load_config, preset_names
+from d2v2scale.modalities.audio import AudioDataKeys, AudioKeys
+from d2v2scale.modalities.image import ImageKeys
+from d2v2scale.modalities.text import TextKeys
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_DIR = ROOT / "ds_configs"
@@ -98,14 +101,16 @@ def test_audio_presets_match_reference():
     assert (m.encoder_dropout, m.attention_dropout, m.post_mlp_dropout, m.activation_dropout) == (0.1, 0.1, 0.1, 0.0)
     assert (m.layerdrop, m.prenet_dropout, m.clone_batch, m.average_top_k_layers) == (0.05, 0.1, 8, 8)
     assert m.instance_norm_target_layer and not m.layer_norm_targets and m.loss_scale is None
-    assert m.use_alibi and (m.conv_pos_width, m.conv_pos_depth, m.conv_pos_groups) == (95, 5, 16)
-    assert m.conv_feature_layers == [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    a = m.keys(AudioKeys)
+    assert a.use_alibi and (a.conv_pos_width, a.conv_pos_depth, a.conv_pos_groups) == (95, 5, 16)
+    assert a.conv_feature_layers == [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
     assert (b.decoder.dim, b.decoder.kernel, b.decoder.layers, b.decoder.groups, b.decoder.input_dropout) == (384, 7, 4, 16, 0.1)
     assert (b.masking.mask_prob, b.masking.mask_prob_adjust, b.masking.mask_length, b.masking.inverse_mask) == (0.5, 0.05, 5, False)
     assert b.mask_kind() == "block1d"
     assert (b.teacher.ema_decay, b.teacher.ema_end_decay, b.teacher.ema_anneal_end_step) == (0.999, 0.99999, 75_000)
     assert not b.teacher.ema_local_encoder and not b.teacher.ema_encoder_only
-    assert (b.data.kind, b.data.max_tokens, b.train.global_batch, b.train.max_updates) == ("audio", 1_000_000, 16_000_000, 400_000)
+    assert (b.data.kind, b.data.keys(AudioDataKeys).max_tokens, b.train.global_batch, b.train.max_updates) == (
+        "audio", 1_000_000, 16_000_000, 400_000)
 
     g = load_config("audio_large")
     assert (g.model.embed_dim, g.model.depth, g.model.prenet_depth, g.model.num_heads) == (1024, 16, 8, 16)
@@ -113,14 +118,15 @@ def test_audio_presets_match_reference():
     assert (g.masking.mask_prob, g.masking.mask_prob_adjust, g.masking.mask_length) == (0.55, 0.1, 5)
     assert (g.decoder.dim, g.decoder.kernel, g.decoder.layers, g.decoder.groups, g.decoder.input_dropout) == (768, 7, 4, 16, 0.1)
     assert (g.teacher.ema_decay, g.teacher.ema_end_decay, g.teacher.ema_anneal_end_step) == (0.9997, 1.0, 300_000)
-    assert (g.data.max_tokens, g.train.global_batch, g.train.max_updates) == (320_000, 15_360_000, 600_000)
+    assert (g.data.keys(AudioDataKeys).max_tokens, g.train.global_batch, g.train.max_updates) == (320_000, 15_360_000, 600_000)
 
 
 def test_text_preset_matches_reference():
     c = load_config("text_base")
     m, d = c.model, c.decoder
     assert (m.modality, m.embed_dim, m.depth, m.prenet_depth, m.num_heads, m.norm_eps) == ("text", 768, 12, 0, 12, 1e-5)
-    assert (m.vocab_size, m.max_positions, m.pad_idx, m.loss_scale) == (50265, 512, 1, 1.0)
+    t = m.keys(TextKeys)
+    assert (t.vocab_size, t.max_positions, t.pad_idx, m.loss_scale) == (50265, 512, 1, 1.0)
     assert (m.clone_batch, m.average_top_k_layers, m.prenet_dropout) == (8, 12, 0.0)
     assert (d.dim, d.kernel, d.layers, d.groups, d.residual) == (768, 9, 5, 1, False)
     assert (d.input_dropout, d.projection_layers, d.projection_ratio) == (0.1, 2, 2.0)
@@ -141,17 +147,81 @@ def test_tiny_presets_are_small(name):
     # same structure as the published preset they shrink
     assert cfg.model.modality == ref.model.modality and cfg.mask_kind() == ref.mask_kind()
     assert (cfg.teacher.ema_local_encoder, cfg.teacher.ema_encoder_only) == (ref.teacher.ema_local_encoder, ref.teacher.ema_encoder_only)
-    assert (cfg.decoder.residual, cfg.model.use_alibi, cfg.model.num_extra_tokens) == (
-        ref.decoder.residual, ref.model.use_alibi, ref.model.num_extra_tokens)
+    assert (cfg.decoder.residual, cfg.model.keys(AudioKeys).use_alibi, cfg.model.num_extra_tokens) == (
+        ref.decoder.residual, ref.model.keys(AudioKeys).use_alibi, ref.model.num_extra_tokens)
 
 
 def test_tiny_image_geometry():
-    m = load_config("tiny_image").model
-    assert (m.img_size // m.patch_size) ** 2 == 64
+    keys = load_config("tiny_image").model.keys(ImageKeys)
+    assert (keys.img_size // keys.patch_size) ** 2 == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# the schema in code: typed modality keys, no attribute outside it
+
+
+def test_a_modality_s_keys_are_one_typed_live_object():
+    cfg = load_config("tiny_image", ["model.img_size=16", "data.max_tokens=5"])
+    keys = cfg.model.keys(ImageKeys)
+    assert isinstance(keys, ImageKeys) and keys.img_size == 16 and cfg.data.keys(AudioDataKeys).max_tokens == 5
+    keys.img_size = 64
+    assert cfg.model.keys(ImageKeys).img_size == 64 and cfg.to_dict()["model"]["img_size"] == 64
+    assert cfg.value("model.img_size") == 64 and cfg.value("data.max_tokens") == 5 and cfg.value("seed") == 1
+    cfg.set_value("model.conv_pos_width", 7)
+    assert cfg.model.keys(AudioKeys).conv_pos_width == 7
+    with pytest.raises(ConfigError, match="model.conv_pos_width: expected int"):
+        cfg.set_value("model.conv_pos_width", "wide")
+    with pytest.raises(TypeError, match="AudioDataKeys is not the model keys of a registered modality"):
+        cfg.model.keys(AudioDataKeys)
+
+
+def test_config_yaml_names_the_keys_flat_as_before():
+    run = load_config("tiny_image", ["model.img_size=16"]).run_dict()
+    assert run["model"]["img_size"] == 16 and "modality_keys" not in run["model"]
+    assert "conv_feature_layers" not in run["model"] and "max_tokens" not in run["data"]
+    full = Config().to_dict()
+    assert full["model"]["conv_feature_layers"][0] == [512, 10, 5] and full["data"]["max_tokens"] is None
+
+
+@pytest.mark.parametrize("section", ["model", "data", "decoder", "masking", "teacher", "train", "parallel", "profiling"])
+def test_a_misspelt_attribute_raises(section):
+    cfg = load_config("tiny_image")
+    with pytest.raises(AttributeError):
+        setattr(getattr(cfg, section), "img_sise", 3)
+    with pytest.raises(AttributeError):
+        cfg.seeed = 3
+    with pytest.raises(AttributeError):
+        cfg.model.keys(ImageKeys).img_sise = 3
+
+
+def test_the_budget_is_read_from_the_modality_s_typed_keys():
+    from d2v2scale import modality as modalities
+
+    assert modalities.batch_budget(load_config("tiny_image", ["data.max_tokens=5"])) is None
+    cfg = load_config("audio_base")
+    assert modalities.batch_budget(cfg) == 1_000_000
+    cfg.set_value(f"data.{modalities.get('audio').budget_key}", 640_000)
+    assert modalities.batch_budget(cfg) == 640_000
 
 
 # ---------------------------------------------------------------------------------------------
 # validation messages: one line, naming the key and the allowed values
+
+
+@pytest.mark.parametrize("override, says", [("profiling.trace_start=-1", "profiling.trace_start=-1"),
+                                            ("profiling.trace_steps=0", "profiling.trace_steps=0")])
+def test_profiling_keys_are_validated(override, says):
+    msg = _error("tiny_image", override)
+    assert says in msg and "allowed values" in msg
+
+
+def test_profiling_enabled_must_be_a_bool():
+    cfg = load_config("tiny_image")
+    cfg.profiling.enabled = 1  # type: ignore[assignment]
+    from d2v2scale.config import validate
+
+    with pytest.raises(ConfigError, match="profiling.enabled=1 is not allowed; allowed values: true, false"):
+        validate(cfg)
 
 
 def test_unknown_key():
@@ -299,3 +369,26 @@ def test_scheduler_params_match_installed_deepspeed():
     accepted = {a.arg for a in init.args.args} - {"self", "optimizer"}
     for name in list(PUBLISHED) + ["cpu_tiny"]:
         assert set(_ds(name)["scheduler"]["params"]) <= accepted, name
+
+
+# ---------------------------------------------------------------------------------------------
+# keys a resume may change, read from the schema
+
+RESUMABLE_BEFORE_36 = (  # d2v2scale/train/run.py's literal list when the metadata replaced it
+    "preset", "train.max_updates", "train.allow_long_warmup", "train.log_every", "train.save_every", "train.keep_last",
+    "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
+    "train.batch_scaling", "train.hang_timeout_s", "train.setup_timeout_s",
+    "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache",
+    "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
+    "parallel.tp", "parallel.backend", "train.checkpoint_format",
+    "model.compile", "model.cuda_graphs", "model.activation_checkpointing", "model.kernels",
+)
+
+
+def test_resumable_keys_come_from_the_fields_metadata():
+    from d2v2scale.config import HOW_THE_MODEL_RUNS, resumable_keys
+
+    keys = resumable_keys()
+    added_since = {"data.allow_changed"}  # a resume may pass it: it says whether a changed data set is refused
+    assert len(keys) == len(set(keys)) and set(keys) == set(RESUMABLE_BEFORE_36) | added_since
+    assert {f"model.{k}" for k in HOW_THE_MODEL_RUNS} == {k for k in keys if k.startswith("model.")}

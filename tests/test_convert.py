@@ -12,6 +12,9 @@ from d2v2scale.convert import main as convert_main
 from d2v2scale.weights import FORMAT
 from d2v2scale.interop.fairseq import KeyMappingError, from_fairseq
 from d2v2scale.interop.fairseq_config import fairseq_defaults, parse_conv_spec
+from d2v2scale.modalities.audio import AudioKeys
+from d2v2scale.modalities.image import ImageKeys
+from d2v2scale.modalities.text import TextKeys
 from d2v2scale.model import Data2Vec2, normalize_loss
 from d2v2scale.model.masking import mask_from_bool
 from d2v2scale.train.teacher import build_teacher
@@ -91,17 +94,19 @@ def test_config_is_read_from_the_checkpoint(tmp_path, modality):
     assert convert_main(["from-fairseq", str(path), str(tmp_path / "ours.pt")]) == 0
     cfg = config_from_dict(torch.load(tmp_path / "ours.pt", weights_only=True)["config"])
     for key, want in _expected(cfg_model, modality).items():
-        section, name = key.split(".")
-        assert getattr(getattr(cfg, section), name) == want, key
+        assert cfg.value(key) == want, key
     if modality == "audio":
-        assert cfg.model.conv_feature_layers == [[64, 10, 5]] + [[64, 3, 2]] * 4 + [[64, 2, 2]] * 2
-        assert (cfg.model.conv_pos_width, cfg.model.conv_pos_depth, cfg.model.conv_pos_groups) == (15, 3, 16)
-        assert cfg.model.use_alibi
+        a = cfg.model.keys(AudioKeys)
+        assert a.conv_feature_layers == [[64, 10, 5]] + [[64, 3, 2]] * 4 + [[64, 2, 2]] * 2
+        assert (a.conv_pos_width, a.conv_pos_depth, a.conv_pos_groups) == (15, 3, 16)
+        assert a.use_alibi
     if modality == "text":
-        assert (cfg.model.vocab_size, cfg.model.max_positions, cfg.model.embed_dropout) == (1000, 128, 0.0)
+        t = cfg.model.keys(TextKeys)
+        assert (t.vocab_size, t.max_positions, t.embed_dropout) == (1000, 128, 0.0)
         assert cfg.decoder.projection_ratio == 2.0
     if modality == "image":
-        assert (cfg.model.img_size, cfg.model.patch_size, cfg.model.num_extra_tokens) == (224, 16, 1)
+        i = cfg.model.keys(ImageKeys)
+        assert (i.img_size, i.patch_size, cfg.model.num_extra_tokens) == (224, 16, 1)
 
 
 def test_defaults_match_fairseq_dataclasses():
@@ -150,7 +155,7 @@ def test_image_parity_through_the_public_converter(tmp_path, fairseq_fixture):
     blob = torch.load(out, weights_only=True)
     assert blob["format"] == FORMAT
     cfg = config_from_dict(blob["config"])
-    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.img_size, cfg.decoder.layers) == (64, 3, 224, 2)
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.keys(ImageKeys).img_size, cfg.decoder.layers) == (64, 3, 224, 2)
     model = Data2Vec2(cfg.model_spec())
     model.load_state_dict(blob["student"], strict=True)
     teacher = build_teacher(model, cfg)

@@ -5,6 +5,7 @@ positions and FLOPs - registered with :func:`d2v2scale.modality.register` when i
 names it under ``plugins`` and trains it through the launcher, no package file touched."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -17,7 +18,7 @@ import yaml
 from torch import nn
 
 from d2v2scale import modality as modalities
-from d2v2scale.config import Config, ConfigError, load_config
+from d2v2scale.config import Config, ConfigError, ModelConfig, load_config
 from d2v2scale.modality import Modality, register
 from d2v2scale.model.decoder import Decoder1d
 from d2v2scale.model.encoders import context_encoder, gather_kept
@@ -40,10 +41,11 @@ def sinusoid(positions: int, dim: int) -> torch.Tensor:
 
 
 class SensorEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.patch, self.dim = cfg.sensor_patch, cfg.embed_dim
-        self.local_encoder = nn.Linear(cfg.sensor_channels * cfg.sensor_patch, cfg.embed_dim)
+        keys = cfg.keys(SensorKeys)
+        self.patch, self.dim = keys.sensor_patch, cfg.embed_dim
+        self.local_encoder = nn.Linear(keys.sensor_channels * keys.sensor_patch, cfg.embed_dim)
         self.context_encoder = context_encoder(cfg, with_norm=True)
 
     def reset_parameters(self) -> None:
@@ -71,9 +73,10 @@ class Sensor(Modality):
 
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
-        if (cfg.data.sample_length or 0) < cfg.model.sensor_patch:
+        patch = cfg.model.keys(SensorKeys).sensor_patch
+        if (cfg.data.sample_length or 0) < patch:
             raise ConfigError(f"data.sample_length={cfg.data.sample_length} is shorter than one patch "
-                              f"(model.sensor_patch={cfg.model.sensor_patch})")
+                              f"(model.sensor_patch={patch})")
 
     def encoder(self, model_cfg) -> nn.Module:
         return SensorEncoder(model_cfg)
@@ -82,13 +85,15 @@ class Sensor(Modality):
         return Decoder1d(spec.decoder, spec.model.embed_dim)
 
     def synthetic_batch(self, cfg: Config, batch_size: int, generator) -> torch.Tensor:
-        return torch.randn(batch_size, cfg.model.sensor_channels, cfg.data.sample_length, generator=generator)
+        return torch.randn(batch_size, cfg.model.keys(SensorKeys).sensor_channels, cfg.data.sample_length,
+                           generator=generator)
 
     def positions(self, cfg: Config, input_length: int) -> int:
-        return cfg.data.sample_length // cfg.model.sensor_patch
+        return cfg.data.sample_length // cfg.model.keys(SensorKeys).sensor_patch
 
     def local_encoder_flops(self, model_cfg, input_length: int, positions: int) -> float:
-        return 2.0 * positions * model_cfg.sensor_channels * model_cfg.sensor_patch * model_cfg.embed_dim
+        keys = model_cfg.keys(SensorKeys)
+        return 2.0 * positions * keys.sensor_channels * keys.sensor_patch * model_cfg.embed_dim
 
 
 if "sensor" not in modalities.names():
@@ -120,7 +125,8 @@ def test_the_core_reads_the_sensor_modality_through_its_hooks(preset):
     from d2v2scale.profiling.flops import StepShape, forward_flops
 
     cfg = load_config(str(preset))
-    assert (cfg.model.sensor_channels, cfg.model.sensor_patch, cfg.mask_kind()) == (3, 4, "block1d")
+    keys = cfg.model.keys(SensorKeys)
+    assert (keys.sensor_channels, keys.sensor_patch, cfg.mask_kind()) == (3, 4, "block1d")
     run = cfg.run_dict()
     assert run["plugins"] == [PLUGIN] and run["model"]["sensor_patch"] == 4
     assert not {"img_size", "conv_feature_layers", "vocab_size"} & set(run["model"])

@@ -1,5 +1,5 @@
-"""The package's import graph, read from the source (every import statement, function-level ones
-included): no module imports itself through others, no subpackage does, and every module opens
+"""The package's import graph, read from the source (every import statement that runs, function-level
+ones included): no module imports itself through others, no subpackage does, and every module opens
 with a docstring saying what it is for."""
 from __future__ import annotations
 
@@ -17,11 +17,23 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
+def _run_time_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:``: imports for the type checker
+    never run (the hooks of ``d2v2scale.modality`` are typed with ``Config`` that way)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            type_only = isinstance(child, ast.If) and ast.unparse(child.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+            todo.extend(child.orelse if type_only else [child])
+
+
 def _imports(name: str, path: Path) -> set[str]:
     """The package modules ``name`` imports; ``from . import x`` counts as importing ``x`` only."""
     here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _run_time_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -16,11 +16,14 @@ We hand the teacher back separately, always in our full names (``blocks.0.norm1.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import modality as modalities
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 class FairseqLayout:
@@ -44,14 +47,14 @@ class FairseqLayout:
         """Our values from the fairseq section beyond ``mapped`` (ConfigError on what we cannot honour)."""
         return {}
 
-    def values_out(self, cfg: Any, section: dict) -> None:
+    def values_out(self, cfg: Config, section: dict) -> None:
         """Write what ``mapped`` cannot into the fairseq section."""
 
     def derive(self, student: dict) -> dict[str, Any]:
         """Our values that the student's tensor shapes determine."""
         return {}
 
-    def without_config(self, student: dict, base: Any, given: set[str], from_preset: bool) -> dict[str, Any]:
+    def without_config(self, student: dict, base: Config, given: set[str], from_preset: bool) -> dict[str, Any]:
         """For a checkpoint without ``cfg.model``: values the shapes cannot give, from ``base`` (the
         config of ``--preset``, or of :attr:`base_preset` when ``from_preset`` is false) where that
         is safe; ``given``: the keys the user passed (ConfigError names what is still missing)."""
@@ -62,16 +65,22 @@ class FairseqLayout:
         return {}
 
 
+def _layouts() -> dict[str, FairseqLayout]:
+    """Our modality name → how fairseq holds it, for every registered modality fairseq has."""
+    found = {name: modalities.get(name).fairseq for name in modalities.names()}
+    return {name: own for name, own in found.items() if own is not None}
+
+
 def fairseq_tags() -> dict[str, str]:
     """Our modality name → fairseq's tag, for every registered modality fairseq has."""
-    return {name: modalities.get(name).fairseq.tag for name in modalities.names() if modalities.get(name).fairseq}
+    return {name: own.tag for name, own in _layouts().items()}
 
 
 def layout(modality: str) -> FairseqLayout:
-    tags = fairseq_tags()
-    if modality not in tags:
-        raise KeyMappingError(f"modality '{modality}' has no fairseq key mapping; supported: {', '.join(tags)}")
-    return modalities.get(modality).fairseq
+    own = _layouts().get(modality)
+    if own is None:
+        raise KeyMappingError(f"modality '{modality}' has no fairseq key mapping; supported: {', '.join(_layouts())}")
+    return own
 
 
 # (fairseq key, d2v2scale key) templates, most specific first; one table serves both directions.
@@ -150,7 +159,7 @@ def ema_is_blocks_only(ema: dict) -> bool:
 
 
 def from_fairseq(
-    state_dict: dict[str, torch.Tensor], modality: str, ema_encoder_only: bool | None = None
+    state_dict: dict[str, Any], modality: str, ema_encoder_only: bool | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """fairseq state_dict → (student, teacher or None) in d2v2scale names.
 

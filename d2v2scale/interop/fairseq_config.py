@@ -64,7 +64,7 @@ def modality_defaults(modality: str) -> dict[str, Any]:
 
 def fairseq_defaults() -> dict[str, Any]:
     """fairseq's default ``Data2VecMultiConfig`` as a plain dict."""
-    out = copy.deepcopy(_TOP_DEFAULTS)
+    out: dict[str, Any] = copy.deepcopy(_TOP_DEFAULTS)
     out["modalities"] = {"_name": None, **{tag.lower(): modality_defaults(name) for name, tag in fairseq_tags().items()}}
     return out
 
@@ -239,10 +239,7 @@ def config_values(cfg_model: dict, modality: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ ours → fairseq
 def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return copy.deepcopy(obj)
+    return copy.deepcopy(cfg.value(dotted))
 
 
 def to_fairseq_config(cfg: Config) -> dict[str, Any]:

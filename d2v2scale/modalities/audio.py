@@ -8,29 +8,34 @@ reads the student's CNN output, so it has no local encoder of its own.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, require
+from ..config import Config, ConfigError, DataConfig, ModelConfig, ModelSpec, require
 from ..data.files import AUDIO_SUFFIXES, DataError, input_files
+from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
 from ..interop.fairseq_config import format_conv_spec, parse_conv_spec
-from ..modality import DataKind, FeatureItem, Modality, register
+from ..modality import DataKind, Encoder, FeatureItem, Modality, register
 from ..model.conv_layers import ChannelLayerNorm, TrimEven
 from ..model.decoder import Decoder1d
 from ..model.encoders import context_encoder, gather_kept, key_padding_bias, rows_to_samples
 from ..model.masking import MaskInfo
 
+if TYPE_CHECKING:
+    from ..planning.memory import Layout
+
 CROPS_PER_MICRO_BATCH = (1, 1.5, 2, 3, 4, 6)  # the planner's data.max_tokens options, × data.max_sample_size
 
 
-@dataclass
+@dataclass(slots=True)
 class AudioKeys:
     conv_feature_layers: list = field(
         default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
@@ -42,7 +47,7 @@ class AudioKeys:
     alibi_scale: float = 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class AudioDataKeys:
     max_tokens: int | None = None  # samples per micro-batch per rank
     min_sample_size: int = 32_000
@@ -94,8 +99,9 @@ class ConvFeatureExtractor(nn.Module):
         self.out_dim = in_dim
 
     def reset_parameters(self) -> None:
-        for block in self.conv_layers:
-            nn.init.kaiming_normal_(block[0].weight)
+        for module in self.modules():
+            if isinstance(module, nn.Conv1d):
+                nn.init.kaiming_normal_(module.weight)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return frame_lengths(self.spec, lengths)[-1]
@@ -107,12 +113,13 @@ class ConvFeatureExtractor(nn.Module):
         return x.transpose(1, 2)
 
 
-def _conv_positions(cfg) -> nn.Sequential:
+def _conv_positions(cfg: ModelConfig) -> nn.Sequential:
     """Relative positional encoder: ``conv_pos_depth`` × (grouped conv → LN (no affine) → GELU)."""
-    k = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
+    keys = cfg.keys(AudioKeys)
+    k = max(3, keys.conv_pos_width // keys.conv_pos_depth)
     layers = []
-    for _ in range(cfg.conv_pos_depth):
-        conv = nn.Conv1d(cfg.embed_dim, cfg.embed_dim, k, padding=k // 2, groups=cfg.conv_pos_groups)
+    for _ in range(keys.conv_pos_depth):
+        conv = nn.Conv1d(cfg.embed_dim, cfg.embed_dim, k, padding=k // 2, groups=keys.conv_pos_groups)
         layers.append(nn.Sequential(conv, TrimEven(k, 1), ChannelLayerNorm(), nn.GELU()))
     return nn.Sequential(*layers)
 
@@ -131,22 +138,26 @@ def alibi_slopes(heads: int) -> list[float]:
 
 
 class AudioEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.local_encoder = ConvFeatureExtractor(cfg.conv_feature_layers)
+        keys = cfg.keys(AudioKeys)
+        self.local_encoder = ConvFeatureExtractor(keys.conv_feature_layers)
         d_in = self.local_encoder.out_dim
         self.project_features = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, cfg.embed_dim))
         self.relative_positional_encoder = _conv_positions(cfg)
-        self.use_alibi = cfg.use_alibi
+        self.use_alibi = keys.use_alibi
         self.num_heads = cfg.num_heads
+        self.slopes: torch.Tensor
         self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
-        self.alibi_scale = nn.Parameter(torch.full((1, 1, cfg.num_heads, 1, 1), cfg.alibi_scale)) if cfg.use_alibi else None
+        self.alibi_scale = nn.Parameter(torch.full((1, 1, cfg.num_heads, 1, 1), keys.alibi_scale)) if keys.use_alibi \
+            else None
         self.context_encoder = context_encoder(cfg, with_norm=True)
 
     def reset_parameters(self) -> None:
         self.local_encoder.reset_parameters()
 
-    def local_features(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
+    def local_features(self, wav: torch.Tensor,
+                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Waveforms (B, S) → frames (B, T, D); ``lengths`` in samples marks padding at the end."""
         x = self.project_features(self.local_encoder(wav))
         if lengths is None:
@@ -155,7 +166,7 @@ class AudioEncoder(nn.Module):
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < frames[:, None]
         return x, valid
 
-    def num_positions(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
+    def num_positions(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
         """Frames per batch and per sample, from the conv arithmetic alone (no forward needed)."""
         total = int(self.local_encoder.output_lengths(torch.tensor(wav.shape[1])))
         return total, None if lengths is None else self.local_encoder.output_lengths(lengths)
@@ -174,11 +185,14 @@ class AudioEncoder(nn.Module):
     def alibi_bias(self, positions: torch.Tensor) -> torch.Tensor:
         """(rows, H, n, n) fp32 bias ``-scale_h·slope_h·|i-j|`` at the given (rows, n) positions, so kept
         tokens keep their true distances without building the full T×T bias first."""
+        if self.alibi_scale is None:
+            raise ValueError("an ALiBi bias needs model.use_alibi=true")
         dist = (positions[:, None, :] - positions[:, :, None]).abs().float()
         scale = self.alibi_scale.clamp_min(0).float().view(1, -1, 1, 1)
         return -(self.slopes.view(1, -1, 1, 1) * scale) * dist[:, None]
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None,
+                clones: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         if valid is not None:
             x = x * valid.unsqueeze(-1).to(x.dtype)
         if mask is None:
@@ -200,11 +214,20 @@ class AudioEncoder(nn.Module):
 
 
 
-def _audio(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, index: Any):
+def _load_tensor(path: Path) -> torch.Tensor:
+    from ..data.audio import load_audio
+
+    return torch.from_numpy(load_audio(path))
+
+
+def _audio(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, index: DataIndex | None) -> Any:
     from ..data.audio import AudioSource
 
-    d = cfg.data
-    return AudioSource(d.path if index is None else index, d.max_tokens, d.min_sample_size, d.max_sample_size, cfg.seed,
+    d, keys = cfg.data, cfg.data.keys(AudioDataKeys)
+    source = d.path if index is None else index
+    if source is None or keys.max_tokens is None:  # validate() requires data.max_tokens with data.kind=audio
+        raise ConfigError(f"data.kind={d.kind} needs data.path=<folder, .tsv manifest or file list> and data.max_tokens")
+    return AudioSource(source, keys.max_tokens, keys.min_sample_size, keys.max_sample_size, cfg.seed,
                        threads=max(1, d.num_workers), verbose=verbose)
 
 
@@ -229,8 +252,9 @@ class _Fairseq(FairseqLayout):
         return {"model.conv_feature_layers": parse_conv_spec(section["feature_encoder_spec"])}
 
     def values_out(self, cfg: Config, section: dict) -> None:
-        section["feature_encoder_spec"] = format_conv_spec(cfg.model.conv_feature_layers)
-        if cfg.model.use_alibi:
+        keys = cfg.model.keys(AudioKeys)
+        section["feature_encoder_spec"] = format_conv_spec(keys.conv_feature_layers)
+        if keys.use_alibi:
             section["learned_alibi_scale"] = section["learned_alibi_scale_per_head"] = True
 
     def derive(self, student: dict) -> dict[str, Any]:
@@ -245,12 +269,13 @@ class _Fairseq(FairseqLayout):
             return {}
         convs = sorted((k for k in student if k.startswith("encoder.local_encoder.conv_layers.") and k.endswith(".0.weight")),
                        key=lambda k: int(k.split(".")[3]))
-        if not from_preset or len(base.model.conv_feature_layers) != len(convs):
+        base_layers = base.model.keys(AudioKeys).conv_feature_layers
+        if not from_preset or len(base_layers) != len(convs):
             raise ConfigError("the checkpoint has no cfg.model and the CNN strides are not recoverable from tensors; "
                               f"pass model.conv_feature_layers=[[dim,kernel,stride],...] ({len(convs)} layers) "
                               "or --preset NAME with the same CNN")
         return {"model.conv_feature_layers": [[student[k].shape[0], student[k].shape[-1], spec[2]]
-                                              for k, spec in zip(convs, base.model.conv_feature_layers)]}
+                                              for k, spec in zip(convs, base_layers)]}
 
 
 class Audio(Modality):
@@ -262,11 +287,11 @@ class Audio(Modality):
 
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
-        m, d = cfg.model, cfg.data
-        require(m.embed_dim % m.conv_pos_groups == 0,
-               f"model.conv_pos_groups={m.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
+        m, d, keys, data = cfg.model, cfg.data, cfg.model.keys(AudioKeys), cfg.data.keys(AudioDataKeys)
+        require(m.embed_dim % keys.conv_pos_groups == 0,
+               f"model.conv_pos_groups={keys.conv_pos_groups} must divide model.embed_dim={m.embed_dim}")
         require(all(isinstance(layer, list) and len(layer) == 3 and all(isinstance(v, int) and v >= 1 for v in layer)
-                   for layer in m.conv_feature_layers),
+                   for layer in keys.conv_feature_layers),
                "model.conv_feature_layers: allowed values: a list of [channels, kernel, stride] triples of positive "
                "integers")
         require(not cfg.teacher.ema_local_encoder,
@@ -275,65 +300,69 @@ class Audio(Modality):
         require(not m.cuda_graphs or d.kind != "audio",
                "model.cuda_graphs=true needs fixed shapes, and data.kind=audio micro-batches vary in length (a graph "
                "recorded per length); allowed: model.cuda_graphs=false, or fixed-length synthetic data")
-        require(d.kind != "audio" or d.max_tokens is not None,
+        require(d.kind != "audio" or data.max_tokens is not None,
                "data.kind=audio needs data.max_tokens (audio samples per micro-batch per rank)")
-        rf = receptive_field(m.conv_feature_layers)
-        require(d.min_sample_size >= rf, f"data.min_sample_size={d.min_sample_size} is below the CNN's receptive field "
-                                        f"of {rf} samples (one frame); allowed values: >= {rf}")
-        require(d.max_sample_size >= d.min_sample_size, f"data.max_sample_size={d.max_sample_size} is below "
-                                                       f"data.min_sample_size={d.min_sample_size}; allowed values: "
-                                                       f">= {d.min_sample_size}")
+        rf = receptive_field(keys.conv_feature_layers)
+        require(data.min_sample_size >= rf, f"data.min_sample_size={data.min_sample_size} is below the CNN's receptive "
+                                           f"field of {rf} samples (one frame); allowed values: >= {rf}")
+        require(data.max_sample_size >= data.min_sample_size, f"data.max_sample_size={data.max_sample_size} is below "
+                                                             f"data.min_sample_size={data.min_sample_size}; allowed "
+                                                             f"values: >= {data.min_sample_size}")
         require(d.sample_length is None or d.sample_length >= rf,
                f"data.sample_length={d.sample_length} is below the CNN's receptive field of {rf} samples; allowed "
                f"values: >= {rf}")
-        require(d.max_tokens is None or d.max_tokens >= d.max_sample_size,
-               f"data.max_sample_size={d.max_sample_size} exceeds data.max_tokens={d.max_tokens}: one crop would not "
-               f"fit a micro-batch; allowed: data.max_tokens >= {d.max_sample_size}")
+        require(data.max_tokens is None or data.max_tokens >= data.max_sample_size,
+               f"data.max_sample_size={data.max_sample_size} exceeds data.max_tokens={data.max_tokens}: one crop would "
+               f"not fit a micro-batch; allowed: data.max_tokens >= {data.max_sample_size}")
 
-    def encoder(self, model_cfg: Any) -> nn.Module:
-        return AudioEncoder(model_cfg)
+    def encoder(self, model: ModelConfig) -> AudioEncoder:
+        return AudioEncoder(model)
 
-    def decoder(self, spec: Any, encoder: nn.Module) -> nn.Module:
+    def decoder(self, spec: ModelSpec, encoder: Encoder) -> Decoder1d:
         return Decoder1d(spec.decoder, spec.model.embed_dim)
 
+    def batch_budget(self, data: DataConfig) -> int | None:
+        return data.keys(AudioDataKeys).max_tokens
+
     def synthetic_batch(self, cfg: Config, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(batch_size, cfg.data.sample_length or cfg.data.max_sample_size, generator=generator)
+        length = cfg.data.sample_length or cfg.data.keys(AudioDataKeys).max_sample_size
+        return torch.randn(batch_size, length, generator=generator)
 
     def input_length(self, cfg: Config) -> int:
-        return cfg.data.max_sample_size
+        return cfg.data.keys(AudioDataKeys).max_sample_size
 
     def positions(self, cfg: Config, input_length: int) -> int:
-        return frame_lengths(cfg.model.conv_feature_layers, input_length)[-1]
+        return frame_lengths(cfg.model.keys(AudioKeys).conv_feature_layers, input_length)[-1]
 
     def budget_options(self, cfg: Config) -> list[int]:
-        return sorted({int(cfg.data.max_sample_size * k) for k in CROPS_PER_MICRO_BATCH})
+        return sorted({int(cfg.data.keys(AudioDataKeys).max_sample_size * k) for k in CROPS_PER_MICRO_BATCH})
 
-    def local_encoder_flops(self, model_cfg: Any, input_length: int, positions: int) -> float:
+    def local_encoder_flops(self, model: ModelConfig, input_length: int, positions: int) -> float:
         flops, c_in = 0.0, 1
-        layers = model_cfg.conv_feature_layers
+        layers = model.keys(AudioKeys).conv_feature_layers
         for (c_out, k, _), length in zip(layers, frame_lengths(layers, input_length)):
             flops += 2.0 * length * c_in * c_out * k
             c_in = c_out
-        return flops + 2.0 * positions * c_in * model_cfg.embed_dim  # projection
+        return flops + 2.0 * positions * c_in * model.embed_dim  # projection
 
-    def context_flops(self, model_cfg: Any, positions: int) -> float:
-        h, m = model_cfg.embed_dim, model_cfg
-        k = max(3, m.conv_pos_width // m.conv_pos_depth)
-        return m.conv_pos_depth * 2.0 * positions * h * (h // m.conv_pos_groups) * k
+    def context_flops(self, model: ModelConfig, positions: int) -> float:
+        h, keys = model.embed_dim, model.keys(AudioKeys)
+        k = max(3, keys.conv_pos_width // keys.conv_pos_depth)
+        return keys.conv_pos_depth * 2.0 * positions * h * (h // keys.conv_pos_groups) * k
 
-    def local_activation_bytes(self, cfg: Config, layout: Any, bytes_per_element: int) -> dict[str, float]:
-        m, el = cfg.model, bytes_per_element
+    def local_activation_bytes(self, cfg: Config, layout: Layout, bytes_per_element: int) -> dict[str, float]:
+        m, keys, el = cfg.model, cfg.model.keys(AudioKeys), bytes_per_element
         rows = layout.micro_items * m.clone_batch
         kept = int(layout.positions * (1 - cfg.masking.mask_prob)) + m.num_extra_tokens
         cnn = 0.0
-        for (c_out, _, _), length in zip(m.conv_feature_layers, frame_lengths(m.conv_feature_layers, layout.input_len)):
+        layers = keys.conv_feature_layers
+        for (c_out, _, _), length in zip(layers, frame_lengths(layers, layout.input_len)):
             cnn += c_out * length * (el + 4 + 4 + el)  # conv out, fp32 LN in/out, GELU
-        conv_pos = m.conv_pos_depth * 4 * rows * layout.positions * m.embed_dim * el
-        alibi = rows * m.num_heads / layout.tp * kept * kept * 4 if m.use_alibi else 0
+        conv_pos = keys.conv_pos_depth * 4 * rows * layout.positions * m.embed_dim * el
+        alibi = rows * m.num_heads / layout.tp * kept * kept * 4 if keys.use_alibi else 0
         return {"audio_cnn": layout.micro_items * cnn, "conv_positions": conv_pos, "alibi_bias": alibi}
 
-    def feature_items(self, path: Path, model_cfg: Any) -> list[FeatureItem]:
-        from ..data.audio import load_audio
+    def feature_items(self, path: Path, model: ModelConfig) -> list[FeatureItem]:
         from ..data.headers import header_length
         from ..data.manifest import read_manifest
 
@@ -350,7 +379,7 @@ class Audio(Modality):
                 except Exception:  # noqa: BLE001 - a bad header is reported when the file is loaded
                     n = 0
                 entries.append((p, n))
-        return [FeatureItem(str(p), n, lambda p=p: torch.from_numpy(load_audio(p))) for p, n in entries]
+        return [FeatureItem(str(p), n, functools.partial(_load_tensor, p)) for p, n in entries]
 
 
 register(Audio())

@@ -6,6 +6,7 @@ modality with extra (CLS) tokens and the CLS loss.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, MaskingConfig, ModelConfig, ModelSpec
 from ..data.files import IMAGE_SUFFIXES, input_files
+from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
-from ..modality import DataKind, FeatureItem, Modality, register
+from ..modality import DataKind, Encoder, FeatureItem, Modality, register
 from ..model.decoder import Decoder2d
 from ..model.encoders import context_encoder, gather_kept
 from ..model.masking import MaskInfo
 
 
-@dataclass
+@dataclass(slots=True)
 class ImageKeys:
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
+
+    def grid(self) -> tuple[int, int]:
+        """Patches per column and per row: the encoder's positions and the 2-D decoder's shape."""
+        return (self.img_size // self.patch_size,) * 2
 
 
 def sincos_2d(embed_dim: int, grid: int) -> torch.Tensor:
@@ -64,10 +70,11 @@ class FixedPositions(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.grid = (cfg.img_size // cfg.patch_size,) * 2
-        self.local_encoder = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        keys = cfg.keys(ImageKeys)
+        self.grid = keys.grid()
+        self.local_encoder = PatchEmbed(keys.patch_size, keys.in_chans, cfg.embed_dim)
         self.fixed_positional_encoder = FixedPositions(sincos_2d(cfg.embed_dim, self.grid[0]))
         self.num_extra = cfg.num_extra_tokens
         self.extra_tokens = nn.Parameter(torch.zeros(1, cfg.num_extra_tokens, cfg.embed_dim)) if self.num_extra else None
@@ -79,13 +86,14 @@ class ImageEncoder(nn.Module):
         if self.extra_tokens is not None:
             nn.init.normal_(self.extra_tokens)
 
-    def local_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None):
+    def local_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         return self.local_encoder(source), None
 
-    def num_positions(self, source: torch.Tensor, lengths: torch.Tensor | None = None):
+    def num_positions(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[int, None]:
         return self.grid[0] * self.grid[1], None
 
-    def forward(self, x: torch.Tensor, valid, mask: MaskInfo | None, clones: int = 1):
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None,
+                clones: int = 1) -> tuple[torch.Tensor, None]:
         x = self.fixed_positional_encoder(x)
         if mask is not None:
             x = gather_kept(x, mask, clones)
@@ -95,17 +103,20 @@ class ImageEncoder(nn.Module):
 
 
 
-def _digits(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, index: Any):
+def _digits(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, index: DataIndex | None) -> Any:
     from ..data.digits import DigitsSource
 
-    return DigitsSource(cfg.model.img_size, cfg.model.in_chans, cfg.seed)
+    keys = cfg.model.keys(ImageKeys)
+    return DigitsSource(keys.img_size, keys.in_chans, cfg.seed)
 
 
-def _images(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, index: Any):
+def _images(cfg: Config, micro_batch: int, device: torch.device, verbose: bool, index: DataIndex | None) -> Any:
     from ..data.images import ImageSource
 
-    m = cfg.model
-    return ImageSource(cfg.data.path if index is None else index, m.img_size, m.in_chans, cfg.seed, micro_batch, device,
+    keys, source = cfg.model.keys(ImageKeys), cfg.data.path if index is None else index
+    if source is None:
+        raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
+    return ImageSource(source, keys.img_size, keys.in_chans, cfg.seed, micro_batch, device,
                        threads=max(1, cfg.data.num_workers), verbose=verbose)
 
 
@@ -147,38 +158,40 @@ class Image(Modality):
     fairseq = _Fairseq()
 
     def validate(self, cfg: Config) -> None:
-        m = cfg.model
-        if m.img_size % m.patch_size:
-            raise ConfigError(f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
+        m, keys = cfg.model, cfg.model.keys(ImageKeys)
+        if keys.img_size % keys.patch_size:
+            raise ConfigError(f"model.patch_size={keys.patch_size} must divide model.img_size={keys.img_size}")
         if m.num_extra_tokens < 0:
             raise ConfigError("model.num_extra_tokens must be >= 0")
         if m.cls_loss != 0 and m.num_extra_tokens < 1:
             raise ConfigError(f"model.cls_loss={m.cls_loss} needs model.num_extra_tokens >= 1 (the CLS token)")
 
-    def mask_kind(self, masking: Any) -> str:
+    def mask_kind(self, masking: MaskingConfig) -> str:
         return "block2d"
 
-    def encoder(self, model_cfg: Any) -> nn.Module:
-        return ImageEncoder(model_cfg)
+    def encoder(self, model: ModelConfig) -> ImageEncoder:
+        return ImageEncoder(model)
 
-    def decoder(self, spec: Any, encoder: nn.Module) -> nn.Module:
-        return Decoder2d(spec.decoder, spec.model.embed_dim, encoder.grid)
+    def decoder(self, spec: ModelSpec, encoder: Encoder) -> Decoder2d:
+        return Decoder2d(spec.decoder, spec.model.embed_dim, spec.model.keys(ImageKeys).grid())
 
     def synthetic_batch(self, cfg: Config, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        m = cfg.model
-        return torch.randn(batch_size, m.in_chans, m.img_size, m.img_size, generator=generator)
+        keys = cfg.model.keys(ImageKeys)
+        return torch.randn(batch_size, keys.in_chans, keys.img_size, keys.img_size, generator=generator)
 
     def positions(self, cfg: Config, input_length: int) -> int:
-        return (cfg.model.img_size // cfg.model.patch_size) ** 2
+        rows, cols = cfg.model.keys(ImageKeys).grid()
+        return rows * cols
 
-    def local_encoder_flops(self, model_cfg: Any, input_length: int, positions: int) -> float:
-        return 2.0 * positions * model_cfg.in_chans * model_cfg.patch_size**2 * model_cfg.embed_dim
+    def local_encoder_flops(self, model: ModelConfig, input_length: int, positions: int) -> float:
+        keys = model.keys(ImageKeys)
+        return 2.0 * positions * keys.in_chans * keys.patch_size**2 * model.embed_dim
 
-    def feature_items(self, path: Path, model_cfg: Any) -> list[FeatureItem]:
+    def feature_items(self, path: Path, model: ModelConfig) -> list[FeatureItem]:
         from ..data.images import eval_transform
 
-        size = model_cfg.img_size
-        return [FeatureItem(str(p), 0, lambda p=p: eval_transform(p, size))
+        size = model.keys(ImageKeys).img_size
+        return [FeatureItem(str(p), 0, functools.partial(eval_transform, p, size))
                 for p in input_files(path, IMAGE_SUFFIXES, self.name)]
 
 

@@ -6,6 +6,7 @@ Data: ``text`` (a pre-tokenised ``PREFIX.bin`` + ``PREFIX.json``, read in blocks
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ModelConfig, ModelSpec
 from ..data.files import DataError
+from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
-from ..modality import DataKind, FeatureItem, Modality, register
+from ..modality import DataKind, Encoder, FeatureItem, Modality, register
 from ..model.decoder import Decoder1d
 from ..model.encoders import context_encoder, gather_kept, key_padding_bias
 from ..model.masking import MaskInfo
 
 
-@dataclass
+@dataclass(slots=True)
 class TextKeys:
     vocab_size: int = 50265
     max_positions: int = 512
@@ -33,13 +35,14 @@ class TextKeys:
 class TextLocalEncoder(nn.Module):
     """Token + learned positions (fairseq layout: ``pad_idx + 1`` offset rows) → LayerNorm → dropout."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.pad_idx = cfg.pad_idx
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_idx)
-        self.embed_positions = nn.Embedding(cfg.max_positions + cfg.pad_idx + 1, cfg.embed_dim, padding_idx=cfg.pad_idx)
+        keys = cfg.keys(TextKeys)
+        self.pad_idx = keys.pad_idx
+        self.embed_tokens = nn.Embedding(keys.vocab_size, cfg.embed_dim, padding_idx=keys.pad_idx)
+        self.embed_positions = nn.Embedding(keys.max_positions + keys.pad_idx + 1, cfg.embed_dim, padding_idx=keys.pad_idx)
         self.layernorm_embedding = nn.LayerNorm(cfg.embed_dim, eps=1e-5)
-        self.dropout = nn.Dropout(cfg.embed_dropout)
+        self.dropout = nn.Dropout(keys.embed_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         not_pad = tokens.ne(self.pad_idx)
@@ -49,16 +52,17 @@ class TextLocalEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.pad_idx = cfg.pad_idx
+        self.pad_idx = cfg.keys(TextKeys).pad_idx
         self.local_encoder = TextLocalEncoder(cfg)
         self.context_encoder = context_encoder(cfg, with_norm=cfg.prenet_depth > 0)
 
     def reset_parameters(self) -> None:
         pass
 
-    def local_features(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+    def local_features(self, tokens: torch.Tensor,
+                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Without ``lengths`` the blocks are taken as unpadded (fixed 512-token blocks), which keeps
         the attention free of a padding bias; with them, positions past each length are padding."""
         valid = None
@@ -66,10 +70,11 @@ class TextEncoder(nn.Module):
             valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
         return self.local_encoder(tokens), valid
 
-    def num_positions(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+    def num_positions(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
         return tokens.shape[1], lengths
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None, clones: int = 1):
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, mask: MaskInfo | None,
+                clones: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         if mask is None:
             bias = key_padding_bias(valid)
             return self.context_encoder(x, bias), bias
@@ -78,13 +83,18 @@ class TextEncoder(nn.Module):
 
 
 def _block_size(cfg: Config) -> int:
-    return min(cfg.data.sample_length or cfg.model.max_positions, cfg.model.max_positions)
+    longest = cfg.model.keys(TextKeys).max_positions
+    return min(cfg.data.sample_length or longest, longest)
 
 
-def _tokens(cfg: Config, micro_batch: int = 0, device: Any = None, verbose: bool = True, index: Any = None):
+def _tokens(cfg: Config, micro_batch: int = 0, device: torch.device | None = None, verbose: bool = True,
+            index: DataIndex | None = None) -> Any:
     from ..data.text import TokenBlocks
 
-    return TokenBlocks(cfg.data.path, cfg.data.sample_length or cfg.model.max_positions, cfg.model.vocab_size, cfg.seed)
+    keys = cfg.model.keys(TextKeys)
+    if cfg.data.path is None:
+        raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<token-file prefix>")
+    return TokenBlocks(cfg.data.path, cfg.data.sample_length or keys.max_positions, keys.vocab_size, cfg.seed)
 
 
 class _Fairseq(FairseqLayout):
@@ -102,7 +112,7 @@ class _Fairseq(FairseqLayout):
 
     def without_config(self, student: dict, base: Config, given: set[str], from_preset: bool) -> dict[str, Any]:
         rows = student["encoder.local_encoder.embed_positions.weight"].shape[0]
-        return {"model.max_positions": rows - base.model.pad_idx - 1}
+        return {"model.max_positions": rows - base.model.keys(TextKeys).pad_idx - 1}
 
     def outside_config(self, student: dict) -> dict[str, Any]:
         return {"model.vocab_size": student["encoder.local_encoder.embed_tokens.weight"].shape[0]}
@@ -116,7 +126,7 @@ class Text(Modality):
 
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
-        m = cfg.model
+        m = cfg.model.keys(TextKeys)
         if not m.vocab_size > m.pad_idx >= 0:
             raise ConfigError(f"model.vocab_size={m.vocab_size} must exceed model.pad_idx={m.pad_idx}; allowed "
                               f"values: integers > {m.pad_idx}")
@@ -128,25 +138,25 @@ class Text(Modality):
         if not cfg.teacher.ema_encoder_only:
             raise ConfigError("teacher.ema_encoder_only=false is not supported for text; allowed values: true")
 
-    def encoder(self, model_cfg: Any) -> nn.Module:
-        return TextEncoder(model_cfg)
+    def encoder(self, model: ModelConfig) -> TextEncoder:
+        return TextEncoder(model)
 
-    def decoder(self, spec: Any, encoder: nn.Module) -> nn.Module:
+    def decoder(self, spec: ModelSpec, encoder: Encoder) -> Decoder1d:
         return Decoder1d(spec.decoder, spec.model.embed_dim)
 
     def synthetic_batch(self, cfg: Config, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
         """Token ids that avoid the padding id."""
-        m = cfg.model
-        tokens = torch.randint(0, m.vocab_size - 1, (batch_size, _block_size(cfg)), generator=generator)
-        return tokens + (tokens >= m.pad_idx).long()
+        keys = cfg.model.keys(TextKeys)
+        tokens = torch.randint(0, keys.vocab_size - 1, (batch_size, _block_size(cfg)), generator=generator)
+        return tokens + (tokens >= keys.pad_idx).long()
 
     def positions(self, cfg: Config, input_length: int) -> int:
-        return cfg.data.sample_length or cfg.model.max_positions
+        return cfg.data.sample_length or cfg.model.keys(TextKeys).max_positions
 
-    def pad_value(self, model_cfg: Any) -> float:
-        return model_cfg.pad_idx
+    def pad_value(self, model: ModelConfig) -> float:
+        return model.keys(TextKeys).pad_idx
 
-    def feature_items(self, path: Path, model_cfg: Any) -> list[FeatureItem]:
+    def feature_items(self, path: Path, model: ModelConfig) -> list[FeatureItem]:
         if not (path.is_file() and path.suffix == ".txt"):
             raise DataError(f"{path}: a text model reads a .txt file of token ids (one item per line) or a .npy array")
         items = []
@@ -156,7 +166,7 @@ class Text(Modality):
                     ids = torch.tensor([int(t) for t in line.split()], dtype=torch.int64)
                 except ValueError:
                     raise DataError(f"{path}:{k + 1}: expected space-separated integer token ids") from None
-                items.append(FeatureItem(f"{path.name}:{k + 1}", len(ids), lambda ids=ids: ids))
+                items.append(FeatureItem(f"{path.name}:{k + 1}", len(ids), functools.partial(torch.clone, ids)))
         return items
 
 

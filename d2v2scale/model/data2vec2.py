@@ -141,9 +141,9 @@ class Data2Vec2(nn.Module):
         self.clones = m.clone_batch
         self.num_extra = m.num_extra_tokens
         modality = modalities.get(m.modality)
-        self.encoder = modality.encoder(m)
+        self.encoder: modalities.Encoder = modality.encoder(m)
         self.blocks = make_blocks(m, m.depth)
-        self.decoder: nn.Module | None = modality.decoder(cfg, self.encoder)
+        self.decoder: modalities.Decoder | None = modality.decoder(cfg, self.encoder)
         self.loss_scale = m.loss_scale if m.loss_scale is not None else 1.0 / math.sqrt(m.embed_dim)
         self.mask_generator = MaskGenerator(
             cfg.mask_kind(), cfg.masking.mask_prob, cfg.masking.mask_length, cfg.masking.mask_prob_adjust, m.clone_batch
@@ -179,7 +179,7 @@ class Data2Vec2(nn.Module):
         teacher consumes the student's local features). Text: the shared blocks only.
         """
         t = self.cfg.teacher
-        excluded: list[tuple[nn.Module, str]] = [(self, "decoder")]
+        excluded: list[tuple[object, str]] = [(self, "decoder")]
         if t.ema_encoder_only:
             excluded.append((self, "encoder"))
         elif not t.ema_local_encoder:

@@ -1,28 +1,44 @@
-"""What every modality encoder shares. An encoder (each modality's module in
-:mod:`d2v2scale.modalities` builds its own) is a local encoder (patch embed | wav CNN | token
+"""What every modality encoder shares, and the contract each one keeps.
+
+An encoder (each modality's module in :mod:`d2v2scale.modalities` builds its own, from the
+model section: ``Modality.encoder(cfg.model)``) is a local encoder (patch embed | wav CNN | token
 embedding) and the positional/context part that turns local features into the input of the
-shared blocks.
+shared blocks. It is an ``nn.Module`` that provides (:class:`d2v2scale.modality.Encoder`, checked
+statically), with B samples, T positions per sample, D = ``model.embed_dim``, M =
+``model.clone_batch`` masked views per sample and K kept positions per view:
 
-Every encoder offers the same two calls, so the model and the teacher drive them alike:
+- ``local_features(source, lengths=None) -> (x (B, T, D), valid (B, T) bool or None)``, run once
+  per sample (the student's, and the teacher's when it has its own local encoder); ``lengths``
+  (B,) in input units marks padding at the end, ``valid`` None means nothing is padded;
+- ``num_positions(source, lengths=None) -> (T, per-sample positions (B,) or None)``, from shapes
+  alone (no forward): the masks are made from it before the step, on the host;
+- ``forward(x, valid, mask, clones=1) -> (x, attn_bias)`` ("contextualize"): without a mask, the
+  full unmasked sequence (B, E + T, D) (the teacher's view, E = ``model.num_extra_tokens``
+  leading tokens); with a :class:`MaskInfo` of B·M rows, only each row's K kept tokens
+  (B·M, E + K, D), rows in repeat_interleave order, gathered straight from the per-sample
+  features (no M× full copy). ``attn_bias`` is None or an additive fp32 bias broadcastable to
+  (rows, heads, n, n) (padding, ALiBi) that the shared blocks reuse;
+- ``reset_parameters()``: the modality's own initialisation, run after the model's BERT init.
 
-- ``local_features(source, lengths) -> (x (B, T, D), valid (B, T) bool or None)``, run once per sample;
-- ``forward(x, valid, mask, clones) -> (x, attn_bias)`` ("contextualize"): without a mask, the
-  full unmasked sequence (the teacher's view); with a :class:`MaskInfo`, only each row's kept
-  tokens, rows in repeat_interleave order, gathered straight from the per-sample features (no M×
-  full copy).
-
-Every parameter is read inside the ``forward`` of the module that owns it, so ZeRO-3's
-per-module parameter gathering sees each use.
+A local encoder the teacher may skip (``teacher.ema_local_encoder=false``) is named
+``local_encoder`` (and ``project_features``), since the teacher copy drops those names. Every
+parameter is read inside the ``forward`` of the module that owns it, so ZeRO-3's per-module
+parameter gathering sees each use.
 
 Submodule names follow fairseq's ``modality_encoders.<MOD>.*`` so interop is a short rename table.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .blocks import BlockEncoder, make_blocks
 from .masking import MaskInfo
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 def rows_to_samples(rows: int, clones: int, device: torch.device) -> torch.Tensor:
@@ -44,7 +60,7 @@ def key_padding_bias(valid: torch.Tensor | None) -> torch.Tensor | None:
     return bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
 
 
-def context_encoder(cfg, with_norm: bool) -> BlockEncoder:
+def context_encoder(cfg: ModelConfig, with_norm: bool) -> BlockEncoder:
     """The modality "prenet": ``model.prenet_depth`` blocks before the shared ones (fairseq ``BlockEncoder``)."""
     norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if with_norm else None
     drop = cfg.prenet_dropout if cfg.prenet_depth > 0 else 0.0
