@@ -21,7 +21,7 @@ venv: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install deepspeed==0.19.8 pyyaml numpy nvidia-ml-py tqdm pytest scikit-learn pillow soundfile matplotlib omegaconf tensorboard
+	DS_BUILD_OPS=0 $(PIP) install deepspeed==0.19.8 pyyaml numpy nvidia-ml-py tqdm pytest scikit-learn pillow soundfile matplotlib omegaconf tensorboard mypy==2.4.1 types-PyYAML==6.0.12.20261122
 	$(PIP) install nvidia-dali-cuda130==2.4.0  # the CPU-usable DALI wheel: tests run the real pipelines
 	$(PIP) install --no-deps -e .
 	touch $@

@@ -13,9 +13,10 @@ One step, top to bottom (:func:`train_step`):
    boundary, and skips the step when the gradient norm is not finite — a non-finite loss included);
 4. EMA update of the teacher from the new student weights (skipped steps do not update it).
 
-Nothing in a step that neither logs nor checkpoints reads a value back from the device: the skip
-decision, the counters and the stop agreement stay on the device or go through the store; log
-steps read everything at once.
+Nothing d2v2scale does in a step that neither logs nor checkpoints reads a value back from the
+device: the skip decision, the counters and the stop agreement stay on the device or go through
+the store; log steps read everything at once. FSDP2 with fused AdamW is then sync-free; DeepSpeed's
+own overflow check reads the gradient norm on the host (``tests/test_sync_free.py`` lists it).
 
 The loop (:func:`train`) adds logging, checkpoints, pre-emption and the non-finite guard.
 """
