@@ -29,6 +29,7 @@ from typing import Any
 
 from . import config
 from . import modality as modalities
+from .run_spec import reference_row
 
 GENERATED_BY = "python -m d2v2scale.config_reference > docs/configuration-keys.md"
 SHIPPED = "d2v2scale.modalities."  # modalities registered by other modules (plugins, tests) are not listed
@@ -238,18 +239,10 @@ def ds_config_rows() -> list[str]:
     rows = []
     root = resources.files("d2v2scale") / "ds_configs"
     for path in sorted((p for p in root.iterdir() if p.name.endswith(".json")), key=lambda p: p.name):
-        ds = json.loads(path.read_text())
-        opt = ds.get("optimizer", {}).get("params", {})
-        sched = ds.get("scheduler", {}).get("params", {})
-        zero = ds.get("zero_optimization", {})
-        precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") \
-            else "fp32"
-        extra = ", ".join(f"{k}={_value(v)}" for k, v in zero.items() if k != "stage") or ""
-        rows.append(f"| `{path.name}` | {precision} | {zero.get('stage', 0)} | "
-                    f"{_value(ds.get('train_micro_batch_size_per_gpu', 'auto'))} | {_value(opt.get('lr'))} | "
-                    f"{_value(opt.get('betas'))} | {_value(opt.get('weight_decay'))} | "
-                    f"{_value(sched.get('warmup_num_steps'))} | {_value(ds.get('gradient_clipping', 0))} | "
-                    f"{_cell(extra)} |")
+        precision, stage, micro, lr, betas, decay, warmup, clipping, zero = reference_row(json.loads(path.read_text()))
+        extra = ", ".join(f"{k}={_value(v)}" for k, v in zero.items())
+        rows.append(f"| `{path.name}` | {precision} | {stage} | {_value(micro)} | {_value(lr)} | {_value(betas)} | "
+                    f"{_value(decay)} | {_value(warmup)} | {_value(clipping)} | {_cell(extra)} |")
     return rows
 
 
