@@ -50,7 +50,6 @@ class ModalitySection:
     presets, overrides and config.yaml do (``model.img_size``)."""
 
     __slots__ = ()
-    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
     SECTION: ClassVar[str]
     modality_keys: dict[type, Any]
 

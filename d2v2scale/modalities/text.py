@@ -126,14 +126,14 @@ class Text(Modality):
 
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
-        m = cfg.model.keys(TextKeys)
-        if not m.vocab_size > m.pad_idx >= 0:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} must exceed model.pad_idx={m.pad_idx}; allowed "
-                              f"values: integers > {m.pad_idx}")
-        if m.max_positions < 1:
-            raise ConfigError(f"model.max_positions={m.max_positions} is not allowed; allowed values: integers >= 1")
-        if not 0.0 <= m.embed_dropout < 1.0:
-            raise ConfigError(f"model.embed_dropout={m.embed_dropout} is not allowed; allowed values: 0 <= "
+        keys = cfg.model.keys(TextKeys)
+        if not keys.vocab_size > keys.pad_idx >= 0:
+            raise ConfigError(f"model.vocab_size={keys.vocab_size} must exceed model.pad_idx={keys.pad_idx}; allowed "
+                              f"values: integers > {keys.pad_idx}")
+        if keys.max_positions < 1:
+            raise ConfigError(f"model.max_positions={keys.max_positions} is not allowed; allowed values: integers >= 1")
+        if not 0.0 <= keys.embed_dropout < 1.0:
+            raise ConfigError(f"model.embed_dropout={keys.embed_dropout} is not allowed; allowed values: 0 <= "
                               "embed_dropout < 1")
         if not cfg.teacher.ema_encoder_only:
             raise ConfigError("teacher.ema_encoder_only=false is not supported for text; allowed values: true")
