@@ -559,16 +559,16 @@ def check_exit_codes(docs: dict[str, str]) -> list[str]:
 
 
 def check_resumable(docs: dict[str, str]) -> list[str]:
-    from d2v2scale.train.run import RESUMABLE
+    from d2v2scale.config import resumable_keys
 
     text = docs.get("docs/checkpoints.md", "")
     m = re.search(r"<!-- resumable:begin -->(.*?)<!-- resumable:end -->", text, re.S)
     if not m:
         return ["docs/checkpoints.md has no resumable:begin/end block"]
-    listed = set(re.findall(r"`([^`]+)`", m.group(1)))
-    if listed != set(RESUMABLE):
-        return [f"docs/checkpoints.md: keys a resume may change differ from d2v2scale/train/run.py RESUMABLE: "
-                f"missing {sorted(set(RESUMABLE) - listed)}, extra {sorted(listed - set(RESUMABLE))}"]
+    listed, keys = set(re.findall(r"`([^`]+)`", m.group(1))), set(resumable_keys())
+    if listed != keys:
+        return [f"docs/checkpoints.md: keys a resume may change differ from config.resumable_keys(): "
+                f"missing {sorted(keys - listed)}, extra {sorted(listed - keys)}"]
     return []
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from .. import atomic, runfiles
 from .. import modality as modalities
-from ..config import HOW_THE_MODEL_RUNS, Config, ConfigError, ParallelConfig, config_from_dict, load_config
+from ..config import Config, ConfigError, ParallelConfig, config_from_dict, load_config, resumable_keys
 from ..data.fingerprint import describe_change
 from ..distributed.dims import LaunchEnv
 from ..ds_config import flatten, load_ds_config, scale_batch_for_world
@@ -28,18 +28,10 @@ from .shards import has_shards
 from .sinks import check_sinks
 from .verify import CheckpointError
 
-# Keys a resumed run may change; anything else must match the checkpoint (the loss sequence of a
-# resumed run is only the continuation of the original if the model, data and optimisation agree).
-RESUMABLE = (
-    "preset", "train.max_updates", "train.allow_long_warmup", "train.log_every", "train.save_every", "train.keep_last",
-    "train.max_consecutive_skips", "train.warn_target_var", "train.warn_pred_var", "train.warn_layer_spread_ratio",
-    "train.batch_scaling", "train.hang_timeout_s", "train.setup_timeout_s",
-    "data.num_workers", "data.prefetch_steps", "data.path", "data.index_cache",
-    "profiling.enabled", "profiling.trace_start", "profiling.trace_steps",
-    "parallel.tp", "parallel.backend", "train.checkpoint_format",  # layout: see check_resume
-    *(f"model.{key}" for key in HOW_THE_MODEL_RUNS),
-)
-# The split of the (unchanged) global batch and the sharding may change with the layout.
+# The keys a resumed run may change are marked on their fields (config.resumable, resumable_keys);
+# anything else must match the checkpoint: the loss sequence of a resumed run is only the
+# continuation of the original if the model, data and optimisation agree. In the DeepSpeed JSON, the
+# split of the (unchanged) global batch and the sharding may change with the layout.
 _DS_RESUMABLE = ("scheduler.params.total_num_steps", "steps_per_print", "wall_clock_breakdown", "train_batch_size",
                  "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization.*",
                  "tensorboard.*", "csv_monitor.*", "wandb.*")
@@ -143,11 +135,12 @@ def check_resume(tag_dir: Path, cfg: Config, ds_json: dict, layout: dict) -> str
     changes; a native DeepSpeed one only on the layout that wrote it."""
     info = checkpoint.read_run_info(tag_dir)
     saved = config_from_dict(_saved_config(info), check=False).to_dict()  # keys added since: their defaults
-    diff = _first_difference(saved, cfg.to_dict(), RESUMABLE)
+    resumable = resumable_keys()
+    diff = _first_difference(saved, cfg.to_dict(), resumable)
     if diff:
         key, old, new = diff
         raise ConfigError(f"--resume {tag_dir.name}: {key} was {old!r} in the checkpoint, is {new!r} now; keys that "
-                          f"may change on resume: {', '.join(RESUMABLE)}")
+                          f"may change on resume: {', '.join(resumable)}")
     diff = _first_difference(info["ds_config"], ds_json, _DS_RESUMABLE)
     if diff:
         key, old, new = diff
