@@ -45,7 +45,7 @@ from d2v2scale import modality as modalities  # noqa: E402
 from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.profiling.kernel_trace import LOADER, HostWork, kernel_ranges, step_kernels  # noqa: E402
 from d2v2scale.profiling.timers import StepTimer  # noqa: E402

@@ -37,7 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
-from d2v2scale.ds_config import load_ds_config  # noqa: E402
+from d2v2scale.run_spec import load_ds_config  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, step_flops  # noqa: E402
 from d2v2scale.profiling.kernel_trace import HostWork, kernel_ranges  # noqa: E402
 from d2v2scale.profiling.roofline import (  # noqa: E402

@@ -46,7 +46,7 @@ from d2v2scale.profiling.flops import StepShape, device_peak_flops, step_flops  
 from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402
 from d2v2scale.train.teacher import build_teacher  # noqa: E402
 from d2v2scale.train.compile import apply_compile  # noqa: E402
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 from d2v2scale.train.optim import param_groups  # noqa: E402

@@ -24,7 +24,7 @@ def worker(preset: str, ds_path: str, tp: int, out: str) -> None:
 
     from d2v2scale.config import load_config
     from d2v2scale.distributed.runtime import init_distributed, shutdown
-    from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config
+    from d2v2scale.run_spec import load_ds_config, plan_batch, resolve_ds_config
     from d2v2scale.run_spec import read_spec
     from d2v2scale.train.engine import build_trainer
 

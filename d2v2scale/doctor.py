@@ -249,7 +249,7 @@ def probe_node(ds_config: str | None) -> Node:
             node.gpu_error = f"{type(e).__name__}: {e}"
     if ds_config is not None:
         from .config import ConfigError
-        from .ds_config import load_ds_config
+        from .run_spec import load_ds_config
 
         try:
             node.ds = load_ds_config(ds_config)

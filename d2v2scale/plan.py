@@ -18,7 +18,7 @@ import sys
 from .atomic import write_text
 from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, load_config
-from .ds_config import load_ds_config
+from .run_spec import load_ds_config
 from .planning.cluster import ClusterProfile, load_profile
 from .planning.planner import plan, render, set_micro_batch, teacher_layouts
 from .planning.search import paper_table, report, search, ways_out

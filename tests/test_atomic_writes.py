@@ -42,7 +42,7 @@ def _latest(path):
 
 def _run_files(path):
     from d2v2scale.config import load_config
-    from d2v2scale.ds_config import load_ds_config
+    from d2v2scale.run_spec import load_ds_config
     from d2v2scale.run_spec import run_spec
     from d2v2scale.train.run import Setup, _write_run_files
 

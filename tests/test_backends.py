@@ -34,11 +34,11 @@ def test_deepspeed_is_named_only_by_its_backend_and_the_config():
     pydantic models), the checkpoint allow-list (the DeepSpeed classes a native checkpoint pickles)
     and the node doctor (the installed version and its ops)."""
     hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "deepspeed" in p.read_text())
-    assert hits == ["config.py", "config_reference.py", "doctor.py", "pretrain.py", "train/backend/deepspeed.py",
-                    "train/ds_validate.py", "train/verify.py"]
+    assert hits == ["config.py", "config_reference.py", "doctor.py", "pretrain.py", "run_spec/validate.py",
+                    "train/backend/deepspeed.py", "train/verify.py"]
     imports = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                      if re.search(r"^\s*(import deepspeed|from deepspeed)", p.read_text(), re.M))
-    assert imports == ["doctor.py", "train/backend/deepspeed.py", "train/ds_validate.py", "train/verify.py"]
+    assert imports == ["doctor.py", "run_spec/validate.py", "train/backend/deepspeed.py", "train/verify.py"]
     assert not [p for p in imports if p != "train/backend/deepspeed.py"
                 and re.search(r"^(import deepspeed|from deepspeed)", (PACKAGE / p).read_text(), re.M)]
 

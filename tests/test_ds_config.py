@@ -2,7 +2,7 @@
 import pytest
 
 from d2v2scale.config import ConfigError, load_config
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config
+from d2v2scale.run_spec import load_ds_config, plan_batch, resolve_ds_config
 from d2v2scale.train.optim import param_groups
 
 

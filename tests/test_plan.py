@@ -185,7 +185,7 @@ def test_the_planners_ways_out_print_the_batch_the_launcher_scales_to():
     import re
 
     from d2v2scale.config import ConfigError, load_config, preset_names
-    from d2v2scale.ds_config import load_ds_config, plan_batch, scale_batch_for_world
+    from d2v2scale.run_spec import load_ds_config, plan_batch, scale_batch_for_world
     from d2v2scale.planning.search import ways_out
 
     checked = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import modality as modalities
 from ..config import BACKENDS, Config, ConfigError, load_config
-from ..ds_config import BatchPlan, scale_batch_for_world
+from ..run_spec import BatchPlan, scale_batch_for_world
 from ..run_spec import run_spec
 from ..run_spec import set_micro_batch as set_json_micro_batch
 from ..model.blocks import checkpointed_count

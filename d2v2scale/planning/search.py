@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import modality as modalities
 from ..config import Config, ConfigError, load_config
-from ..ds_config import linear_scaled_batch, load_ds_config
+from ..run_spec import linear_scaled_batch, load_ds_config
 from ..run_spec import peak_lr, set_zero_stage
 from .cluster import ClusterProfile
 from .planner import Plan, plan, set_micro_batch

@@ -86,6 +86,6 @@ def schedule_from(sched: SchedulerSpec | None, optimizer: torch.optim.Optimizer)
     """The ds_config's ``scheduler`` on ``optimizer``; None without one (constant lr)."""
     if sched is None:
         return None
-    if sched.type not in SUPPORTED:  # refused earlier, with the other sections (ds_validate)
+    if sched.type not in SUPPORTED:  # refused earlier, with the other sections (run_spec.validate)
         raise ValueError(f"scheduler.type={sched.type!r}; supported: {', '.join(SUPPORTED)}")
     return WarmupCosine(optimizer, **sched.params)

@@ -16,7 +16,7 @@ from .. import modality as modalities
 from ..config import Config, ConfigError, ParallelConfig, config_from_dict, load_config, resumable_keys
 from ..data.fingerprint import describe_change
 from ..distributed.dims import LaunchEnv
-from ..ds_config import flatten, load_ds_config, scale_batch_for_world
+from ..run_spec import flatten, load_ds_config, scale_batch_for_world
 from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
 from ..logs import LOG
 from ..resilience.events import write_event

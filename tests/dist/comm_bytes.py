@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, train_step  # noqa: E402
 

@@ -27,7 +27,7 @@ from d2v2scale.data.schedule import RankSchedule  # noqa: E402
 from d2v2scale.distributed.dims import ParallelDims  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
 from d2v2scale.train import checkpoint  # noqa: E402
-from d2v2scale.ds_config import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
+from d2v2scale.run_spec import load_ds_config, plan_batch, resolve_ds_config  # noqa: E402
 from d2v2scale.run_spec import read_spec  # noqa: E402
 from d2v2scale.train.engine import build_trainer, log_record, train_step  # noqa: E402
 from d2v2scale.train.reporting import Interval  # noqa: E402

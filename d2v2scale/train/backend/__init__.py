@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from ...config import BACKENDS
-from ...run_spec import RunSpec
+from ...run_spec import RunSpec, validate_ds_config
 from ..teacher import EMASchedule
 from .protocol import Backend
 
-# parallel.backend → its module ``backend/<name>.py`` (``check_spec`` and ``BACKEND``), imported
+# parallel.backend → its module ``backend/<name>.py`` (``SCHEDULES``, ``check_spec``, ``BACKEND``), imported
 # only when chosen, so a run never imports the engine it does not use. The names are
 # ``config.BACKENDS``'s, the one list (the default first).
 REGISTRY: dict[str, Callable[[], ModuleType]] = {
@@ -58,10 +58,9 @@ def _module(name: str) -> ModuleType:
 
 
 def validate_json(name: str, ds: dict) -> None:
-    """Refuse (ConfigError, one line) a malformed DeepSpeed JSON, every section, for backend ``name``."""
-    from ..ds_validate import validate_ds_config
-
-    validate_ds_config(ds, name)
+    """Refuse (ConfigError, one line) a malformed DeepSpeed JSON, every section, for backend ``name``
+    (its module's ``SCHEDULES``: the scheduler types it runs, None for all of DeepSpeed's)."""
+    validate_ds_config(ds, name, _module(name).SCHEDULES)
 
 
 def check_spec(name: str, spec: RunSpec, tp: int) -> None:

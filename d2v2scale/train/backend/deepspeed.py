@@ -477,3 +477,4 @@ class DeepSpeedBackend:
 
 
 BACKEND = DeepSpeedBackend
+SCHEDULES: tuple[str, ...] | None = None  # every one of DeepSpeed's own

@@ -32,7 +32,7 @@ from ...distributed.runtime import all_reduce
 from ...distributed.slices import even_piece
 from ...model.blocks import Block
 from ...run_spec import RunSpec
-from ..lr_schedule import schedule_from
+from ..lr_schedule import SUPPORTED, schedule_from
 from ..optim import param_groups
 from ..teacher import EMASchedule, ShardedModuleEMA
 from .adam_state import adam_state, optimizer_steps, set_optimizer_steps
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 def check_spec(spec: RunSpec, tp: int) -> None:
     """Refuse, before any process starts, what this backend would not honour in a well-formed
-    ds_config (:mod:`..ds_validate` has checked the sections and their types; any ZeRO stage
+    ds_config (:mod:`d2v2scale.run_spec.validate` has checked the sections and their types; any ZeRO stage
     composes with tensor parallelism here)."""
     if not spec.optimizer.decoupled_weight_decay:
         raise ConfigError("ds_config optimizer.type=Adam with adam_w_mode=false (L2 weight decay) is not supported by "
@@ -273,3 +273,4 @@ class FSDP2Backend:
 
 
 BACKEND = FSDP2Backend
+SCHEDULES: tuple[str, ...] | None = SUPPORTED  # the schedule formula this backend runs (lr_schedule.py)

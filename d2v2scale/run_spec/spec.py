@@ -1,4 +1,4 @@
-"""The run's DeepSpeed JSON as typed, frozen values: read once, here, and nowhere else.
+"""The run's DeepSpeed JSON as typed, frozen values (:class:`RunSpec`).
 
 The JSON is DeepSpeed's format (users keep writing it), but d2v2scale also drives FSDP2, the
 planner, the metric sinks and the reports from it. Each of them reads a :class:`RunSpec` — the
@@ -6,21 +6,17 @@ batch split, precision, optimizer, schedule, clipping, ZeRO options and monitors
 defaults filled in — instead of its own ``.get`` chain with its own default. Only the DeepSpeed
 backend sees a dict again: :attr:`RunSpec.json`, the resolved JSON (every ``"auto"`` filled in),
 which is also what a run directory and its checkpoints record.
-
-Order of use: :func:`d2v2scale.train.ds_validate.validate_ds_config` checks the raw JSON (one line
-per mistake), :func:`run_spec` splits the batch and types it. :func:`gpu_only_keys` and
-:func:`ops_needed` read a JSON that may not be valid yet (the node doctor's questions).
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .config import Config
-from .ds_config import BatchPlan, plan_batch, resolve_ds_config
+from ..config import Config
+from .batch import BatchPlan, plan_batch, resolve_ds_config
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +144,7 @@ def run_spec(ds: dict, cfg: Config, dp: int) -> RunSpec:
 
 def read_spec(resolved: dict, plan: BatchPlan) -> RunSpec:
     """The typed view of an already resolved JSON (e.g. the one a checkpoint recorded)."""
-    section = _sections(resolved)
+    section = json_sections(resolved)
     opt = section("optimizer").get("params", {})
     sched = section("scheduler")
     zero = section("zero_optimization")
@@ -177,8 +173,8 @@ def read_spec(resolved: dict, plan: BatchPlan) -> RunSpec:
             stage3_param_persistence_threshold=float(zero.get("stage3_param_persistence_threshold", 1e5)),
             stage3_max_reuse_distance=float(zero.get("stage3_max_reuse_distance", 1e9)),
             stage3_max_live_parameters=float(zero.get("stage3_max_live_parameters", 1e9)),
-            offload_optimizer=_offload(zero.get("offload_optimizer")),
-            offload_param=_offload(zero.get("offload_param")),
+            offload_optimizer=read_offload(zero.get("offload_optimizer")),
+            offload_param=read_offload(zero.get("offload_param")),
         ),
         monitors=tuple(_monitor(name, section(name)) for name in MONITORS if section(name).get("enabled") is True),
         json=_freeze(resolved),
@@ -193,17 +189,18 @@ def recorded_micro_batch(resolved: Mapping[str, Any]) -> int | None:
 
 def peak_lr(ds: dict) -> float | None:
     """The JSON's ``optimizer.params.lr`` (None when absent): the planner's batch-scaling line."""
-    lr = _sections(ds)("optimizer").get("params", {}).get("lr")
+    lr = json_sections(ds)("optimizer").get("params", {}).get("lr")
     return float(lr) if lr is not None else None
 
 
 def reference_row(ds: Mapping[str, Any]) -> tuple[Any, ...]:
     """What the configuration reference tabulates of a shipped (unresolved) JSON: precision, ZeRO
     stage, micro-batch, lr, betas, weight decay, warm-up, clipping, the other ZeRO keys."""
-    section = _sections(ds)
+    section = json_sections(ds)
     opt, sched, zero = section("optimizer").get("params", {}), section("scheduler").get("params", {}), \
         section("zero_optimization")
-    precision = "bf16" if bf16_enabled(dict(ds)) else "fp16" if section("fp16").get("enabled") is True else "fp32"
+    precision = "bf16" if section("bf16").get("enabled") is True else "fp16" if section("fp16").get("enabled") is True \
+        else "fp32"
     return (precision, zero.get("stage", 0), ds.get("train_micro_batch_size_per_gpu", "auto"), opt.get("lr"),
             opt.get("betas"), opt.get("weight_decay"), sched.get("warmup_num_steps"), ds.get("gradient_clipping", 0),
             {k: v for k, v in zero.items() if k != "stage"})
@@ -220,7 +217,7 @@ def set_zero_stage(ds: dict, stage: int) -> None:
     ds["gradient_accumulation_steps"] = "auto"
 
 
-def _sections(ds: Mapping[str, Any]):
+def json_sections(ds: Mapping[str, Any]) -> Callable[[str], Mapping[str, Any]]:
     """``name`` → the JSON object under it, ``{}`` when absent or not an object (a doctor may ask
     of a JSON nobody validated yet)."""
     def section(name: str) -> Mapping[str, Any]:
@@ -230,7 +227,8 @@ def _sections(ds: Mapping[str, Any]):
     return section
 
 
-def _offload(section: Any) -> OffloadSpec:
+def read_offload(section: Any) -> OffloadSpec:
+    """A ``zero_optimization.offload_*`` section (anything else: no offload)."""
     if not isinstance(section, Mapping):
         return OffloadSpec()
     pinned = section.get("pin_memory")
@@ -258,59 +256,3 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
     return copy.deepcopy(value)
-
-
-# ------------------------------------------------------------------------------ a node's questions
-def gpu_only_keys(ds: dict, pin_memory_default: bool = True) -> list[tuple[str, str]]:
-    """The keys of a DeepSpeed JSON that ask for a GPU, each as (``key=value``, why), in the order
-    the JSON's sections are read. ``pin_memory_default``: what DeepSpeed assumes for an offload
-    section without ``pin_memory``."""
-    section = _sections(ds)
-    found: list[tuple[str, str]] = []
-    if section("fp16").get("enabled") is True:
-        found.append(("fp16.enabled=true", "fp16 with loss scaling is GPU mixed precision (d2v2scale trains fp32 "
-                      "or bf16 on a CPU; FSDP2 refuses fp16 everywhere)"))
-    if section("amp").get("enabled") is True:
-        found.append(("amp.enabled=true", "apex AMP runs on CUDA only"))
-    zero = section("zero_optimization")
-    if zero.get("overlap_comm") is True:
-        found.append(("zero_optimization.overlap_comm=true", "it overlaps the gradient reduction with the backward "
-                      "on a second CUDA stream; DeepSpeed's CPU accelerator has no streams"))
-    for part in ("offload_optimizer", "offload_param"):
-        offload = _offload(zero.get(part))
-        if offload.device not in ("cpu", "nvme"):
-            continue
-        if (offload.pin_memory if offload.pin_memory is not None else pin_memory_default) is True:
-            default = "" if offload.pin_memory is not None else " (DeepSpeed's default)"
-            found.append((f"zero_optimization.{part}.pin_memory=true{default}", "pinned host buffers exist for copies "
-                          "to and from a GPU, and offloading moves state out of GPU memory"))
-    for key in ("zero_quantized_weights", "zero_quantized_gradients", "zero_quantized_nontrainable_weights"):
-        if zero.get(key) is True:
-            found.append((f"zero_optimization.{key}=true", "ZeRO++ quantization runs CUDA kernels that DeepSpeed's "
-                          "CPU accelerator lacks"))
-    return found
-
-
-def ops_needed(ds: dict) -> list[tuple[str, str]]:
-    """The DeepSpeed ops the DeepSpeed backend's engine builds for this JSON, each with the
-    key that asks for it. torch's AdamW (``torch_adam: true``, all shipped JSONs) needs none;
-    otherwise DeepSpeed's FusedAdam, or its CPU Adam when the optimizer is offloaded; NVMe offload
-    needs async I/O."""
-    section = _sections(ds)
-    params = section("optimizer").get("params", {})
-    params = params if isinstance(params, Mapping) else {}
-    zero = section("zero_optimization")
-    device = {part: _offload(zero.get(part)).device for part in ("offload_optimizer", "offload_param")}
-    needed = []
-    if params.get("torch_adam") is not True:
-        key = "optimizer.params.torch_adam" + ("=false" if "torch_adam" in params else " (absent)")
-        needed.append(("cpu_adam" if device["offload_optimizer"] in ("cpu", "nvme") else "fused_adam", key))
-    for part in ("offload_optimizer", "offload_param"):
-        if device[part] == "nvme":
-            needed.append(("async_io", f"zero_optimization.{part}.device=nvme"))
-    return needed
-
-
-def bf16_enabled(ds: dict) -> bool:
-    """``bf16.enabled`` of a JSON nobody validated yet (the doctor's check of the GPUs)."""
-    return _sections(ds)("bf16").get("enabled") is True

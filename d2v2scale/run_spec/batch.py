@@ -12,16 +12,11 @@ sees a nominal micro-batch of 1 (our loss is normalised by masked tokens, not by
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
-from typing import Any
 
-from . import modality as modalities
-from .config import Config, ConfigError
-
-_AUTO = "auto"
+from .. import modality as modalities
+from ..config import Config, ConfigError
+from .json_file import AUTO, flatten
 
 
 @dataclass(frozen=True)
@@ -37,33 +32,9 @@ class BatchPlan:
                 f"× grad-accum {self.grad_accum} × data-parallel {self.dp}")
 
 
-def find_ds_config(path: str) -> Path:
-    """``path`` itself, or one of the package's own JSONs named as ``ds_configs/NAME.json`` or
-    ``NAME.json`` (so the tools work from any folder, with the package installed)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    shipped = resources.files("d2v2scale") / "ds_configs" / p.name
-    if p.parent in (Path("."), Path("ds_configs")) and shipped.is_file():
-        return Path(str(shipped))
-    raise ConfigError(f"--ds_config '{path}' does not exist; give a DeepSpeed JSON such as ds_configs/cpu_tiny.json "
-                      f"(shipped: {', '.join(sorted(f.name for f in (resources.files('d2v2scale') / 'ds_configs').iterdir()))})")
-
-
-def load_ds_config(path: str) -> dict:
-    p = find_ds_config(path)
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds_config '{path}' is not valid JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--ds_config '{path}' must be a JSON object")
-    return data
-
-
 def _int_or_auto(ds: dict, key: str):
-    value = ds.get(key, _AUTO)
-    if value == _AUTO:
+    value = ds.get(key, AUTO)
+    if value == AUTO:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"ds_config {key}={value!r} is not allowed; allowed values: \"auto\" or an integer >= 1")
@@ -115,24 +86,13 @@ def resolve_ds_config(ds: dict, cfg: Config, plan: BatchPlan) -> dict:
     out["gradient_accumulation_steps"] = plan.grad_accum
     out["train_batch_size"] = engine_micro * plan.grad_accum * plan.dp
     sched = out.get("scheduler", {}).get("params", {})
-    if sched.get("total_num_steps") == _AUTO:
+    if sched.get("total_num_steps") == AUTO:
         sched["total_num_steps"] = cfg.train.max_updates
-    leftover = [k for k, v in flatten(out).items() if v == _AUTO]
+    leftover = [k for k, v in flatten(out).items() if v == AUTO]
     if leftover:
         raise ConfigError(f"ds_config keys {', '.join(leftover)} are \"auto\" but d2v2scale cannot fill them; "
                           "allowed \"auto\" keys: train_batch_size, train_micro_batch_size_per_gpu, "
                           "gradient_accumulation_steps, scheduler.params.total_num_steps")
-    return out
-
-
-def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: the dotted keys of a nested dict (JSON or config)."""
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -15,7 +15,7 @@ Three layers, the cheap ones first:
    misspelt ``gradient_cliping`` would train without clipping).
 
 Backend-specific refusals of well-formed JSON stay with the backends (``check_ds_config`` there);
-the batch keys are checked against the preset by :func:`d2v2scale.ds_config.plan_batch`.
+the batch keys are checked against the preset by :func:`d2v2scale.run_spec.batch.plan_batch`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ from typing import TypeGuard
 import torch
 
 from ..config import ConfigError
-from . import lr_schedule
 
 OPTIMIZERS = ("Adam", "AdamW")  # matched as DeepSpeed does, ignoring case; checkpoints hold AdamW's two moments
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -92,9 +91,10 @@ SCALARS: dict[str, Rule] = {
 }
 
 
-def validate_ds_config(ds: dict, backend: str) -> None:
+def validate_ds_config(ds: dict, backend: str, schedules: tuple[str, ...] | None = None) -> None:
     """Raise :class:`ConfigError` (one line: the dotted key and what is allowed) unless ``ds`` is a
-    DeepSpeed JSON that ``parallel.backend=backend`` can run as written."""
+    DeepSpeed JSON that ``parallel.backend=backend`` can run as written. ``schedules``: the
+    scheduler types that backend runs (None: all of DeepSpeed's own)."""
     _check_shapes(ds)
     _check_optimizer(ds, backend)
     with _deepspeed():
@@ -102,7 +102,7 @@ def validate_ds_config(ds: dict, backend: str) -> None:
             if section in ds:
                 _check_model(section, ds[section])
         _check_precision(ds)
-        _check_scheduler(ds, backend)
+        _check_scheduler(ds, backend, schedules)
         _check_parser(ds)
     _check_monitor_paths(ds)
 
@@ -193,21 +193,19 @@ def _schedule_rule(name: str) -> Rule | None:
     return None
 
 
-def _schedulers(backend: str) -> tuple[str, ...]:
-    """DeepSpeed's own schedules (a torch one would not keep its position in a checkpoint); FSDP2's formula."""
-    if backend == "fsdp2":
-        return lr_schedule.SUPPORTED
+def _deepspeed_schedules() -> tuple[str, ...]:
+    """DeepSpeed's own schedules (a torch one would not keep its position in a checkpoint)."""
     from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
     return tuple(VALID_LR_SCHEDULES)
 
 
-def _check_scheduler(ds: dict, backend: str) -> None:
+def _check_scheduler(ds: dict, backend: str, schedules: tuple[str, ...] | None) -> None:
     if "scheduler" not in ds:
         return
     sched = ds["scheduler"]
     _check_keys("scheduler", sched, ("type", "params"), "a key of the scheduler section")
-    allowed = _schedulers(backend)
+    allowed = schedules if schedules is not None else _deepspeed_schedules()
     if sched.get("type") not in allowed:
         raise _bad("scheduler.type", sched.get("type"), f"{', '.join(allowed)} (parallel.backend={backend})")
     from deepspeed.runtime import lr_schedules
