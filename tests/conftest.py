@@ -42,15 +42,48 @@ def fixture_config():
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests are the only ones that may skip, and only where CUDA is absent."""
+    """``gpu`` tests are the only ones that may skip, and only where CUDA is absent.
+    ``D2V2SCALE_TEST_ORDER=reverse`` runs the tests in reverse order: a test that passes only after
+    another one has run fails there."""
     import torch
 
+    order = os.environ.get("D2V2SCALE_TEST_ORDER", "")
+    if order not in ("", "reverse"):
+        raise pytest.UsageError(f"D2V2SCALE_TEST_ORDER={order!r}; allowed: reverse, or unset")
+    if order == "reverse":
+        items.reverse()
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run python bench/gpu_check.py on one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Every test starts from the logging set-up the one before found: a test that sets up a run's
+    logging (``setup_logging``: handlers, levels, no propagation, warnings captured) would
+    otherwise decide what every later test sees on stderr and in ``caplog``."""
+    import logging
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate, disabled in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled
+    logging.captureWarnings(False)  # no test starts with Python warnings routed to a logger
+
+
+@pytest.fixture
+def run_logging():
+    """The logging a run sets up on rank 0 (INFO on stdout, warnings on stderr), for tests of what a run shows."""
+    from d2v2scale.logs import setup_logging
+
+    setup_logging(0)
 
 
 def missing_dependency(reason: str):

@@ -317,7 +317,9 @@ def _image_cases(root: Path) -> tuple[int, int]:
     return 6 + 8, 11
 
 
-def test_malformed_image_files_sweep(tmp_path, capsys, dali):
+def test_malformed_image_files_sweep(tmp_path, capsys, dali, run_logging):
+    """Each unusable file is one warning line on stderr, as a run shows it (its logging set up
+    here, not left over from another test), and is replaced, never a crash."""
     from d2v2scale.data.images import ImageSource
 
     n_good, n_bad = _image_cases(tmp_path)
@@ -372,7 +374,7 @@ def _audio_cases(root: Path) -> tuple[list[str], list[str]]:
                     "short_flac.flac", "nan.wav", "inf.wav", "dir.wav", "broken.wav", "cut.flac"]
 
 
-def test_malformed_audio_files_sweep(tmp_path, capsys, dali):
+def test_malformed_audio_files_sweep(tmp_path, capsys, dali, run_logging):
     from d2v2scale.data.audio import AudioSource
 
     usable, unusable = _audio_cases(tmp_path)
