@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES  # noqa: E402
+from d2v2scale.data.audio import AUDIO_INDEX  # noqa: E402
+from d2v2scale.data.images import IMAGE_INDEX  # noqa: E402
 from d2v2scale.data.index import SUFFIX, save_index  # noqa: E402
-from d2v2scale.data.indexing import IndexSpec, build_index, ensure_index, publish, read_ticket  # noqa: E402
+from d2v2scale.data.indexing import IndexRules, IndexSpec, build_index, ensure_index, publish, read_ticket  # noqa: E402
 from d2v2scale.prepare import main as prepare  # noqa: E402
 
 PER_FOLDER = 1000
@@ -73,10 +74,10 @@ def audio_manifest(root: Path, n: int, pool: Path) -> Path:
     return path
 
 
-def in_process(source: Path, kind: str, suffixes: tuple, cache: Path) -> tuple[float, float, float]:
+def in_process(source: Path, rules: IndexRules, cache: Path) -> tuple[float, float, float]:
     """(builder s: index and publish, reader s: map the published file, MB in memory)."""
     cache.unlink(missing_ok=True)
-    spec = IndexSpec(str(source), kind, suffixes, str(cache), 8)
+    spec = IndexSpec(str(source), rules, str(cache), 8)
     t0 = time.perf_counter()
     built = ensure_index(spec)
     ticket = publish(built, spec)
@@ -150,12 +151,12 @@ def main() -> None:
         rows = {"images: builder (list+sample) s": [], "images: reader (map) s": [], "images: index MB": [],
                 "audio: builder (parse) s": [], "audio: reader (map) s": [], "audio: index MB": []}
         for folder in folders:
-            b, r, mb = in_process(folder, "images", IMAGE_SUFFIXES, tmp / "cache.idx")
+            b, r, mb = in_process(folder, IMAGE_INDEX, tmp / "cache.idx")
             rows["images: builder (list+sample) s"].append(b)
             rows["images: reader (map) s"].append(r)
             rows["images: index MB"].append(mb)
         for manifest in manifests:
-            b, r, mb = in_process(manifest, "audio", AUDIO_SUFFIXES, tmp / "cache.idx")
+            b, r, mb = in_process(manifest, AUDIO_INDEX, tmp / "cache.idx")
             rows["audio: builder (parse) s"].append(b)
             rows["audio: reader (map) s"].append(r)
             rows["audio: index MB"].append(mb)
@@ -168,7 +169,7 @@ def main() -> None:
         for folder in folders:
             assert prepare(["images", str(folder), str(folder) + ".d2v2index"]) == 0
         for manifest in manifests:  # the index prepare writes beside a manifest, from the manifest alone
-            save_index(build_index(manifest, "audio", AUDIO_SUFFIXES), Path(str(manifest) + SUFFIX))
+            save_index(build_index(manifest, AUDIO_INDEX), Path(str(manifest) + SUFFIX))
         image_args = ["--preset", "tiny_image", "data.kind=images"]
         audio_args = ["--preset", "tiny_audio", "data.kind=audio", "data.max_tokens=640000",
                       "data.max_sample_size=320000", "data.min_sample_size=32000", "train.global_batch=2560000"]

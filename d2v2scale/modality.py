@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from .config import Config, DataConfig, MaskingConfig, ModelConfig, ModelSpec
     from .data.index import DataIndex
+    from .data.indexing import IndexRules
     from .interop.fairseq import FairseqLayout
     from .model.masking import MaskInfo
     from .planning.memory import Layout
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 class DataKind:
     """One ``data.kind`` a modality reads. ``build(cfg, micro_batch, device, verbose, index)`` returns
     the batch source; ``suffixes``: the files a folder is indexed for once per job (empty: no index);
+    ``index``: how ``data.path`` is indexed (None: it is not), so the indexer never asks for the name;
     ``check(cfg)``: the cheap pre-launch check of an unindexed ``data.path`` (raises ``DataError``)."""
 
     name: str
@@ -45,6 +47,7 @@ class DataKind:
     needs_path: bool = True
     suffixes: tuple[str, ...] = ()
     check: Callable[[Config], object] | None = None
+    index: IndexRules | None = None
 
 
 @dataclass(frozen=True)

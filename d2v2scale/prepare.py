@@ -25,7 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cli import OneLineParser, fail, positive_int
-from .data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
+from .data.audio import AUDIO_INDEX
+from .data.files import DataError
+from .data.images import IMAGE_INDEX
 from .data.index import SUFFIX, is_index_file, load_index, save_index
 from .data.indexing import build_index
 from .data.manifest import build_manifest
@@ -37,7 +39,7 @@ def prepare_images(root: Path, out: Path, threads: int) -> str:
         raise DataError(f"image root {root} {'is not a folder' if root.exists() else 'does not exist'}")
     previous = load_index(out) if is_index_file(out) else None
     t0 = time.perf_counter()
-    index = build_index(root.resolve(), "images", IMAGE_SUFFIXES, threads, previous=previous)
+    index = build_index(root.resolve(), IMAGE_INDEX, threads, previous=previous)
     save_index(index, out)
     folders = len(index.meta["signature"]["dirs"])
     return (f"{out}: {len(index)} images in {folders} folders, {index.nbytes() / 1e6:.1f} MB, "
@@ -48,7 +50,7 @@ def prepare_images(root: Path, out: Path, threads: int) -> str:
 def prepare_audio(root: Path, out: Path, max_seconds: float | None, min_seconds: float, threads: int) -> list[str]:
     """Write the manifest of ``root`` at ``out`` and its index beside it; the lines to print."""
     stats = build_manifest(root, out, max_seconds, min_seconds, threads, progress=True)
-    index = build_index(out.absolute(), "audio", AUDIO_SUFFIXES)  # the manifest just written: trusted
+    index = build_index(out.absolute(), AUDIO_INDEX)  # the manifest just written: trusted
     save_index(index, Path(str(out) + SUFFIX))
     lines = [f"{out}: {stats.summary()}; index {out}{SUFFIX} ({index.nbytes() / 1e6:.1f} MB); "
              f"train with data.path={out}"]

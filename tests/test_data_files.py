@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from d2v2scale.data.build_tokens import build, byte_tokenizer
-from d2v2scale.data.files import DataError, IMAGE_SUFFIXES
-from d2v2scale.data.images import MEAN, STD, ImageSource, crop_params, substitute
+from d2v2scale.data.files import DataError
+from d2v2scale.data.images import IMAGE_INDEX, MEAN, STD, ImageSource, crop_params, substitute
 from d2v2scale.data.indexing import build_index
 from d2v2scale.data.schedule import RankSchedule, epoch_indices
 from d2v2scale.data.text import TokenBlocks
@@ -27,7 +27,7 @@ def test_unusable_files_are_found_at_read_time_and_replaced_the_same_way_in_ever
     """Indexing opens no image; reading an epoch finds the empty, truncated and wrong-format files
     (bytes) and the undecodable one (DALI), and every split of the positions gets the same pixels:
     each unusable position reads the substitute its position names."""
-    index = build_index(jpeg_dir, "images", IMAGE_SUFFIXES)
+    index = build_index(jpeg_dir, IMAGE_INDEX)
     assert len(index) == 28 and index.skipped == []  # 24 good + 4 bad, none opened
     whole = ImageSource(index, 32, 3, seed=0, batch_size=28, device=torch.device("cpu"), verbose=False)
     x, _ = whole.batch(torch.arange(28))
@@ -107,12 +107,12 @@ def test_no_usable_files_fails_clearly(tmp_path, dali):
     Files that all break after indexing: one DataError at read time (the launcher exits 2)."""
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match="has no usable files"):
-        build_index(tmp_path, "images", IMAGE_SUFFIXES)
+        build_index(tmp_path, IMAGE_INDEX)
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="has no usable files .*x.jpg: empty file"):
-        build_index(tmp_path, "images", IMAGE_SUFFIXES)
+        build_index(tmp_path, IMAGE_INDEX)
     make_jpegs(tmp_path, 2)
-    src = ImageSource(build_index(tmp_path, "images", IMAGE_SUFFIXES), 32, 3, seed=0, batch_size=1,
+    src = ImageSource(build_index(tmp_path, IMAGE_INDEX), 32, 3, seed=0, batch_size=1,
                       device=torch.device("cpu"), verbose=False)
     for path in tmp_path.rglob("*.jpg"):
         path.write_bytes(b"")

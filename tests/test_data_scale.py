@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError
+from d2v2scale.data.audio import AUDIO_INDEX
+from d2v2scale.data.files import DataError
+from d2v2scale.data.images import IMAGE_INDEX
 from d2v2scale.data.index import load_index, save_index
 from d2v2scale.data.indexing import IndexSpec, build_index, ensure_index, is_current, publish, read_ticket
 from d2v2scale.prepare import main as prepare_main
@@ -65,7 +67,7 @@ def test_index_file_round_trip_is_one_open_and_flat(tmp_path):
     rows = [f"spk{i // 3 % 97}/utt{i // 3:07d}.flac\t{16000 + i}" + (f"\t{i % 3 * 5}" if i % 5 else "")
             for i in range(n)]  # three rows per file; every fifth row a whole file, the others segments
     manifest.write_text("/data/libri\n" + "\n".join(rows) + "\n")
-    index = build_index(manifest, "audio", AUDIO_SUFFIXES)
+    index = build_index(manifest, AUDIO_INDEX)
     save_index(index, tmp_path / "big.idx")
     with Opens(tmp_path) as opens:
         loaded = load_index(tmp_path / "big.idx")
@@ -87,7 +89,7 @@ def test_a_folder_is_listed_once_and_only_its_changed_folders_again(tmp_path):
     settled = time.time_ns() - 10**10  # a data set written 10 s ago (folders changed within 2 s of a build are re-listed)
     for folder in [tmp_path / "data", *(tmp_path / "data").iterdir()]:
         os.utime(folder, ns=(settled, settled))
-    spec = IndexSpec(str(tmp_path / "data"), "images", IMAGE_SUFFIXES, str(tmp_path / "cache.idx"))
+    spec = IndexSpec(str(tmp_path / "data"), IMAGE_INDEX, str(tmp_path / "cache.idx"))
     with Opens(tmp_path / "data") as opens:
         index = ensure_index(spec)
     publish(index, spec)
@@ -98,13 +100,13 @@ def test_a_folder_is_listed_once_and_only_its_changed_folders_again(tmp_path):
     stale = load_index(tmp_path / "cache.idx")
     assert not is_current(stale, tmp_path / "data", "images")
     with Opens(tmp_path / "data") as opens:
-        fresh = build_index(tmp_path / "data", "images", IMAGE_SUFFIXES, previous=stale)
+        fresh = build_index(tmp_path / "data", IMAGE_INDEX, previous=stale)
     assert list(opens.listed) == [os.path.realpath(tmp_path / "data" / "class3")]
     assert len(fresh) == 45 and is_current(fresh, tmp_path / "data", "images")
-    assert [fresh.name(i) for i in range(45)] == [build_index(tmp_path / "data", "images", IMAGE_SUFFIXES).name(i)
+    assert [fresh.name(i) for i in range(45)] == [build_index(tmp_path / "data", IMAGE_INDEX).name(i)
                                                   for i in range(45)]
     (tmp_path / "cache.idx").write_bytes(b"D2V2IDX1 and then garbage")  # a damaged cache is rebuilt, not fatal
-    again = ensure_index(IndexSpec(spec.source, "images", IMAGE_SUFFIXES, spec.cache, 3))
+    again = ensure_index(IndexSpec(spec.source, IMAGE_INDEX, spec.cache, 3))
     assert again.origin == "built" and len(again) == 45
 
 
@@ -113,9 +115,9 @@ def test_readers_map_only_the_builders_file(tmp_path):
     shows the builder's stamp; an earlier build at the same path (a stale cache, another job's) is
     never taken for it — the reader waits, then says so in one line."""
     make_audio(tmp_path / "a", 6)
-    spec = IndexSpec(str(tmp_path / "a"), "audio", AUDIO_SUFFIXES, str(tmp_path / "cache.idx"))
-    save_index(build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES), tmp_path / "cache.idx")  # an earlier build
-    built = build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES)  # this job's builder
+    spec = IndexSpec(str(tmp_path / "a"), AUDIO_INDEX, str(tmp_path / "cache.idx"))
+    save_index(build_index(tmp_path / "a", AUDIO_INDEX), tmp_path / "cache.idx")  # an earlier build
+    built = build_index(tmp_path / "a", AUDIO_INDEX)  # this job's builder
     ticket = {"path": str(tmp_path / "cache.idx"), "built": built.meta["built"], "rows": len(built)}
     with pytest.raises(DataError, match="not visible here after 1 s"):
         read_ticket(ticket, wait_s=1)

@@ -398,12 +398,12 @@ def test_malformed_audio_files_sweep(tmp_path, capsys, dali, run_logging):
 
 
 def test_float32_wav_is_indexed_with_its_length(tmp_path):
-    from d2v2scale.data.files import AUDIO_SUFFIXES
+    from d2v2scale.data.audio import AUDIO_INDEX
     from d2v2scale.data.indexing import build_index
 
     (tmp_path / "a").mkdir()
     _wav(tmp_path / "a" / "f.wav", np.zeros(5000, np.float32) + 0.1, "FLOAT")
-    index = build_index(tmp_path / "a", "audio", AUDIO_SUFFIXES)
+    index = build_index(tmp_path / "a", AUDIO_INDEX)
     assert index.length.tolist() == [5000] and index.skipped == []
 
 

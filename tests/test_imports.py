@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "d2v2scale"
 
 
@@ -130,22 +132,104 @@ def test_backends_are_found_in_the_registry_the_config_names():
         assert module.__name__ == f"d2v2scale.train.backend.{name}" and callable(module.check_ds_config)
 
 
+# Modules that may dispatch by name: the registry itself, and each modality's own module.
+DISPATCHERS = ("d2v2scale.modality", "d2v2scale.modalities")
+# (module, the comparison's source) that name a data kind without branching on one.
+ALLOWED = {
+    ("d2v2scale.config", "cfg.data.kind in kinds"),  # validation: data.kind is one the modality registered
+    ("d2v2scale.prepare", 'args.what == "images"'),  # the prepare tool's two subcommands, images and audio
+}
+
+
+def _names_literal(node: ast.AST, names: frozenset[str]) -> bool:
+    """A string literal naming a registered modality or data kind, or a tuple, list or set holding one."""
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_names_literal(e, names) for e in node.elts)
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+
+
+def _name_attribute(node: ast.AST, data_only: bool) -> bool:
+    """``….modality`` or ``….kind`` (``data_only``: ``….data.kind``; masks and failures have kinds too)."""
+    if not isinstance(node, ast.Attribute) or node.attr not in ("modality", "kind"):
+        return False
+    owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", None)
+    return node.attr == "modality" or not data_only or owner == "data"
+
+
+def branches_on_a_name(source: str, names: frozenset[str]) -> list[tuple[int, str]]:
+    """(line, the code) of every place ``source`` branches on a modality or data-kind name: a
+    comparison (==, !=, in, not in; either side) with a literal naming one or with ``….modality`` /
+    ``….data.kind``, a table indexed by ``….modality`` / ``….kind``, a ``match`` on one or with a
+    case naming one."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = (node.left, *node.comparators)
+            if any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops) and any(
+                    _names_literal(side, names) or _name_attribute(side, data_only=True) for side in sides):
+                found.append((node.lineno, ast.get_source_segment(source, node)))
+        elif isinstance(node, ast.Subscript) and _name_attribute(node.slice, data_only=False):
+            found.append((node.lineno, ast.get_source_segment(source, node)))
+        elif isinstance(node, ast.Match):
+            values = [p.value for case in node.cases for p in ast.walk(case.pattern) if isinstance(p, ast.MatchValue)]
+            if _name_attribute(node.subject, data_only=False) or any(_names_literal(v, names) for v in values):
+                found.append((node.lineno, f"match {ast.get_source_segment(source, node.subject)}"))
+    return found
+
+
+def _registered_names() -> frozenset[str]:
+    from d2v2scale import modality as modalities
+
+    return frozenset(modalities.names()) | frozenset(modalities.data_kinds())
+
+
+@pytest.mark.parametrize("planted", [
+    'if modality == "image":\n    pass',
+    'if "image" == cfg.model.modality:\n    pass',
+    'step = TABLE[cfg.model.modality]',
+    'match cfg.model.modality:\n    case _:\n        pass',
+    'if kind == "images":\n    pass',
+    'if cfg.model.modality != name:\n    pass',
+    'ok = cfg.data.kind not in wanted',
+    'ok = kind in ("images", "audio")',
+    'read = READERS[spec.kind]',
+    'match x:\n    case "text":\n        pass',
+])
+def test_the_branch_finder_finds_each_form(planted):
+    assert len(branches_on_a_name(planted, _registered_names())) == 1, planted
+
+
+def test_the_branch_finder_leaves_other_code_alone():
+    clean = ('m = modalities.get(cfg.model.modality)\nif cfg.masking.kind != "auto":\n    pass\n'
+             'rows = table[key]\nmatch mode:\n    case "fast":\n        pass\nlabel = "audio"\n'
+             'if unit == "audio samples":\n    pass\n')
+    assert branches_on_a_name(clean, _registered_names()) == []
+
+
 def test_the_core_never_branches_on_a_modality_name():
     """What a modality is lives in its module under ``modalities/``; the core asks the registry
-    (``d2v2scale.modality``) and never compares a modality's name or indexes a table by it. (The
-    data readers and the index still name their file formats: ``images`` and ``audio`` files.)"""
-    import re
-
-    branch = re.compile(r"modality ==|modality !=|modality in|data.kind ==|\[.?modality.?\]")
-    found = []
-    for name, path in MODULES.items():
-        if name.startswith("d2v2scale.modalities"):
-            continue
-        for k, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            if branch.search(code):
-                found.append(f"{path.relative_to(PACKAGE)}:{k}: {line.strip()}")
+    (``d2v2scale.modality``) and never compares a modality's or a data kind's name, indexes a table
+    by it or matches on it: a plugin modality then needs no change outside its own module."""
+    names = _registered_names()
+    assert {"image", "audio", "text", "images", "digits", "synthetic"} <= names
+    found = [f"{path.relative_to(PACKAGE)}:{line}: {code}" for name, path in MODULES.items()
+             if not name.startswith(DISPATCHERS)
+             for line, code in branches_on_a_name(path.read_text(), names) if (name, code) not in ALLOWED]
     assert found == []
+
+
+def test_an_indexed_data_kind_carries_its_index_rules():
+    """The indexer learns how to index a kind only from the kind's own rules (no name lookup):
+    each data kind with files to index brings rules for exactly those files, under its name."""
+    from d2v2scale import modality as modalities
+
+    kinds = [k for m in modalities.names() for k in modalities.get(m).data_kinds]
+    assert {k.name for k in kinds if k.index is not None} >= {"images", "audio"}
+    for kind in kinds:
+        if kind.suffixes:
+            assert (kind.index.kind, kind.index.suffixes) == (kind.name, kind.suffixes), kind.name
+        else:
+            assert kind.index is None, kind.name
 
 
 def test_every_exception_class_is_in_the_errors_table():

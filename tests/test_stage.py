@@ -15,6 +15,7 @@ from d2v2scale.config import load_config
 from d2v2scale.data import stage as stage_mod
 from d2v2scale.data.build_tokens import build, byte_tokenizer
 from d2v2scale.data.files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, walk
+from d2v2scale.data.images import IMAGE_INDEX
 from d2v2scale.data.index import SUFFIX, DataIndex, load_index, pack_names, save_index
 from d2v2scale.data.indexing import IndexSpec, ensure_index, is_current, publish, read_ticket
 from d2v2scale.data.loader import build_source
@@ -101,7 +102,7 @@ def test_prepared_image_index_is_staged_with_a_local_root(data, tmp_path, capsys
     assert index.meta["built"] == original.meta["built"] and index.meta["kind"] == "images"
     assert is_current(index, Path(index.root), "images")  # its signature describes the local folder
     same_files(Path(original.root), Path(index.root), [original.name(i) for i in range(12)])
-    spec = IndexSpec(str(local), "images", IMAGE_SUFFIXES)
+    spec = IndexSpec(str(local), IMAGE_INDEX)
     ticket = publish(ensure_index(spec), spec)
     assert copied(staged(capsys, data / "imgs.d2v2index", tmp_path / "stage")[1]) == 0
     assert len(read_ticket(ticket, wait_s=0)) == 12  # another node's own copy at this path serves rank 0's ticket

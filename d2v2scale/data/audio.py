@@ -29,15 +29,17 @@ import torch
 from .. import counter_rng
 from ..logs import LOG
 from .files import AUDIO_SUFFIXES, DataError, log_once, read_file
-from .headers import RATE
+from .headers import RATE, samples_at_rate
 from .index import DataIndex
-from .indexing import as_index
+from .indexing import IndexRules, as_index
 from .schedule import epoch_permutation
 from .segments import read_range
 
 _STREAM_CROP = 12
 _STREAM_SUBSTITUTE = 14
 MAX_ATTEMPTS = 64  # micro-batches tried for one id before the data set is declared unusable
+# A folder or file list has each header read once (a row needs its length); a manifest's lengths are trusted.
+AUDIO_INDEX = IndexRules("audio", AUDIO_SUFFIXES, manifest=True, length=samples_at_rate)
 
 
 def bucket_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +138,7 @@ class AudioSource:
 
     def __init__(self, index: DataIndex | str, max_tokens: int, min_size: int, max_size: int, seed: int,
                  threads: int = 2, verbose: bool = True):
-        self.index = as_index(index, "audio", AUDIO_SUFFIXES)
+        self.index = as_index(index, AUDIO_INDEX)
         if max_size > max_tokens:
             raise DataError(f"data.max_sample_size={max_size} exceeds data.max_tokens={max_tokens}: "
                             "a single crop would not fit a micro-batch")

@@ -51,3 +51,15 @@ def header_length(path: Path) -> tuple[int, int]:
         raise ValueError("no FLAC STREAMINFO")
     info = int.from_bytes(head[18:26], "big")  # 20 bits rate, 3 channels, 5 bps, 36 total samples
     return info & ((1 << 36) - 1), info >> 44
+
+
+def samples_at_rate(path: Path) -> int:
+    """The file's length in ``RATE`` samples, from its header (what an audio index records); an
+    unusable file is a ValueError saying why."""
+    try:
+        frames, rate = header_length(path)
+    except (OSError, ValueError, EOFError, struct.error) as e:
+        raise ValueError(f"unreadable audio header ({e})") from None
+    if not rate or not frames:
+        raise ValueError("no audio samples")
+    return int(frames * RATE // rate)

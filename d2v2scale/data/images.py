@@ -30,7 +30,7 @@ from .. import counter_rng
 from ..logs import LOG
 from .files import IMAGE_SUFFIXES, DataError, log_once, read_file
 from .index import DataIndex
-from .indexing import as_index
+from .indexing import IndexRules, as_index
 from .schedule import epoch_indices
 
 MEAN = (0.485, 0.456, 0.406)
@@ -40,6 +40,9 @@ RATIO = (3 / 4, 4 / 3)
 _STREAM_AUGMENT = 11
 _STREAM_SUBSTITUTE = 13
 MAX_ATTEMPTS = 64  # substitutes tried for one position before the data set is declared unusable
+# A row is only a file's name: an older index's unchanged folders are reused, and only 8 evenly spaced
+# files are opened, to tell a wrong folder from a data set with some bad files.
+IMAGE_INDEX = IndexRules("images", IMAGE_SUFFIXES, reuse_folders=True, sample=8)
 
 
 def crop_params(seed: int, positions: torch.Tensor) -> np.ndarray:
@@ -142,7 +145,7 @@ class ImageSource:
                  device: torch.device, threads: int = 2, verbose: bool = True):
         if in_chans != 3:
             raise ValueError(f"data.kind=images produces RGB; model.in_chans={in_chans}")
-        self.index = as_index(index, "images", IMAGE_SUFFIXES)
+        self.index = as_index(index, IMAGE_INDEX)
         self.size, self.seed, self.batch_size, self.verbose = img_size, seed, batch_size, verbose
         self.bad: dict[int, str] = {}  # file → why it is unusable (found by this rank, at read time)
         self.logged: set[str] = set()  # paths already logged in this run (by this rank, or rank 0 for others)

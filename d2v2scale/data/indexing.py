@@ -1,12 +1,13 @@
 """Indexing a data set once per job: the builder rank builds, every other rank maps its file.
 
 One rank (the builder, rank 0) finds a prepared index (``python -m d2v2scale.prepare``), or a
-current cache in ``data.index_cache``, or builds the index: it lists a folder (no file opened but
-8 sampled images, so that a folder of nothing but broken files is refused at start), parses a
-manifest or a file list (a manifest's lengths are trusted, as fairseq trusts them), or reads each
-audio header once, in threads. It then publishes the index as a file and sends every rank a ticket
-(the file and the build it holds); the others map that file — they open no data file, and a stale
-or foreign file at the same path is never taken for it.
+current cache in ``data.index_cache``, or builds the index: it lists a folder, parses a manifest or
+a file list (a manifest's lengths are trusted, as fairseq trusts them), and then, as the data
+kind's :class:`IndexRules` say, reads each file's length once, in threads (audio headers), or opens
+a few sampled files (images: no other is opened), so that a folder of nothing but broken files is
+refused at start. It then publishes the index as a file and sends every rank a ticket (the file and
+the build it holds); the others map that file — they open no data file, and a stale or foreign
+file at the same path is never taken for it.
 
 An index records what it was built from (``signature``): a file's size and mtime, or every
 folder's mtime under a data root (adding, removing or renaming an entry changes its folder's
@@ -16,7 +17,6 @@ date by listing only the folders that changed.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,9 +30,21 @@ from .index import SUFFIX, DataIndex, is_index_file, load_index, pack_names, sav
 from .manifest import read_manifest
 
 FORMAT = 1
-SAMPLE = 8  # images the builder reads to tell a wrong folder from a data set with some bad files
 WAIT_S = 120.0  # how long a reading rank waits for the builder's file to become visible (shared file systems)
 SETTLE_S = 2.0  # a folder modified this close to a build may have changed within the same mtime tick
+
+
+@dataclass(frozen=True)
+class IndexRules:
+    """How a data kind's files become an index: the kind provides them (its
+    :class:`~d2v2scale.modality.DataKind`), so the indexer never asks which kind it indexes."""
+
+    kind: str  # the data kind's name, recorded in the index (a prepared index of another kind is refused)
+    suffixes: tuple[str, ...]  # the files a folder is indexed for
+    reuse_folders: bool = False  # an older index's unchanged folders are not listed again (rows hold only names)
+    manifest: bool = False  # a ``.tsv`` data path is a fairseq manifest (its lengths and offsets are trusted)
+    length: Callable[[Path], int] | None = None  # a file's length, read once (ValueError: unusable); None: no lengths
+    sample: int = 0  # files opened, evenly spaced, to tell a wrong folder from a data set with some bad files
 
 
 # ------------------------------------------------------------------------------- signatures
@@ -75,64 +87,63 @@ def known_folders(previous: DataIndex | None, root: Path) -> dict[str, Folder]:
 
 
 # ------------------------------------------------------------------------------- building
-def _headers(root: Path, names: list[str], threads: int, progress: Callable | None) -> list[tuple]:
-    """(length in 16 kHz samples, None) or (None, why) per audio file, from its header, in threads."""
-    from .headers import RATE, header_length
+def _lengths(root: Path, names: list[str], read: Callable[[Path], int], threads: int,
+             progress: Callable | None) -> list[tuple]:
+    """(length, None) or (None, why) per file, each read once, in threads."""
 
-    def read(name: str):
+    def one(name: str):
         try:
-            frames, rate = header_length(root / name)
-        except (OSError, ValueError, EOFError, struct.error) as e:
-            return None, f"unreadable audio header ({e})"
-        if not rate or not frames:
-            return None, "no audio samples"
-        return int(frames * RATE // rate), None
+            return read(root / name), None
+        except ValueError as e:
+            return None, str(e)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = pool.map(read, names)
-        return list(progress(results, total=len(names), desc="audio headers") if progress else results)
+        results = pool.map(one, names)
+        return list(progress(results, total=len(names), desc="lengths") if progress else results)
 
 
-def _sample(root: Path, names: list[str]) -> list[list[str]]:
-    """(path, reason) of the unusable ones among ``SAMPLE`` evenly spaced images."""
-    picks = np.unique(np.linspace(0, len(names) - 1, min(SAMPLE, len(names))).round().astype(int))
+def _sample(root: Path, names: list[str], count: int) -> list[list[str]]:
+    """(path, reason) of the unusable ones among ``count`` evenly spaced files."""
+    picks = np.unique(np.linspace(0, len(names) - 1, min(count, len(names))).round().astype(int))
     bad = [[str(root / names[i]), read_file(root / names[i])[1]] for i in picks]
     return [b for b in bad if b[1] is not None]
 
 
-def build_index(source: Path, kind: str, suffixes: tuple[str, ...], threads: int = 8,
-                progress: Callable | None = None, previous: DataIndex | None = None) -> DataIndex:
-    """Index ``source`` (a folder, a file list, or for audio a ``.tsv`` manifest) without opening
-    any image but a sample; audio folders have each header read once. ``previous`` (an older index
-    of an image folder): its unchanged folders are not listed again."""
-    sig = signature(source, kind)
+def build_index(source: Path, rules: IndexRules, threads: int = 8, progress: Callable | None = None,
+                previous: DataIndex | None = None) -> DataIndex:
+    """Index ``source`` (a folder, a file list, or a ``.tsv`` manifest where ``rules`` read one)
+    opening no file but what ``rules`` ask for: each file's length, or a sample. ``previous`` (an
+    older index of the same folder): its unchanged folders are not listed again where ``rules``
+    allow it."""
+    sig = signature(source, rules.kind)
     skipped: list[list[str]] = []
     length = offset = None
     if source.is_dir():
-        known = known_folders(previous, source) if kind == "images" else {}
-        names, sig["dirs"] = walk(source, suffixes, threads, known,
+        known = known_folders(previous, source) if rules.reuse_folders else {}
+        names, sig["dirs"] = walk(source, rules.suffixes, threads, known,
                                   progress and (lambda it, total: progress(it, total=total, desc="folders")))
         root = str(source)
-    elif kind == "audio" and source.suffix == ".tsv":
+    elif rules.manifest and source.suffix == ".tsv":
         root, names, length, offset = read_manifest(source)
     else:
         root, names = str(source.parent), read_list(source)
-    if kind == "audio" and length is None:
-        results = _headers(Path(root), names, threads, progress)
+    if rules.length is not None and length is None:
+        results = _lengths(Path(root), names, rules.length, threads, progress)
         skipped = [[str(Path(root) / n), why] for n, (_, why) in zip(names, results) if why is not None]
         length = np.asarray([n for n, _ in results if n is not None], dtype=np.int64)
         names = [name for name, (n, _) in zip(names, results) if n is not None]
-    unusable = skipped if kind == "audio" else _sample(Path(root), names) if names else []
-    if not names or (kind == "images" and len(unusable) == min(SAMPLE, len(names))):  # every sampled one
+    sampled = _sample(Path(root), names, rules.sample) if names and rules.sample else []
+    if not names or (sampled and len(sampled) == min(rules.sample, len(names))):  # every sampled one unusable
+        unusable = skipped + sampled
         example = f"; e.g. {unusable[0][0]}: {unusable[0][1]}" if unusable else ""
-        raise DataError(f"data.path '{source}' has no usable files with suffixes {', '.join(suffixes)}"
+        raise DataError(f"data.path '{source}' has no usable files with suffixes {', '.join(rules.suffixes)}"
                         f" ({len(unusable)} read and unusable{example})")
     numbers: dict[str, int] = {}
     file = np.fromiter((numbers.setdefault(n, len(numbers)) for n in names), dtype=np.int64, count=len(names))
     blob, ends = pack_names(list(numbers))
     stamp = f"{time.time_ns()}-{os.getpid()}-{os.uname().nodename}"
     return DataIndex(root, blob, ends, length, offset, None if len(numbers) == len(names) else file,
-                     {"kind": kind, "signature": sig, "skipped": skipped, "built": stamp, "built_at": time.time()})
+                     {"kind": rules.kind, "signature": sig, "skipped": skipped, "built": stamp, "built_at": time.time()})
 
 
 # ------------------------------------------------------------------------------ who builds
@@ -142,8 +153,7 @@ class IndexSpec:
     ``data.index_cache`` (None: kept in memory, every process indexes for itself)."""
 
     source: str
-    kind: str  # images | audio
-    suffixes: tuple[str, ...]
+    rules: IndexRules
     cache: str | None = None
     threads: int = 8
 
@@ -163,10 +173,10 @@ def _load_prepared(spec: IndexSpec) -> DataIndex | None:
     index = load_index(path)
     index.origin = "prepared"
     if path == Path(spec.source):
-        if index.meta.get("kind") != spec.kind:
-            raise DataError(f"data.path '{path}' is an index of {index.meta.get('kind')}, not {spec.kind}")
+        if index.meta.get("kind") != spec.rules.kind:
+            raise DataError(f"data.path '{path}' is an index of {index.meta.get('kind')}, not {spec.rules.kind}")
         return index
-    return index if is_current(index, Path(spec.source), spec.kind) else None
+    return index if is_current(index, Path(spec.source), spec.rules.kind) else None
 
 
 def _load_cache(spec: IndexSpec) -> tuple[DataIndex | None, DataIndex | None]:
@@ -177,7 +187,7 @@ def _load_cache(spec: IndexSpec) -> tuple[DataIndex | None, DataIndex | None]:
         cached = load_index(Path(spec.cache))
     except DataError:  # damaged (a crash mid-copy, another program): rebuilt, not fatal
         return None, None
-    if is_current(cached, Path(spec.source), spec.kind):
+    if is_current(cached, Path(spec.source), spec.rules.kind):
         cached.origin = "cache"
         return cached, None
     return None, cached
@@ -199,7 +209,7 @@ def ensure_index(spec: IndexSpec, progress: Callable | None = None) -> DataIndex
         source = Path(spec.source)
         if not source.exists():
             raise DataError(f"data.path '{source}' does not exist")
-        index = build_index(source, spec.kind, spec.suffixes, spec.threads, progress, stale)
+        index = build_index(source, spec.rules, spec.threads, progress, stale)
         index.origin = "built"
     _INDEXES[spec] = index
     return index
@@ -252,6 +262,6 @@ def shared_index(spec: IndexSpec, builder: bool, share: Callable[[object], objec
     return _INDEXES[spec]
 
 
-def as_index(source: "str | Path | DataIndex", kind: str, suffixes: tuple[str, ...]) -> DataIndex:
+def as_index(source: "str | Path | DataIndex", rules: IndexRules) -> DataIndex:
     """``source`` itself when it is an index; else the in-memory index of a path (for direct use)."""
-    return source if isinstance(source, DataIndex) else ensure_index(IndexSpec(str(source), kind, suffixes))
+    return source if isinstance(source, DataIndex) else ensure_index(IndexSpec(str(source), rules))

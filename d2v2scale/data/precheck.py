@@ -25,9 +25,9 @@ from .indexing import IndexSpec, ensure_index
 def index_spec(cfg: Config) -> IndexSpec | None:
     """How ``data.path`` is indexed (None: synthetic, digits and token files need no index)."""
     d, kind = cfg.data, modalities.data_kind(cfg)
-    if kind is None or not kind.suffixes:
+    if kind is None or kind.index is None:
         return None
-    return IndexSpec(str(d.path), d.kind, kind.suffixes, d.index_cache, max(1, d.num_workers))
+    return IndexSpec(str(d.path), kind.index, d.index_cache, max(1, d.num_workers))
 
 
 def check_data(cfg: Config, builder: bool, verbose: bool) -> None:

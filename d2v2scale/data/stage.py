@@ -45,6 +45,7 @@ from typing import Callable, Iterable, TypeVar
 
 from ..cli import OneLineParser, fail, positive_int
 from ..atomic import atomic_output, cannot_write, is_temporary
+from .audio import AUDIO_INDEX
 from .files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, DataError, walk
 from .index import SUFFIX, DataIndex, is_index_file, load_index, save_index
 from .indexing import build_index, is_current, signature
@@ -141,8 +142,8 @@ def _plan_manifest(source: Path, stage: Path, threads: int) -> Plan:
     The files come from the index beside it when that is current, else from the manifest itself."""
     beside = Path(str(source) + SUFFIX)
     index = load_index(beside) if is_index_file(beside) else None
-    if index is None or not is_current(index, source, "audio"):
-        index = build_index(source.absolute(), "audio", AUDIO_SUFFIXES, threads)
+    if index is None or not is_current(index, source, AUDIO_INDEX.kind):
+        index = build_index(source.absolute(), AUDIO_INDEX, threads)
         st = source.stat()  # every node must write the same stamp (see the module docstring)
         index.meta["built"] = f"staged-{st.st_size}-{st.st_mtime_ns}"
     names = index_names(index)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, DataConfig, ModelConfig, ModelSpec, require
+from ..data.audio import AUDIO_INDEX
 from ..data.files import AUDIO_SUFFIXES, DataError, input_files
 from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
@@ -281,7 +282,7 @@ class _Fairseq(FairseqLayout):
 class Audio(Modality):
     name = "audio"
     model_keys, data_keys = AudioKeys, AudioDataKeys
-    data_kinds = (DataKind("audio", _audio, suffixes=AUDIO_SUFFIXES),)
+    data_kinds = (DataKind("audio", _audio, suffixes=AUDIO_SUFFIXES, index=AUDIO_INDEX),)
     budget_key, budget_unit = "max_tokens", "audio samples"
     fairseq = _Fairseq()
 

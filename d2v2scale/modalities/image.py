@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, MaskingConfig, ModelConfig, ModelSpec
 from ..data.files import IMAGE_SUFFIXES, input_files
+from ..data.images import IMAGE_INDEX
 from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
 from ..modality import DataKind, Encoder, FeatureItem, Modality, register
@@ -152,7 +153,8 @@ class _Fairseq(FairseqLayout):
 class Image(Modality):
     name = "image"
     model_keys = ImageKeys
-    data_kinds = (DataKind("digits", _digits, needs_path=False), DataKind("images", _images, suffixes=IMAGE_SUFFIXES))
+    data_kinds = (DataKind("digits", _digits, needs_path=False),
+                  DataKind("images", _images, suffixes=IMAGE_SUFFIXES, index=IMAGE_INDEX))
     mask_kinds = ("block2d", "block1d", "random")
     decoder_dims = 2
     fairseq = _Fairseq()
