@@ -161,27 +161,77 @@ def test_an_unknown_plugin_is_one_line(preset):
         load_config(str(preset), ["plugins=[no_such_plugin]"])
 
 
+def _checkpoint_files(tag: Path) -> dict:
+    """Every file of a checkpoint tag, read here with torch.load (not the package's loader); a
+    layout-free shard as its pieces by name (``model/<param>[start:stop]``, ``exp_avg/...``, ``teacher/...``)."""
+    out = {}
+    for path in sorted(tag.rglob("*.pt")):
+        name, blob = path.relative_to(tag).as_posix(), torch.load(path, weights_only=True)
+        if name.startswith("shards/"):
+            blob = {f"{meta[0]}[{meta[3]}:{meta[4]}]": data for meta, data in zip(blob["pieces"], blob["data"])}
+        out[name] = blob
+    return out
+
+
+def _differences(got, want, where: str = "") -> list[str]:
+    """Where two loaded checkpoint files differ: tensors and arrays bit for bit, the rest by ==."""
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return [f"{where}: keys {sorted(map(str, got))} != {sorted(map(str, want))}"]
+        return [d for k in want for d in _differences(got[k], want[k], f"{where}/{k}" if where else str(k))]
+    if isinstance(want, (list, tuple)):
+        if len(got) != len(want):
+            return [f"{where}: {len(got)} items != {len(want)}"]
+        return [d for k, (g, w) in enumerate(zip(got, want)) for d in _differences(g, w, f"{where}[{k}]")]
+    if isinstance(want, torch.Tensor):
+        same = got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    elif type(want).__module__ == "numpy":
+        same = type(got) is type(want) and bool((got == want).all())
+    else:
+        same = got == want
+    return [] if same else [f"{where}: differs"]
+
+
 @pytest.mark.slow
-def test_the_sensor_modality_trains_two_steps_through_the_launcher(preset, tmp_path):
+def test_the_sensor_modality_trains_and_resumes_through_the_launcher(preset, tmp_path):
     """Two processes (data parallel, gloo), the package as shipped; the run directory records the
-    plugin, so the run resumes from its own config.yaml."""
+    plugin, so the run resumes from its own config.yaml, and the resumed step 3 is the one the
+    uninterrupted run took: a resume that did not load the weights, the teacher or AdamW's state
+    from the checkpoint would train another step 3."""
     from d2v2scale.runfiles import read_metrics
+    from d2v2scale.train.checkpoint import LATEST
 
     from test_deepspeed_training import _env, _torchrun
 
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     run = tmp_path / "run"
-    args = [*_torchrun(2), "launchers/pretrain.py", "--ds_config", "ds_configs/cpu_tiny.json", "--preset", str(preset),
-            "--run_dir", str(run)]
+    # a warm-up at the full learning rate and a fast teacher, so that the step-2 checkpoint's weights,
+    # teacher and moments all differ from a fresh start's (cpu_tiny's warm-up starts at lr 0, and the
+    # first step has lr 0 whatever the schedule: DeepSpeed's schedulers start after it)
+    ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    ds["scheduler"]["params"]["warmup_min_ratio"] = 1.0
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    args = [*_torchrun(2), "launchers/pretrain.py", "--ds_config", str(tmp_path / "ds.json"), "--preset", str(preset),
+            "--run_dir", str(run), "train.max_updates=3", "teacher.ema_decay=0.9", "teacher.ema_end_decay=0.9"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["plugins"] == [PLUGIN] and saved["model"]["modality"] == "sensor"
-    assert (run / "checkpoints" / "step_00000002").is_dir()
-    more = subprocess.run([*args, "--resume", "auto", "train.max_updates=3"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    # the run as if it had stopped after its step-2 checkpoint; its step 3 kept aside to compare
+    ckpt = run / "checkpoints"
+    (ckpt / "step_00000003").rename(tmp_path / "uninterrupted_step_3")
+    (ckpt / LATEST).write_text("step_00000002\n")
+    more = subprocess.run([*args, "--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-5000:]
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    assert f"resumed from {ckpt / 'step_00000002'} at step 2" in more.stdout
+    resumed = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[2]["loss"] == rows[2]["loss"]
+    # model, teacher and AdamW state (and the RNG states) after the resumed step 3, bit for bit: the
+    # same layout, CPU kernels and gloo reductions make the same step exactly
+    want, got = _checkpoint_files(tmp_path / "uninterrupted_step_3"), _checkpoint_files(ckpt / "step_00000003")
+    kinds = {key.split("/")[0] for name, pieces in want.items() if name.startswith("shards/") for key in pieces}
+    assert sorted(got) == sorted(want) and kinds == {"model", "exp_avg", "exp_avg_sq", "teacher"}
+    assert _differences(got, want) == []
