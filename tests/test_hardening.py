@@ -187,7 +187,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (audio + rd + ["model.compile=true", "model.cuda_graphs=true", "data.kind=audio", "data.max_tokens=8000"],
          "vary in length"),
     ] + [
-        (audio + rd + ["data.kind=audio", "data.max_tokens=8000", f"data.path={tmp / f'{name}.tsv'}"],
+        (audio + rd + ["data.kind=audio", "data.max_tokens=8000", "train.global_batch=16000",
+                       f"data.path={tmp / f'{name}.tsv'}"],
          "first line must be" if name == "noroot" else "expected 'relative/path<TAB>num_samples'")
         for name in ["nonint", "missing", "negative", "noroot"]
     ]

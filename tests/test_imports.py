@@ -129,7 +129,7 @@ def test_backends_are_found_in_the_registry_the_config_names():
     assert tuple(REGISTRY) == BACKENDS
     for name, load in REGISTRY.items():
         module = load()
-        assert module.__name__ == f"d2v2scale.train.backend.{name}" and callable(module.check_ds_config)
+        assert module.__name__ == f"d2v2scale.train.backend.{name}" and callable(module.check_spec)
 
 
 # Modules that may dispatch by name: the registry itself, and each modality's own module.
