@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from d2v2scale import modality as modalities  # noqa: E402
+from d2v2scale import modality_registry  # noqa: E402
 from d2v2scale.cli import fail  # noqa: E402
 from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
@@ -74,11 +74,11 @@ def parse_runs(text: str) -> list[tuple[str, list[int]]]:
 def one_rank_config(preset: str, micro: int, overrides: list[str]):
     """The preset as one rank runs it: ``micro`` items per micro-batch (0: the preset's), one micro-batch a step."""
     cfg = load_config(preset, ["data.kind=synthetic", *overrides])
-    budget_key = modalities.get(cfg.model.modality).budget_key
-    budgeted = budget_key and modalities.batch_budget(cfg) is not None  # audio: the micro-batch is a sample budget
+    budget_key = modality_registry.get(cfg.model.modality).budget_key
+    budgeted = budget_key and modality_registry.batch_budget(cfg) is not None  # audio: micro-batch = sample budget
     if micro and budgeted:
         cfg.set_value(f"data.{budget_key}", micro)
-    cfg.train.global_batch = modalities.batch_budget(cfg) if budgeted else (micro or cfg.train.global_batch)
+    cfg.train.global_batch = modality_registry.batch_budget(cfg) if budgeted else (micro or cfg.train.global_batch)
     return cfg
 
 

@@ -40,7 +40,7 @@ from d2v2scale.config import ConfigError, load_config  # noqa: E402
 from d2v2scale.data.loader import StepLoader  # noqa: E402
 from d2v2scale.data.schedule import RankSchedule  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
-from d2v2scale.modality import batch_budget  # noqa: E402
+from d2v2scale.modality_registry import batch_budget  # noqa: E402
 from d2v2scale.model import Data2Vec2, normalize_loss  # noqa: E402
 from d2v2scale.profiling.flops import StepShape, device_peak_flops, step_flops  # noqa: E402
 from d2v2scale.profiling.timers import PHASES, StepTimer  # noqa: E402

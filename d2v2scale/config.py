@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 import yaml
 
-from . import modality as modalities
+from . import modality_registry
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -40,7 +40,7 @@ def resumable(default: T) -> T:
 
 
 def _modality_keys(section: str) -> Callable[[], dict[type, Any]]:
-    return lambda: {cls: cls() for cls in modalities.keys_classes(section)}
+    return lambda: {cls: cls() for cls in modality_registry.keys_classes(section)}
 
 
 class ModalitySection:
@@ -58,7 +58,7 @@ class ModalitySection:
         ``cfg.model.keys(ImageKeys).img_size = 32`` changes the config."""
         held = self.modality_keys.get(cls)
         if held is None:
-            registered = modalities.keys_classes(self.SECTION)
+            registered = modality_registry.keys_classes(self.SECTION)
             if cls not in registered:
                 raise TypeError(f"{cls.__name__} is not the {self.SECTION} keys of a registered modality; registered: "
                                 f"{', '.join(c.__name__ for c in registered)}")
@@ -69,7 +69,7 @@ class ModalitySection:
         """The section's keys and values as config.yaml names them: its own, then each registered
         modality's (``only``: that modality's alone)."""
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in _key_fields(type(self))}
-        for cls, owner in modalities.keys_classes(self.SECTION).items():
+        for cls, owner in modality_registry.keys_classes(self.SECTION).items():
             if only is None or only == owner:
                 held = self.modality_keys.get(cls)
                 out.update(dataclasses.asdict(cls() if held is None else held))
@@ -120,7 +120,7 @@ class ModelConfig(ModalitySection):
     modality_keys: dict[type, Any] = field(default_factory=_modality_keys("model"), repr=False)
 
     def validate(self) -> None:
-        _one_of("model.modality", self.modality, modalities.names())
+        _one_of("model.modality", self.modality, modality_registry.names())
         for key in ("embed_dim", "depth", "num_heads", "clone_batch", "average_top_k_layers"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _at_least("model.prenet_depth", self.prenet_depth, 0)
@@ -225,7 +225,7 @@ class DataConfig(ModalitySection):
     modality_keys: dict[type, Any] = field(default_factory=_modality_keys("data"), repr=False)
 
     def validate(self) -> None:
-        _one_of("data.kind", self.kind, modalities.data_kinds())
+        _one_of("data.kind", self.kind, modality_registry.data_kinds())
         _at_least("data.prefetch_steps", self.prefetch_steps, 0)
 
 
@@ -294,7 +294,7 @@ class Config:
     preset: str = resumable("")
     seed: int = 1
     # Python modules imported before anything else is read: a modality registered outside the
-    # package (d2v2scale.modality.register) comes with its run's config.yaml wherever it goes.
+    # package (d2v2scale.modality_registry.register) comes with its run's config.yaml wherever it goes.
     plugins: list = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -356,7 +356,7 @@ class ModelSpec:
         """The mask generator this config resolves to."""
         if self.masking.kind != "auto":
             return self.masking.kind
-        return modalities.get(self.model.modality).mask_kind(self.masking)
+        return modality_registry.get(self.model.modality).mask_kind(self.masking)
 
 
 MASK_KINDS = ("auto", "block2d", "block1d", "random")
@@ -375,7 +375,7 @@ def resumable_keys() -> tuple[str, ...]:
     out = [f.name for f in dataclasses.fields(Config) if f.name in _SCALARS and f.metadata.get("resumable")]
     for section in _SECTIONS:
         cls = _hints(Config)[section]
-        owners = modalities.keys_classes(section) if issubclass(cls, ModalitySection) else {}
+        owners = modality_registry.keys_classes(section) if issubclass(cls, ModalitySection) else {}
         for c in (cls, *owners):
             out += [f"{section}.{f.name}" for f in _key_fields(c) if f.metadata.get("resumable")]
     return tuple(out)
@@ -454,7 +454,7 @@ def _holder(cfg: Config, section: str, key: str, source: str) -> tuple[Any, Any]
     hints = {f.name: _hints(cls)[f.name] for f in _key_fields(cls)}
     if key in hints:
         return sub, hints[key]
-    owners = modalities.section_keys(section) if isinstance(sub, ModalitySection) else {}
+    owners = modality_registry.section_keys(section) if isinstance(sub, ModalitySection) else {}
     if key in owners:
         return sub.keys(owners[key]), _hints(owners[key])[key]
     raise ConfigError(f"unknown key '{section}.{key}' ({source}); allowed keys in '{section}': "
@@ -575,13 +575,13 @@ def validate(cfg: Config) -> None:
     else; the first failure is a one-line :class:`ConfigError` naming the key and allowed values."""
     for section in (cfg.model, cfg.decoder, cfg.masking, cfg.teacher, cfg.data, cfg.train, cfg.parallel, cfg.profiling):
         section.validate()
-    modalities.get(cfg.model.modality).validate(cfg)
+    modality_registry.get(cfg.model.modality).validate(cfg)
     _cross_section_checks(cfg)
 
 
 def _cross_section_checks(cfg: Config) -> None:
     m, d, p = cfg.model, cfg.decoder, cfg.parallel
-    mod = modalities.get(m.modality)
+    mod = modality_registry.get(m.modality)
     kinds = ["synthetic"] + [k.name for k in mod.data_kinds]
     require(cfg.data.kind in kinds,
            f"data.kind={cfg.data.kind} is not data for model.modality={m.modality}; allowed values: {', '.join(kinds)}")

@@ -3,7 +3,7 @@
     python -m d2v2scale.config_reference > docs/configuration-keys.md
 
 It walks the dataclasses of :mod:`d2v2scale.config` (every section, the top-level keys included)
-and the keys each shipped modality adds to ``model`` and ``data`` (:mod:`d2v2scale.modality`,
+and the keys each shipped modality adds to ``model`` and ``data`` (:mod:`d2v2scale.modality_registry`,
 :mod:`d2v2scale.modalities`), and writes each ``section.key`` with its type, its default and the
 comment written beside it in the source (the trailing ``# ...`` of the field's line, or the comment
 lines right above it). The shipped DeepSpeed JSONs follow as a table read from the files.
@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Any
 
 from . import config
-from . import modality as modalities
+from . import modality_registry
 from .run_spec import reference_row
 
 GENERATED_BY = "python -m d2v2scale.config_reference > docs/configuration-keys.md"
@@ -180,11 +180,12 @@ def _dataclass_keys(section: str, cls: type, owner: str | None = None, skip: tup
     return keys
 
 
-def shipped_modalities() -> list[modalities.Modality]:
+def shipped_modalities() -> list[modality_registry.Modality]:
     """The modalities the package ships, in registration order (not those a plugin or a test adds)."""
     import d2v2scale.modalities  # noqa: F401  (registers them)
 
-    return [modalities.get(n) for n in modalities.names() if type(modalities.get(n)).__module__.startswith(SHIPPED)]
+    registered = [modality_registry.get(n) for n in modality_registry.names()]
+    return [m for m in registered if type(m).__module__.startswith(SHIPPED)]
 
 
 def sections() -> list[tuple[str, type | None]]:

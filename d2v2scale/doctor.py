@@ -539,9 +539,9 @@ def data_path_to_check(data_path: str | None, cfg) -> tuple[str | None, str | No
     preset training on ``digits`` or ``synthetic`` never opens; without it the path given is checked."""
     if cfg is None:
         return data_path, None
-    from . import modality
+    from .modality_registry import data_kind
 
-    kind = modality.data_kind(cfg)
+    kind = data_kind(cfg)
     if kind is None or not kind.needs_path:
         return None, f"not read: {cfg.preset} trains on data.kind={cfg.data.kind}, which reads no data.path"
     return data_path or (str(cfg.data.path) if cfg.data.path else None), None

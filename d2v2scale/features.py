@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import modality as modalities
+from . import modality_registry
 from .cli import OneLineParser, fail, positive_int
 from .config import ConfigError, ModelSpec
 from .data.files import DataError
-from .modality import FeatureItem
+from .modality_registry import FeatureItem
 from .model import Data2Vec2
 from .weights import read_weights
 
@@ -61,7 +61,7 @@ def find_items(path: str, cfg: ModelSpec) -> list[FeatureItem]:
     if p.suffix == ".npy":
         items = _npy_items(p)
     else:
-        items = modalities.get(cfg.model.modality).feature_items(p, cfg.model)
+        items = modality_registry.get(cfg.model.modality).feature_items(p, cfg.model)
     if not items:
         raise DataError(f"{path} holds no inputs")
     return items
@@ -97,7 +97,7 @@ def extract(model: Data2Vec2, items: list[FeatureItem], layer: int | str = -1, p
         if loaded:
             idx, xs = zip(*loaded)
             if xs[0].dim() == 1:  # waveforms or token ids: pad and pass the lengths
-                source, lengths = _pad(list(xs), modalities.get(model.modality).pad_value(model.cfg.model))
+                source, lengths = _pad(list(xs), modality_registry.get(model.modality).pad_value(model.cfg.model))
                 feats, valid = model.extract_features(source.to(device), lengths.to(device), layer)
             else:
                 feats, valid = model.extract_features(torch.stack(xs).to(device), None, layer)

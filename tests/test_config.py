@@ -195,13 +195,13 @@ def test_a_misspelt_attribute_raises(section):
 
 
 def test_the_budget_is_read_from_the_modality_s_typed_keys():
-    from d2v2scale import modality as modalities
+    from d2v2scale import modality_registry
 
-    assert modalities.batch_budget(load_config("tiny_image", ["data.max_tokens=5"])) is None
+    assert modality_registry.batch_budget(load_config("tiny_image", ["data.max_tokens=5"])) is None
     cfg = load_config("audio_base")
-    assert modalities.batch_budget(cfg) == 1_000_000
-    cfg.set_value(f"data.{modalities.get('audio').budget_key}", 640_000)
-    assert modalities.batch_budget(cfg) == 640_000
+    assert modality_registry.batch_budget(cfg) == 1_000_000
+    cfg.set_value(f"data.{modality_registry.get('audio').budget_key}", 640_000)
+    assert modality_registry.batch_budget(cfg) == 640_000
 
 
 # ---------------------------------------------------------------------------------------------

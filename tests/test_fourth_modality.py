@@ -1,7 +1,7 @@
 """A modality from outside the package: 1-D multichannel sensor sequences (B, C, L), cut into
 patches of ``model.sensor_patch`` samples and embedded by one linear layer, with fixed sinusoidal
 positions. This file is the whole of it - its keys, checks, encoder, decoder, synthetic data,
-positions and FLOPs - registered with :func:`d2v2scale.modality.register` when imported; a run
+positions and FLOPs - registered with :func:`d2v2scale.modality_registry.register` when imported; a run
 names it under ``plugins`` and trains it through the launcher, no package file touched."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 import yaml
 from torch import nn
 
-from d2v2scale import modality as modalities
+from d2v2scale import modality_registry
 from d2v2scale.config import Config, ConfigError, ModelConfig, load_config
-from d2v2scale.modality import Modality, register
+from d2v2scale.modality_registry import Modality, register
 from d2v2scale.model.decoder import Decoder1d
 from d2v2scale.model.encoders import context_encoder, gather_kept
 
@@ -96,7 +96,7 @@ class Sensor(Modality):
         return 2.0 * positions * keys.sensor_channels * keys.sensor_patch * model_cfg.embed_dim
 
 
-if "sensor" not in modalities.names():
+if "sensor" not in modality_registry.names():
     register(Sensor())
 
 PRESET = {

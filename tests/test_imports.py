@@ -21,7 +21,7 @@ MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 def _run_time_nodes(tree: ast.AST):
     """Every node of ``tree`` but those under ``if TYPE_CHECKING:``: imports for the type checker
-    never run (the hooks of ``d2v2scale.modality`` are typed with ``Config`` that way)."""
+    never run (the hooks of ``d2v2scale.modality_registry`` are typed with ``Config`` that way)."""
     todo = [tree]
     while todo:
         node = todo.pop()
@@ -133,7 +133,7 @@ def test_backends_are_found_in_the_registry_the_config_names():
 
 
 # Modules that may dispatch by name: the registry itself, and each modality's own module.
-DISPATCHERS = ("d2v2scale.modality", "d2v2scale.modalities")
+DISPATCHERS = ("d2v2scale.modality_registry", "d2v2scale.modalities")
 # (module, the comparison's source) that name a data kind without branching on one.
 ALLOWED = {
     ("d2v2scale.config", "cfg.data.kind in kinds"),  # validation: data.kind is one the modality registered
@@ -178,9 +178,9 @@ def branches_on_a_name(source: str, names: frozenset[str]) -> list[tuple[int, st
 
 
 def _registered_names() -> frozenset[str]:
-    from d2v2scale import modality as modalities
+    from d2v2scale import modality_registry
 
-    return frozenset(modalities.names()) | frozenset(modalities.data_kinds())
+    return frozenset(modality_registry.names()) | frozenset(modality_registry.data_kinds())
 
 
 @pytest.mark.parametrize("planted", [
@@ -200,7 +200,7 @@ def test_the_branch_finder_finds_each_form(planted):
 
 
 def test_the_branch_finder_leaves_other_code_alone():
-    clean = ('m = modalities.get(cfg.model.modality)\nif cfg.masking.kind != "auto":\n    pass\n'
+    clean = ('m = modality_registry.get(cfg.model.modality)\nif cfg.masking.kind != "auto":\n    pass\n'
              'rows = table[key]\nmatch mode:\n    case "fast":\n        pass\nlabel = "audio"\n'
              'if unit == "audio samples":\n    pass\n')
     assert branches_on_a_name(clean, _registered_names()) == []
@@ -208,7 +208,7 @@ def test_the_branch_finder_leaves_other_code_alone():
 
 def test_the_core_never_branches_on_a_modality_name():
     """What a modality is lives in its module under ``modalities/``; the core asks the registry
-    (``d2v2scale.modality``) and never compares a modality's or a data kind's name, indexes a table
+    (``d2v2scale.modality_registry``) and never compares a modality's or a data kind's name, indexes a table
     by it or matches on it: a plugin modality then needs no change outside its own module."""
     names = _registered_names()
     assert {"image", "audio", "text", "images", "digits", "synthetic"} <= names
@@ -221,9 +221,9 @@ def test_the_core_never_branches_on_a_modality_name():
 def test_an_indexed_data_kind_carries_its_index_rules():
     """The indexer learns how to index a kind only from the kind's own rules (no name lookup):
     each data kind with files to index brings rules for exactly those files, under its name."""
-    from d2v2scale import modality as modalities
+    from d2v2scale import modality_registry
 
-    kinds = [k for m in modalities.names() for k in modalities.get(m).data_kinds]
+    kinds = [k for m in modality_registry.names() for k in modality_registry.get(m).data_kinds]
     assert {k.name for k in kinds if k.index is not None} >= {"images", "audio"}
     for kind in kinds:
         if kind.suffixes:

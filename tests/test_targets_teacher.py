@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from d2v2scale import modality as modalities
+from d2v2scale import modality_registry
 from d2v2scale.config import load_config
 from d2v2scale.data.synthetic import synthetic_batch
 from d2v2scale.model import Data2Vec2, normalize_loss
@@ -247,7 +247,7 @@ def test_padding_does_not_change_targets_of_real_positions(preset):
     short = full * 3 // 4
     lengths = torch.tensor([full, short])
     padded = src.clone()
-    padded[1, short:] = modalities.get(cfg.model.modality).pad_value(cfg.model)
+    padded[1, short:] = modality_registry.get(cfg.model.modality).pad_value(cfg.model)
     local, valid = model.encoder.local_features(padded, lengths)
     both = model.teacher_targets(teacher.module, padded, local, valid, lengths)
     alone_src = src[1:, :short]

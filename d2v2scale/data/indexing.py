@@ -37,7 +37,7 @@ SETTLE_S = 2.0  # a folder modified this close to a build may have changed withi
 @dataclass(frozen=True)
 class IndexRules:
     """How a data kind's files become an index: the kind provides them (its
-    :class:`~d2v2scale.modality.DataKind`), so the indexer never asks which kind it indexes."""
+    :class:`~d2v2scale.modality_registry.DataKind`), so the indexer never asks which kind it indexes."""
 
     kind: str  # the data kind's name, recorded in the index (a prepared index of another kind is refused)
     suffixes: tuple[str, ...]  # the files a folder is indexed for

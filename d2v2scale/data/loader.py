@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config
 from ..model.masking import MaskInfo
 from .files import log_once
@@ -34,10 +34,10 @@ class MicroBatch:
 
 def build_source(cfg: Config, micro_batch: int, device: torch.device, verbose: bool = True,
                  index: DataIndex | None = None):
-    """The batch source for ``data.kind`` (the modality's :class:`~d2v2scale.modality.DataKind`);
+    """The batch source for ``data.kind`` (the modality's :class:`~d2v2scale.modality_registry.DataKind`);
     ``micro_batch`` sizes the DALI pipeline; ``index`` is the job's index of ``data.path`` (indexed
     kinds; None: the source indexes the path itself)."""
-    kind = modalities.data_kind(cfg)
+    kind = modality_registry.data_kind(cfg)
     if kind is None:
         from .synthetic import SyntheticSource
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config
 from ..logs import LOG
 from .files import DataError
@@ -24,7 +24,7 @@ from .indexing import IndexSpec, ensure_index
 
 def index_spec(cfg: Config) -> IndexSpec | None:
     """How ``data.path`` is indexed (None: synthetic, digits and token files need no index)."""
-    d, kind = cfg.data, modalities.data_kind(cfg)
+    d, kind = cfg.data, modality_registry.data_kind(cfg)
     if kind is None or kind.index is None:
         return None
     return IndexSpec(str(d.path), kind.index, d.index_cache, max(1, d.num_workers))
@@ -32,7 +32,7 @@ def index_spec(cfg: Config) -> IndexSpec | None:
 
 def check_data(cfg: Config, builder: bool, verbose: bool) -> None:
     """Raise :class:`~d2v2scale.data.files.DataError` when ``cfg.data`` cannot feed a run."""
-    spec, kind = index_spec(cfg), modalities.data_kind(cfg)
+    spec, kind = index_spec(cfg), modality_registry.data_kind(cfg)
     if spec is not None and not builder:
         if not Path(spec.source).exists():
             raise DataError(f"data.path '{spec.source}' does not exist")

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 
 from .. import counter_rng
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config
 
 
 def synthetic_batch(cfg: Config, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``batch_size`` model-ready inputs of the modality's shape (images (B, C, H, W) ~ N(0, 1);
     audio (B, S) ~ N(0, 1); text (B, T) token ids that avoid the padding id)."""
-    return modalities.get(cfg.model.modality).synthetic_batch(cfg, batch_size, generator)
+    return modality_registry.get(cfg.model.modality).synthetic_batch(cfg, batch_size, generator)
 
 
 class SyntheticSource:
@@ -24,7 +24,7 @@ class SyntheticSource:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        budget = modalities.batch_budget(cfg)
+        budget = modality_registry.batch_budget(cfg)
         self.by_batch = budget is not None
         if self.by_batch:
             length = synthetic_batch(cfg, 1, torch.Generator()).shape[-1]  # a private generator: no global draw

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import modality as modalities
+from .. import modality_registry
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -67,7 +67,7 @@ class FairseqLayout:
 
 def _layouts() -> dict[str, FairseqLayout]:
     """Our modality name → how fairseq holds it, for every registered modality fairseq has."""
-    found = {name: modalities.get(name).fairseq for name in modalities.names()}
+    found = {name: modality_registry.get(name).fairseq for name in modality_registry.names()}
     return {name: own for name, own in found.items() if own is not None}
 
 

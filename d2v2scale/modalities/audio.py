@@ -24,7 +24,7 @@ from ..data.files import AUDIO_SUFFIXES, DataError, input_files
 from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
 from ..interop.fairseq_config import format_conv_spec, parse_conv_spec
-from ..modality import DataKind, Encoder, FeatureItem, Modality, register
+from ..modality_registry import DataKind, Encoder, FeatureItem, Modality, register
 from ..model.conv_layers import ChannelLayerNorm, TrimEven
 from ..model.decoder import Decoder1d
 from ..model.encoders import context_encoder, gather_kept, key_padding_bias, rows_to_samples

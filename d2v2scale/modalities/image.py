@@ -20,7 +20,7 @@ from ..data.files import IMAGE_SUFFIXES, input_files
 from ..data.images import IMAGE_INDEX
 from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
-from ..modality import DataKind, Encoder, FeatureItem, Modality, register
+from ..modality_registry import DataKind, Encoder, FeatureItem, Modality, register
 from ..model.decoder import Decoder2d
 from ..model.encoders import context_encoder, gather_kept
 from ..model.masking import MaskInfo

@@ -18,7 +18,7 @@ from ..config import Config, ConfigError, ModelConfig, ModelSpec
 from ..data.files import DataError
 from ..data.index import DataIndex
 from ..interop.fairseq import FairseqLayout
-from ..modality import DataKind, Encoder, FeatureItem, Modality, register
+from ..modality_registry import DataKind, Encoder, FeatureItem, Modality, register
 from ..model.decoder import Decoder1d
 from ..model.encoders import context_encoder, gather_kept, key_padding_bias
 from ..model.masking import MaskInfo

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import counter_rng
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import ModelSpec
 from .blocks import checkpointed, make_blocks, run_block
 from .masking import MaskGenerator, MaskInfo
@@ -140,10 +140,10 @@ class Data2Vec2(nn.Module):
         self.modality = m.modality
         self.clones = m.clone_batch
         self.num_extra = m.num_extra_tokens
-        modality = modalities.get(m.modality)
-        self.encoder: modalities.Encoder = modality.encoder(m)
+        modality = modality_registry.get(m.modality)
+        self.encoder: modality_registry.Encoder = modality.encoder(m)
         self.blocks = make_blocks(m, m.depth)
-        self.decoder: modalities.Decoder | None = modality.decoder(cfg, self.encoder)
+        self.decoder: modality_registry.Decoder | None = modality.decoder(cfg, self.encoder)
         self.loss_scale = m.loss_scale if m.loss_scale is not None else 1.0 / math.sqrt(m.embed_dim)
         self.mask_generator = MaskGenerator(
             cfg.mask_kind(), cfg.masking.mask_prob, cfg.masking.mask_length, cfg.masking.mask_prob_adjust, m.clone_batch

@@ -3,7 +3,7 @@
 An encoder (each modality's module in :mod:`d2v2scale.modalities` builds its own, from the
 model section: ``Modality.encoder(cfg.model)``) is a local encoder (patch embed | wav CNN | token
 embedding) and the positional/context part that turns local features into the input of the
-shared blocks. It is an ``nn.Module`` that provides (:class:`d2v2scale.modality.Encoder`, checked
+shared blocks. It is an ``nn.Module`` that provides (:class:`d2v2scale.modality_registry.Encoder`, checked
 statically), with B samples, T positions per sample, D = ``model.embed_dim``, M =
 ``model.clone_batch`` masked views per sample and K kept positions per view:
 

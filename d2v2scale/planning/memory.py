@@ -25,7 +25,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import BACKENDS, HOW_THE_MODEL_RUNS, Config
 from ..model.blocks import Block, checkpointed_count
 from .comm import ParamCounts
@@ -152,7 +152,7 @@ def activation_bytes(cfg: Config, lay: Layout, checkpoint_every: int) -> dict[st
     out = {"student_blocks": student, "decoder": decoder, "loss_tensors": loss, "teacher_transient": teacher}
     if ck:  # a block's recompute happens in backward, after the decoder and loss tensors are freed
         out["block_recompute"] = max(0.0, per_block - decoder - loss - teacher)
-    out.update(modalities.get(m.modality).local_activation_bytes(cfg, lay, bytes_el))
+    out.update(modality_registry.get(m.modality).local_activation_bytes(cfg, lay, bytes_el))
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import BACKENDS, Config, ConfigError, load_config
 from ..run_spec import BatchPlan, scale_batch_for_world
 from ..run_spec import run_spec
@@ -68,7 +68,7 @@ class Plan:
 
 def positions_per_item(cfg: Config, input_len: int = 0) -> int:
     """T of one item: patches, CNN frames of ``input_len`` audio samples, or tokens per block."""
-    return modalities.get(cfg.model.modality).positions(cfg, input_len)
+    return modality_registry.get(cfg.model.modality).positions(cfg, input_len)
 
 
 def _per_gpu_flops(cfg: Config, shape: StepShape, input_len: int, tp: int) -> tuple[float, float]:
@@ -93,8 +93,8 @@ def plan(cfg: Config, ds: dict, nodes: int, tp: int, profile: ClusterProfile,
     spec = run_spec(ds, cfg, dp)
     bp = spec.batch
     m = cfg.model
-    input_len = modalities.get(m.modality).input_length(cfg)
-    items = max(1, bp.micro_batch // input_len) if modalities.batch_budget(cfg) else bp.micro_batch
+    input_len = modality_registry.get(m.modality).input_length(cfg)
+    items = max(1, bp.micro_batch // input_len) if modality_registry.batch_budget(cfg) else bp.micro_batch
     positions = positions_per_item(cfg, input_len)
     lay = Layout(tp, dp, spec.zero.stage, spec.precision.bf16, items, positions, input_len,
                  cfg.parallel.backend)
@@ -180,7 +180,7 @@ def set_micro_batch(cfg: Config, ds: dict, micro: int | None) -> None:
     ``data.max_tokens`` samples) or the JSON's ``train_micro_batch_size_per_gpu``."""
     if micro is None:
         return
-    budget_key = modalities.get(cfg.model.modality).budget_key
+    budget_key = modality_registry.get(cfg.model.modality).budget_key
     if budget_key:
         cfg.set_value(f"data.{budget_key}", micro)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config, ConfigError, load_config
 from ..run_spec import linear_scaled_batch, load_ds_config
 from ..run_spec import peak_lr, set_zero_stage
@@ -38,7 +38,7 @@ class Candidate:
 
     def overrides(self, cfg: Config) -> list[str]:
         out = [f"model.activation_checkpointing={self.checkpoint_every}"]
-        budget_key = modalities.get(cfg.model.modality).budget_key
+        budget_key = modality_registry.get(cfg.model.modality).budget_key
         if budget_key:
             out.append(f"data.{budget_key}={self.micro}")
         return out
@@ -49,13 +49,13 @@ def _tp_options(cfg: Config, world: int, per_node: int) -> list[int]:
 
 
 def _micro_options(cfg: Config) -> list[int]:
-    modality = modalities.get(cfg.model.modality)
+    modality = modality_registry.get(cfg.model.modality)
     return modality.budget_options(cfg) if modality.budget_key else list(ITEM_MICRO)
 
 
 def _micro_key(cfg: Config) -> str:
     """Where the micro-batch is set: the modality's data budget key or the JSON's item count."""
-    budget_key = modalities.get(cfg.model.modality).budget_key
+    budget_key = modality_registry.get(cfg.model.modality).budget_key
     return f"data.{budget_key}" if budget_key else "train_micro_batch_size_per_gpu"
 
 
@@ -134,7 +134,7 @@ def ways_out(cfg: Config, ds: dict, nodes: int, gpus: int, tp: int) -> str:
     world = nodes * gpus
     g = cfg.train.global_batch
     unit = _micro_key(cfg)
-    budget = modalities.get(cfg.model.modality).budget_key is not None
+    budget = modality_registry.get(cfg.model.modality).budget_key is not None
     out = []
     for t in [tp] + [t for t in range(1, gpus + 1) if t != tp and cfg.model.num_heads % t == 0 and world % t == 0]:
         dp = world // t

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config
 
 # Dense bf16 peak per device (FLOP/s), for MFU.
@@ -52,7 +52,7 @@ def _block(cfg, tokens: int) -> float:
 
 def _decoder(cfg: Config, tokens: int) -> float:
     d, m = cfg.decoder, cfg.model
-    dims = modalities.get(m.modality).decoder_dims
+    dims = modality_registry.get(m.modality).decoder_dims
     flops, c_in = 0.0, m.embed_dim
     for _ in range(d.layers):
         flops += 2.0 * tokens * d.dim * (c_in // d.groups) * d.kernel**dims
@@ -74,7 +74,7 @@ def forward_flops(cfg: Config, shape: StepShape, input_len: int = 0) -> dict[str
     t_kept = shape.kept + m.num_extra_tokens
     blocks = m.depth + m.prenet_depth
     views = shape.samples * m.clone_batch
-    modality = modalities.get(m.modality)
+    modality = modality_registry.get(m.modality)
     local = modality.local_encoder_flops(m, input_len, shape.positions)
     conv_pos = modality.context_flops(m, shape.positions)
     teacher_local = local if (cfg.teacher.ema_local_encoder and not cfg.teacher.ema_encoder_only) else 0.0

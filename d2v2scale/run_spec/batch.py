@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config, ConfigError
 from .json_file import AUTO, flatten
 
@@ -50,9 +50,9 @@ def plan_batch(ds: dict, cfg: Config, dp: int) -> BatchPlan:
     if tbs is not None and tbs != g:
         raise ConfigError(f"ds_config train_batch_size={tbs} disagrees with train.global_batch={g}; "
                           f"allowed values: \"auto\" or {g}")
-    budget = modalities.batch_budget(cfg)
+    budget = modality_registry.batch_budget(cfg)
     if budget is not None:
-        modality = modalities.get(cfg.model.modality)
+        modality = modality_registry.get(cfg.model.modality)
         if micro is not None:
             raise ConfigError(f"ds_config train_micro_batch_size_per_gpu must be \"auto\" when data.{modality.budget_key} "
                               f"sets the {cfg.model.modality} micro-batch")
@@ -100,7 +100,7 @@ def linear_scaled_batch(ds: dict, cfg: Config, dp: int) -> int:
     """The global batch ``train.batch_scaling=linear`` grows to: the next multiple of what one step
     takes over ``dp`` ranks (micro-batch or sample budget × ``dp`` × the JSON's accumulation steps).
     The one rule: the launcher applies it, the planner's ways out print it."""
-    unit = modalities.batch_budget(cfg) or _int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1
+    unit = modality_registry.batch_budget(cfg) or _int_or_auto(ds, "train_micro_batch_size_per_gpu") or 1
     quantum = unit * dp * (_int_or_auto(ds, "gradient_accumulation_steps") or 1)
     return -(-cfg.train.global_batch // quantum) * quantum
 

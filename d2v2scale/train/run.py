@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .. import atomic, runfiles
-from .. import modality as modalities
+from .. import modality_registry
 from ..config import Config, ConfigError, ParallelConfig, config_from_dict, load_config, resumable_keys
 from ..data.fingerprint import describe_change
 from ..distributed.dims import LaunchEnv
@@ -232,7 +232,7 @@ def prepare(args) -> Setup:
     spec = run_spec(ds, cfg, dp)
     check_spec(backend, spec, tp)
     check_sinks(spec.monitors)
-    kind = modalities.data_kind(cfg)  # None: synthetic
+    kind = modality_registry.data_kind(cfg)  # None: synthetic
     if kind is not None and kind.needs_path and not cfg.data.path:
         raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
