@@ -38,14 +38,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DataKind:
     """One ``data.kind`` a modality reads. ``build(cfg, micro_batch, device, verbose, index)`` returns
-    the batch source; ``suffixes``: the files a folder is indexed for once per job (empty: no index);
-    ``index``: how ``data.path`` is indexed (None: it is not), so the indexer never asks for the name;
+    the batch source; ``index``: how ``data.path`` is indexed once per job — which files, how their
+    lengths are read (None: it is not indexed), so the indexer never asks for the name;
     ``check(cfg)``: the cheap pre-launch check of an unindexed ``data.path`` (raises ``DataError``)."""
 
     name: str
     build: Callable[[Config, int, torch.device, bool, DataIndex | None], Any]
     needs_path: bool = True
-    suffixes: tuple[str, ...] = ()
     check: Callable[[Config], object] | None = None
     index: IndexRules | None = None
 

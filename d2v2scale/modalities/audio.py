@@ -282,7 +282,7 @@ class _Fairseq(FairseqLayout):
 class Audio(Modality):
     name = "audio"
     model_keys, data_keys = AudioKeys, AudioDataKeys
-    data_kinds = (DataKind("audio", _audio, suffixes=AUDIO_SUFFIXES, index=AUDIO_INDEX),)
+    data_kinds = (DataKind("audio", _audio, index=AUDIO_INDEX),)
     budget_key, budget_unit = "max_tokens", "audio samples"
     fairseq = _Fairseq()
 

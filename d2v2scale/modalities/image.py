@@ -154,7 +154,7 @@ class Image(Modality):
     name = "image"
     model_keys = ImageKeys
     data_kinds = (DataKind("digits", _digits, needs_path=False),
-                  DataKind("images", _images, suffixes=IMAGE_SUFFIXES, index=IMAGE_INDEX))
+                  DataKind("images", _images, index=IMAGE_INDEX))
     mask_kinds = ("block2d", "block1d", "random")
     decoder_dims = 2
     fairseq = _Fairseq()

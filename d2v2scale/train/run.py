@@ -236,7 +236,7 @@ def prepare(args) -> Setup:
     if kind is not None and kind.needs_path and not cfg.data.path:
         raise ConfigError(f"data.kind={cfg.data.kind} needs data.path=<folder or file list>")
     run_dir = Path(args.run_dir or Path("runs") / cfg.preset)
-    if kind is not None and kind.suffixes and cfg.data.index_cache is None:  # indexed once per job
+    if kind is not None and kind.index is not None and cfg.data.index_cache is None:  # indexed once per job
         cfg.data.index_cache = str(run_dir / "data.d2v2index")  # config.yaml says where it is
     if kind is not None and kind.needs_path and not getattr(args, "dry_run", False):
         from ..data.files import DataError
