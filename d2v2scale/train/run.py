@@ -16,12 +16,11 @@ from .. import modality_registry
 from ..config import Config, ConfigError, ParallelConfig, config_from_dict, load_config, resumable_keys
 from ..data.fingerprint import describe_change
 from ..distributed.dims import LaunchEnv
-from ..run_spec import flatten, load_ds_config, scale_batch_for_world
 from ..exit_codes import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
 from ..logs import LOG
 from ..resilience.events import write_event
 from ..resilience.watchdog import Watchdog, collective_timeout_s, read_heartbeat
-from ..run_spec import RunSpec, recorded_micro_batch, run_spec
+from ..run_spec import RunSpec, flatten, load_ds_config, recorded_micro_batch, run_spec, scale_batch_for_world
 from . import checkpoint
 from .backend import check_spec, validate_json
 from .shards import has_shards
