@@ -13,13 +13,12 @@ import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from ..config import Config
 from .batch import BatchPlan, plan_batch, resolve_ds_config
-
-if TYPE_CHECKING:
-    import torch
 
 MONITORS = ("tensorboard", "csv_monitor", "wandb")  # the sections d2v2scale's metric sinks serve (train/sinks.py)
 MONITOR_JOB_NAME = "DeepSpeedJobName"  # DeepSpeed's default job_name
@@ -33,13 +32,11 @@ class Precision:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the model computes in (fp16 only runs inside DeepSpeed's own loss scaling)."""
-        import torch  # not at import time: the node doctor reads JSONs without torch
-
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
     @property
-    def activation_bytes(self) -> int:
-        return 2 if self.bf16 or self.fp16 else 4
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
 
 @dataclass(frozen=True)
@@ -150,11 +147,11 @@ def read_spec(resolved: dict, plan: BatchPlan) -> RunSpec:
     zero = section("zero_optimization")
     return RunSpec(
         batch=plan,
-        precision=Precision(bf16=section("bf16").get("enabled") is True, fp16=section("fp16").get("enabled") is True),
+        precision=_precision(section),
         optimizer=OptimizerSpec(
             type=str(section("optimizer").get("type", OptimizerSpec.type)),
             lr=float(opt.get("lr", OptimizerSpec.lr)),
-            betas=tuple(float(b) for b in opt.get("betas", OptimizerSpec.betas)),  # type: ignore[arg-type]
+            betas=_pair(opt.get("betas", OptimizerSpec.betas)),
             eps=float(opt.get("eps", OptimizerSpec.eps)),
             weight_decay=float(opt.get("weight_decay", OptimizerSpec.weight_decay)),
             adam_w_mode=bool(opt.get("adam_w_mode", True)),
@@ -170,9 +167,10 @@ def read_spec(resolved: dict, plan: BatchPlan) -> RunSpec:
             contiguous_gradients=zero.get("contiguous_gradients", True) is True,
             reduce_bucket_size=float(zero.get("reduce_bucket_size", ZeroSpec.reduce_bucket_size)),
             allgather_bucket_size=int(zero["allgather_bucket_size"]) if "allgather_bucket_size" in zero else None,
-            stage3_param_persistence_threshold=float(zero.get("stage3_param_persistence_threshold", 1e5)),
-            stage3_max_reuse_distance=float(zero.get("stage3_max_reuse_distance", 1e9)),
-            stage3_max_live_parameters=float(zero.get("stage3_max_live_parameters", 1e9)),
+            stage3_param_persistence_threshold=float(zero.get("stage3_param_persistence_threshold",
+                                                              ZeroSpec.stage3_param_persistence_threshold)),
+            stage3_max_reuse_distance=float(zero.get("stage3_max_reuse_distance", ZeroSpec.stage3_max_reuse_distance)),
+            stage3_max_live_parameters=float(zero.get("stage3_max_live_parameters", ZeroSpec.stage3_max_live_parameters)),
             offload_optimizer=read_offload(zero.get("offload_optimizer")),
             offload_param=read_offload(zero.get("offload_param")),
         ),
@@ -199,9 +197,7 @@ def reference_row(ds: Mapping[str, Any]) -> tuple[Any, ...]:
     section = json_sections(ds)
     opt, sched, zero = section("optimizer").get("params", {}), section("scheduler").get("params", {}), \
         section("zero_optimization")
-    precision = "bf16" if section("bf16").get("enabled") is True else "fp16" if section("fp16").get("enabled") is True \
-        else "fp32"
-    return (precision, zero.get("stage", 0), ds.get("train_micro_batch_size_per_gpu", "auto"), opt.get("lr"),
+    return (_precision(section).name, zero.get("stage", 0), ds.get("train_micro_batch_size_per_gpu", "auto"), opt.get("lr"),
             opt.get("betas"), opt.get("weight_decay"), sched.get("warmup_num_steps"), ds.get("gradient_clipping", 0),
             {k: v for k, v in zero.items() if k != "stage"})
 
@@ -215,6 +211,15 @@ def set_zero_stage(ds: dict, stage: int) -> None:
     """Write ``zero_optimization.stage``, the accumulation steps left to the batch split."""
     ds.setdefault("zero_optimization", {})["stage"] = stage
     ds["gradient_accumulation_steps"] = "auto"
+
+
+def _precision(section: Callable[[str], Mapping[str, Any]]) -> Precision:
+    return Precision(bf16=section("bf16").get("enabled") is True, fp16=section("fp16").get("enabled") is True)
+
+
+def _pair(values: Any) -> tuple[float, float]:
+    first, second = values  # two numbers (the validator checked them)
+    return float(first), float(second)
 
 
 def json_sections(ds: Mapping[str, Any]) -> Callable[[str], Mapping[str, Any]]:
