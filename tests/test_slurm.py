@@ -249,11 +249,17 @@ def test_a_node_slurm_reports_unhealthy_is_left_out_of_the_requeue(slurm, tmp_pa
         _until("step 6", _reached(run_dir, 6), slurm, job, out)
         assert slurm.run("scontrol", "update", f"NodeName={slurm.host}", "State=DRAIN", "Reason=test").returncode == 0
         os.kill(_rank_pid(job, 1), signal.SIGKILL)
+        # The job is PENDING (held) before the supervisor has set ExcNodeList: read it once the
+        # supervisor says the requeue is done (hold, update, release); the job passes through
+        # requeue states meanwhile, so only the log is polled.
+        deadline = time.time() + 60
+        while f"requeued job {job} without {slurm.host}" not in _log(out):
+            assert time.time() < deadline, f"no requeue line within 60 s\n{_log(out)}"
+            time.sleep(0.1)
         info = slurm.wait(job, ("PENDING",), timeout=60)
         assert info["ExcNodeList"] == slurm.host and int(info["Restarts"]) == 1, _log(out)
         (failure,) = _events(run_dir, "failure")
         assert failure["action"] == "requeue" and "unhealthy" in failure["why"]
-        assert f"requeued job {job} without {slurm.host}" in _log(out)
     finally:
         slurm.run("scancel", str(job))
         slurm.run("scontrol", "update", f"NodeName={slurm.host}", "State=RESUME")
