@@ -211,6 +211,28 @@ class Detector:
         return "\n".join(f"[{s.tag}] {s.describe()}" for s in syncs)
 
 
+class StepTags:
+    """The training loop's profiler hooks (``train(..., profiler=)``), used only to stamp a
+    :class:`Detector`'s or :class:`CudaSyncWarnings`' records with the step in progress."""
+
+    def __init__(self, device: torch.device, recorder: "Detector | CudaSyncWarnings"):
+        from d2v2scale.profiling.timers import StepTimer
+
+        self.timer, self.shape, self.recorder = StepTimer(device, enabled=False), None, recorder
+
+    def start(self) -> None:
+        pass
+
+    def step_begin(self, step: int) -> None:
+        self.recorder.tag = step + 1
+
+    def step_end(self, step: int) -> None:
+        pass
+
+    def finish(self, tr) -> None:
+        self.recorder.tag = None
+
+
 @dataclass(frozen=True)
 class Known:
     """A sync a test accepts, and why: matched on the innermost frame of its stack (the file's path

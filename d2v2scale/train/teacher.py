@@ -195,10 +195,10 @@ class FlatGroupEMA(EMACore):
             if g.numel % shard_count:
                 raise ValueError(f"flat group of {g.numel} elements does not split over {shard_count} shards")
             size = g.numel // shard_count
-            lo, _ = piece(g.numel, size, shard_rank)
+            lo, hi = piece(g.numel, size, shard_rank)
             flat = torch.zeros(g.numel, dtype=compute_dtype, device=device)
             master = torch.zeros(size, dtype=torch.float32, device=device)  # only this rank's slice
-            for name, off, a, b in _overlaps(g, lo, lo + size, params):
+            for name, off, a, b in _overlaps(g, lo, hi, params):
                 master[a - lo : b - lo] = params[name].detach().reshape(-1)[a - off : b - off].float()
             for name, off in zip(g.names, g.offsets):
                 if name not in params:  # a slot of the student's layout the teacher does not run

@@ -24,11 +24,10 @@ from trainer_kit import ROOT, cpu_tiny, make_trainer
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from sync_detector import Detector  # noqa: E402
+from sync_detector import Detector, StepTags  # noqa: E402
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed  # noqa: E402
-from d2v2scale.profiling.timers import StepTimer  # noqa: E402
 from d2v2scale.train.engine import train  # noqa: E402
 
 STEPS, LOG_EVERY, PLANTED = 8, 4, 5
@@ -60,25 +59,6 @@ def plant_bool_index(device):
 PLANTS = (plant_equal, plant_to_cpu, plant_nonzero, plant_masked_select, plant_bool_index)
 
 
-class StepHooks:
-    """The loop's profiler hooks, used only to stamp the detector's records with the step in progress."""
-
-    def __init__(self, device, detector: Detector):
-        self.timer, self.shape, self.detector = StepTimer(device, enabled=False), None, detector
-
-    def start(self):
-        pass
-
-    def step_begin(self, step):
-        self.detector.tag = step + 1
-
-    def step_end(self, step):
-        pass
-
-    def finish(self, tr):
-        self.detector.tag = None
-
-
 def with_plants(tr, detector: Detector) -> None:
     """``backend.step`` makes the planted syncs in step :data:`PLANTED` (once, at its first call)."""
     step, planted = tr.backend.step, []
@@ -101,7 +81,7 @@ def run(backend: str, run_dir: Path, overrides: list[str], dims, device) -> list
     detector.tag = None
     with_plants(tr, detector)
     with detector:
-        train(tr, run_dir, 0, {"layout": {}}, StepHooks(device, detector))
+        train(tr, run_dir, 0, {"layout": {}}, StepTags(device, detector))
     return [{"rank": dims.rank, "step": s.tag, "op": s.op, "stack": s.stack} for s in detector.syncs]
 
 

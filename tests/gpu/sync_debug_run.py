@@ -17,34 +17,14 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "dist"), str(Path(__file__).resolve().parents[1])]
 
-from sync_detector import CudaSyncWarnings  # noqa: E402
+from sync_detector import CudaSyncWarnings, StepTags  # noqa: E402
 from trainer_kit import cpu_tiny, make_trainer  # noqa: E402
 
 from d2v2scale.config import load_config  # noqa: E402
 from d2v2scale.distributed.runtime import init_distributed, shutdown  # noqa: E402
-from d2v2scale.profiling.timers import StepTimer  # noqa: E402
 from d2v2scale.train.engine import train  # noqa: E402
 
 STEPS, LOG_EVERY = 8, 4
-
-
-class StepHooks:
-    """The loop's profiler hooks, used only to stamp the records with the step in progress."""
-
-    def __init__(self, device, watch: CudaSyncWarnings):
-        self.timer, self.shape, self.watch = StepTimer(device, enabled=False), None, watch
-
-    def start(self):
-        pass
-
-    def step_begin(self, step):
-        self.watch.tag = step + 1
-
-    def step_end(self, step):
-        pass
-
-    def finish(self, tr):
-        self.watch.tag = None
 
 
 def main() -> None:
@@ -61,7 +41,7 @@ def main() -> None:
         watch = CudaSyncWarnings()
         watch.tag = None
         with watch:
-            train(tr, run_dir / backend, 0, {"layout": {}}, StepHooks(device, watch))
+            train(tr, run_dir / backend, 0, {"layout": {}}, StepTags(device, watch))
         torch.cuda.synchronize()
         report[backend] = {"log_steps": list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)),
                            "syncs": [{"step": s.tag, "op": s.op, "stack": s.stack} for s in watch.syncs]}
